@@ -1,0 +1,9 @@
+//! IP address management: Weave's ring model. The range is a ring of entries, each owned
+//! by one peer; only the owner changes its entries; rings merge as a CRDT.
+
+pub mod allocator;
+pub mod ring;
+pub mod space;
+
+pub use allocator::{Ipam, IpamError, IpamState};
+pub use ring::{Entry, Ring, RingError};

@@ -1,0 +1,934 @@
+//! The ring: Weave's CRDT describing who owns which part of the allocation range.
+//!
+//! The range is cut at sorted tokens; the entry at a token owns every address from its
+//! token up to the next token (the last entry up to the end of the range). Only an
+//! entry's owner changes it, bumping its version each time, so merging two rings is a
+//! per-token "higher version wins" union. Tokens are never removed.
+//!
+//! Rule that makes splits checkable: an owner that cuts a new token into one of its
+//! entries bumps that entry's version in the same update. Any ring that knows the new
+//! token therefore holds the covering entry at a strictly newer version than any ring that
+//! does not; a merge where this fails means two peers cut the same addresses without
+//! seeing each other, and is refused rather than resolved by guessing.
+
+use super::space::{self, Span};
+use crate::core::mesh::PeerName;
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// First address (the token) of the addresses this entry owns.
+    pub start: u32,
+    pub owner: PeerName,
+    /// Bumped by the owner on every change of this entry.
+    pub version: u32,
+    /// Usable addresses of this entry that its owner has not handed out, as last reported.
+    pub free: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ring {
+    pub range: Ipv4Net,
+    /// The peers the ring was seeded with, sorted and without duplicates.
+    pub seeds: Vec<PeerName>,
+    /// Sorted by `start`; the first entry starts at the range's network address.
+    pub entries: Vec<Entry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    #[error("cannot seed a ring without peers")]
+    NoSeeds,
+    #[error(
+        "IP allocation was seeded by different peers (received: {}, ours: {})",
+        fmt_peers(received),
+        fmt_peers(ours)
+    )]
+    SeededByDifferentPeers {
+        received: Vec<PeerName>,
+        ours: Vec<PeerName>,
+    },
+    #[error("incompatible IP allocation ranges (received: {received}, ours: {ours})")]
+    RangeMismatch { received: Ipv4Net, ours: Ipv4Net },
+    #[error(
+        "inconsistent entries for {token}: ours says owner {} v{} free {}, received says owner {} v{} free {}",
+        ours.owner, ours.version, ours.free, theirs.owner, theirs.version, theirs.free
+    )]
+    Conflict {
+        token: Ipv4Addr,
+        ours: Box<Entry>,
+        theirs: Box<Entry>,
+    },
+    #[error(
+        "entry {token} (owner {owner}) cuts into the entry at {cover}, but a ring without it has \
+         that entry at an equal or newer version: two peers claim the same addresses"
+    )]
+    InconsistentSplit {
+        token: Ipv4Addr,
+        owner: PeerName,
+        cover: Ipv4Addr,
+    },
+    #[error("peer {owner} would take {first}-{last}, which I ({me}) own and hold allocations in")]
+    ClaimsMyAddresses {
+        me: PeerName,
+        owner: PeerName,
+        first: Ipv4Addr,
+        last: Ipv4Addr,
+    },
+    #[error("invalid ring: {0}")]
+    Invalid(String),
+    #[error("no entry starts at {0}")]
+    UnknownToken(Ipv4Addr),
+    #[error("entry {token} is owned by {owner}, not by {me}")]
+    NotOwner {
+        token: Ipv4Addr,
+        owner: PeerName,
+        me: PeerName,
+    },
+    #[error("entry {token} has {capacity} usable addresses, cannot report {free} free")]
+    FreeTooLarge {
+        token: Ipv4Addr,
+        free: u32,
+        capacity: u64,
+    },
+    #[error("cannot split at {at}: {reason}")]
+    BadSplit { at: Ipv4Addr, reason: &'static str },
+    #[error("version of entry {0} is exhausted")]
+    VersionExhausted(Ipv4Addr),
+}
+
+/// Peers formatted as Weave prints them: `[a b c]`.
+fn fmt_peers(peers: &[PeerName]) -> String {
+    let names: Vec<&str> = peers.iter().map(PeerName::as_str).collect();
+    format!("[{}]", names.join(" "))
+}
+
+impl Ring {
+    /// Deterministic equal split among the seed peers (sorted by name), so every node that
+    /// seeds with the same set gets an identical ring. A range of size S among n peers gets
+    /// shares of S/n, the remainder spread one address at a time over the first peers; with
+    /// n a power of two the shares are exactly CIDR-aligned. When n > S the last peers get
+    /// no entry (they stay in `seeds`).
+    pub fn seeded(range: Ipv4Net, seeds: &[PeerName]) -> Result<Ring, RingError> {
+        let range = range.trunc();
+        let mut seeds = seeds.to_vec();
+        seeds.sort();
+        seeds.dedup();
+        if seeds.is_empty() {
+            return Err(RingError::NoSeeds);
+        }
+        let all = Span::of_net(range);
+        let n = seeds.len() as u64;
+        let (share, extra) = (all.len() / n, all.len() % n);
+        let mut entries = Vec::new();
+        let mut cur = u64::from(all.start);
+        for (i, peer) in seeds.iter().enumerate() {
+            let size = share + u64::from((i as u64) < extra);
+            if size == 0 {
+                break;
+            }
+            let Ok(start) = u32::try_from(cur) else {
+                break;
+            };
+            let span = Span::new(start, cur + size);
+            entries.push(Entry {
+                start,
+                owner: peer.clone(),
+                version: 0,
+                free: capacity_u32(range, span),
+            });
+            cur += size;
+        }
+        let ring = Ring {
+            range,
+            seeds,
+            entries,
+        };
+        ring.validate()?;
+        Ok(ring)
+    }
+
+    /// The addresses of entry `i`.
+    pub fn span_of(&self, i: usize) -> Span {
+        let end = match self.entries.get(i + 1) {
+            Some(next) => u64::from(next.start),
+            None => Span::of_net(self.range).end,
+        };
+        let start = self.entries.get(i).map_or(0, |e| e.start);
+        Span::new(start, end)
+    }
+
+    /// Index of the entry owning `addr`: the one with the greatest start <= addr.
+    fn index_of(&self, addr: u32) -> Option<usize> {
+        if !Span::of_net(self.range).contains(addr) {
+            return None;
+        }
+        let after = self.entries.partition_point(|e| e.start <= addr);
+        after.checked_sub(1)
+    }
+
+    fn find_token(&self, token: u32) -> Option<usize> {
+        self.entries.binary_search_by_key(&token, |e| e.start).ok()
+    }
+
+    pub fn owner_of(&self, addr: u32) -> Option<&PeerName> {
+        self.index_of(addr).map(|i| &self.entries[i].owner)
+    }
+
+    /// The entry owning `addr` with its span.
+    pub fn entry_of(&self, addr: u32) -> Option<(Span, &Entry)> {
+        self.index_of(addr)
+            .map(|i| (self.span_of(i), &self.entries[i]))
+    }
+
+    /// (first, last inclusive, &Entry) for every entry.
+    pub fn ranges(&self) -> impl Iterator<Item = (u32, u32, &Entry)> {
+        (0..self.entries.len()).filter_map(move |i| {
+            let span = self.span_of(i);
+            span.last().map(|last| (span.start, last, &self.entries[i]))
+        })
+    }
+
+    /// (first, last inclusive) of every entry owned by `peer`, in address order.
+    pub fn owned_by(&self, peer: &PeerName) -> Vec<(u32, u32)> {
+        self.ranges()
+            .filter(|(_, _, e)| &e.owner == peer)
+            .map(|(first, last, _)| (first, last))
+            .collect()
+    }
+
+    /// Number of addresses owned by `peer`, network and broadcast included (as Weave counts).
+    pub fn total_owned(&self, peer: &PeerName) -> u64 {
+        self.owned_by(peer)
+            .iter()
+            .map(|&(first, last)| Span::inclusive(first, last).len())
+            .sum()
+    }
+
+    /// Owner-only update of free counts, given as `(entry start, free)`. Bumps the version of
+    /// the entries whose count changes, and only those. All-or-nothing: on error nothing
+    /// changes. Returns true if anything changed.
+    pub fn report_free(&mut self, me: &PeerName, free: &[(u32, u32)]) -> Result<bool, RingError> {
+        // Keyed by entry index so a token listed twice is applied (and bumped) once.
+        let mut updates = std::collections::BTreeMap::new();
+        for &(token, count) in free {
+            let i = self
+                .find_token(token)
+                .ok_or(RingError::UnknownToken(space::addr(token)))?;
+            let e = &self.entries[i];
+            if &e.owner != me {
+                return Err(RingError::NotOwner {
+                    token: space::addr(token),
+                    owner: e.owner.clone(),
+                    me: me.clone(),
+                });
+            }
+            let capacity = space::usable_in(self.range, self.span_of(i));
+            if u64::from(count) > capacity {
+                return Err(RingError::FreeTooLarge {
+                    token: space::addr(token),
+                    free: count,
+                    capacity,
+                });
+            }
+            if e.free != count && e.version == u32::MAX {
+                return Err(RingError::VersionExhausted(space::addr(token)));
+            }
+            updates.insert(i, count);
+        }
+        let mut changed = false;
+        for (i, count) in updates {
+            let e = &mut self.entries[i];
+            if e.free != count {
+                e.free = count;
+                e.version += 1;
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Owner-only: cuts the entry of `me` containing `at` so that a new entry owned by
+    /// `new_owner` starts at `at` (to keep both halves, pass `me`). The cut entry's version
+    /// is bumped (see the module comment); the new entry starts at version 0. Free counts
+    /// are capped to what each half can hold; the owner refreshes them with `report_free`.
+    pub fn split(&mut self, me: &PeerName, at: u32, new_owner: &PeerName) -> Result<(), RingError> {
+        let bad = |reason| RingError::BadSplit {
+            at: space::addr(at),
+            reason,
+        };
+        let i = self.index_of(at).ok_or_else(|| bad("outside the range"))?;
+        let e = &self.entries[i];
+        if e.start == at {
+            return Err(bad("a token already starts there"));
+        }
+        if &e.owner != me {
+            return Err(RingError::NotOwner {
+                token: space::addr(e.start),
+                owner: e.owner.clone(),
+                me: me.clone(),
+            });
+        }
+        if e.version == u32::MAX {
+            return Err(RingError::VersionExhausted(space::addr(e.start)));
+        }
+        let whole = self.span_of(i);
+        let left = Span::new(whole.start, u64::from(at));
+        let right = Span::new(at, whole.end);
+        let old_free = e.free;
+        let new = Entry {
+            start: at,
+            owner: new_owner.clone(),
+            version: 0,
+            free: old_free.min(capacity_u32(self.range, right)),
+        };
+        let e = &mut self.entries[i];
+        e.version += 1;
+        e.free = old_free.min(capacity_u32(self.range, left));
+        self.entries.insert(i + 1, new);
+        Ok(())
+    }
+
+    /// Structural checks: seeds sorted and unique, entries non-empty, sorted by start with
+    /// unique tokens, inside the range, first token at the range start, and no entry
+    /// reporting more free addresses than it has.
+    pub fn validate(&self) -> Result<(), RingError> {
+        let invalid = |m: String| Err(RingError::Invalid(m));
+        if self.range.trunc() != self.range {
+            return invalid(format!("range {} is not a network address", self.range));
+        }
+        if self.seeds.is_empty() {
+            return invalid("no seeds".into());
+        }
+        if self.seeds.windows(2).any(|w| w[0] >= w[1]) {
+            return invalid("seeds are not sorted and unique".into());
+        }
+        let all = Span::of_net(self.range);
+        match self.entries.first() {
+            None => return invalid("no entries".into()),
+            Some(e) if e.start != all.start => {
+                return invalid(format!(
+                    "first token {} is not the range start {}",
+                    space::addr(e.start),
+                    space::addr(all.start)
+                ))
+            }
+            Some(_) => {}
+        }
+        for w in self.entries.windows(2) {
+            if w[0].start >= w[1].start {
+                return invalid(format!(
+                    "tokens not sorted and unique at {}",
+                    space::addr(w[1].start)
+                ));
+            }
+        }
+        for (i, e) in self.entries.iter().enumerate() {
+            if !all.contains(e.start) {
+                return invalid(format!(
+                    "token {} outside {}",
+                    space::addr(e.start),
+                    self.range
+                ));
+            }
+            let capacity = space::usable_in(self.range, self.span_of(i));
+            if u64::from(e.free) > capacity {
+                return invalid(format!(
+                    "entry {} reports {} free but has {} usable addresses",
+                    space::addr(e.start),
+                    e.free,
+                    capacity
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// CRDT merge of a gossiped ring into this one: commutative, associative, idempotent.
+    /// Same token: the higher version wins; same version with different content is a
+    /// conflict. A token known to one side only is accepted if the other side's covering
+    /// entry is older there (see the module comment). On error `self` is unchanged.
+    /// Returns true if `self` changed.
+    pub fn merge(&mut self, other: &Ring) -> Result<bool, RingError> {
+        let merged = self.merged_entries(other)?;
+        Ok(self.commit(merged))
+    }
+
+    /// `merge` as seen by peer `me`: additionally refuses a result that would hand to another
+    /// peer any address of mine for which `holds(first, last)` says I have allocations.
+    /// (Space of mine without allocations may legitimately change hands, e.g. a range I gave
+    /// away before a restart from an older saved state.)
+    pub fn merge_as(
+        &mut self,
+        me: &PeerName,
+        other: &Ring,
+        holds: impl Fn(u32, u32) -> bool,
+    ) -> Result<bool, RingError> {
+        let merged = self.merged_entries(other)?;
+        let after = Ring {
+            range: self.range,
+            seeds: self.seeds.clone(),
+            entries: merged,
+        };
+        for (first, last) in self.owned_by(me) {
+            let mine = Span::inclusive(first, last);
+            for (f, l, e) in after.ranges() {
+                if &e.owner == me {
+                    continue;
+                }
+                let lost = mine.intersect(&Span::inclusive(f, l));
+                if let Some(lost_last) = lost.last() {
+                    if holds(lost.start, lost_last) {
+                        return Err(RingError::ClaimsMyAddresses {
+                            me: me.clone(),
+                            owner: e.owner.clone(),
+                            first: space::addr(lost.start),
+                            last: space::addr(lost_last),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(self.commit(after.entries))
+    }
+
+    fn commit(&mut self, merged: Vec<Entry>) -> bool {
+        if merged == self.entries {
+            false
+        } else {
+            self.entries = merged;
+            true
+        }
+    }
+
+    fn merged_entries(&self, other: &Ring) -> Result<Vec<Entry>, RingError> {
+        if other.range != self.range {
+            return Err(RingError::RangeMismatch {
+                received: other.range,
+                ours: self.range,
+            });
+        }
+        if other.seeds != self.seeds {
+            return Err(RingError::SeededByDifferentPeers {
+                received: other.seeds.clone(),
+                ours: self.seeds.clone(),
+            });
+        }
+        other.validate()?;
+        self.validate()?;
+        let (a, b) = (&self.entries, &other.entries);
+        let mut out = Vec::with_capacity(a.len().max(b.len()));
+        let (mut i, mut j) = (0, 0);
+        while i < a.len() || j < b.len() {
+            let ta = a.get(i).map(|e| e.start);
+            let tb = b.get(j).map(|e| e.start);
+            match (ta, tb) {
+                (Some(x), Some(y)) if x == y => {
+                    let (ea, eb) = (&a[i], &b[j]);
+                    if ea.version == eb.version && ea != eb {
+                        return Err(RingError::Conflict {
+                            token: space::addr(x),
+                            ours: Box::new(ea.clone()),
+                            theirs: Box::new(eb.clone()),
+                        });
+                    }
+                    out.push(if eb.version > ea.version { eb } else { ea }.clone());
+                    i += 1;
+                    j += 1;
+                }
+                (Some(x), y) if y.is_none_or(|y| x < y) => {
+                    // Both rings start at the range start, so j >= 1 here.
+                    check_split(&a[i], a, &b[j - 1])?;
+                    out.push(a[i].clone());
+                    i += 1;
+                }
+                _ => {
+                    check_split(&b[j], b, &a[i - 1])?;
+                    out.push(b[j].clone());
+                    j += 1;
+                }
+            }
+        }
+        let result = Ring {
+            range: self.range,
+            seeds: self.seeds.clone(),
+            entries: out,
+        };
+        result.validate()?;
+        Ok(result.entries)
+    }
+}
+
+/// `new` is in ring `with` only; `cover` is the entry of the other ring holding its address.
+fn check_split(new: &Entry, with: &[Entry], cover: &Entry) -> Result<(), RingError> {
+    let newer = with
+        .binary_search_by_key(&cover.start, |e| e.start)
+        .ok()
+        .is_some_and(|k| with[k].version > cover.version);
+    if newer {
+        Ok(())
+    } else {
+        Err(RingError::InconsistentSplit {
+            token: space::addr(new.start),
+            owner: new.owner.clone(),
+            cover: space::addr(cover.start),
+        })
+    }
+}
+
+fn capacity_u32(range: Ipv4Net, span: Span) -> u32 {
+    // A span has at most 2^32 addresses and at most 2^32 - 2 usable ones.
+    u32::try_from(space::usable_in(range, span)).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn p(i: u8) -> PeerName {
+        PeerName::from_bytes([0x02, 0, 0, 0, 0, i])
+    }
+    fn peers(n: usize) -> Vec<PeerName> {
+        (0..n)
+            .map(|i| PeerName::from_bytes([0x02, 0, 0, 0, (i >> 8) as u8, i as u8]))
+            .collect()
+    }
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+    fn ip(s: &str) -> u32 {
+        u32::from(s.parse::<Ipv4Addr>().unwrap())
+    }
+
+    /// Checks that the entries exactly tile the range with sizes differing by at most one.
+    fn assert_covers(ring: &Ring, n_peers: usize) {
+        ring.validate().unwrap();
+        let all = Span::of_net(ring.range);
+        let sizes: Vec<u64> = (0..ring.entries.len())
+            .map(|i| ring.span_of(i).len())
+            .collect();
+        assert_eq!(sizes.iter().sum::<u64>(), all.len());
+        assert_eq!(ring.entries.len() as u64, (n_peers as u64).min(all.len()));
+        let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+        assert!(max - min <= 1, "{sizes:?}");
+        let owners: std::collections::BTreeSet<_> = ring.entries.iter().map(|e| &e.owner).collect();
+        assert_eq!(owners.len(), ring.entries.len(), "one entry per peer");
+        for (i, e) in ring.entries.iter().enumerate() {
+            assert_eq!(e.version, 0);
+            assert_eq!(
+                u64::from(e.free),
+                space::usable_in(ring.range, ring.span_of(i))
+            );
+        }
+    }
+
+    #[test]
+    fn seeded_two_peers_on_16_matches_weave() {
+        let r = Ring::seeded(net("192.168.0.0/16"), &[p(2), p(1)]).unwrap();
+        assert_eq!(r.seeds, vec![p(1), p(2)]);
+        let got: Vec<_> = r
+            .ranges()
+            .map(|(f, l, e)| (f, l, e.owner.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (ip("192.168.0.0"), ip("192.168.127.255"), p(1)),
+                (ip("192.168.128.0"), ip("192.168.255.255"), p(2)),
+            ]
+        );
+        assert_eq!(r.entries[0].free, 32767);
+        assert_eq!(r.entries[1].free, 32767);
+        assert_eq!(r.total_owned(&p(1)), 32768);
+    }
+
+    #[test]
+    fn seeded_power_of_two_is_cidr_aligned() {
+        let r = Ring::seeded(net("10.0.0.0/16"), &peers(4)).unwrap();
+        for (f, l, _) in r.ranges() {
+            let cidrs = space::cidrs_of(Span::inclusive(f, l));
+            assert_eq!(cidrs.len(), 1);
+            assert_eq!(cidrs[0].prefix_len(), 18);
+        }
+    }
+
+    #[test]
+    fn seeded_various_sizes() {
+        for n in [1, 2, 3, 50] {
+            for range in [
+                "192.168.0.0/16",
+                "10.0.0.0/30",
+                "10.0.0.0/31",
+                "10.0.0.7/32",
+                "10.0.0.0/24",
+            ] {
+                let r = Ring::seeded(net(range), &peers(n)).unwrap();
+                assert_covers(&r, n);
+                assert_eq!(r.seeds.len(), n);
+            }
+        }
+        let r = Ring::seeded(net("192.168.0.0/16"), &peers(3)).unwrap();
+        let sizes: Vec<u64> = (0..3).map(|i| r.span_of(i).len()).collect();
+        assert_eq!(sizes, vec![21846, 21845, 21845]);
+        // /30 among 3: the first peer gets two addresses (network + one usable), the others
+        // one each, so the last peer's only address is the broadcast: nothing usable.
+        let r = Ring::seeded(net("10.0.0.0/30"), &peers(3)).unwrap();
+        let frees: Vec<u32> = r.entries.iter().map(|e| e.free).collect();
+        assert_eq!(frees, vec![1, 1, 0]);
+        let r = Ring::seeded(net("0.0.0.0/0"), &peers(1)).unwrap();
+        assert_eq!(r.entries[0].free, u32::MAX - 1);
+        assert_eq!(r.total_owned(&peers(1)[0]), 1 << 32);
+    }
+
+    #[test]
+    fn seeded_rejects_no_peers_and_dedups() {
+        assert_eq!(
+            Ring::seeded(net("10.0.0.0/24"), &[]),
+            Err(RingError::NoSeeds)
+        );
+        let r = Ring::seeded(net("10.0.0.5/24"), &[p(1), p(1)]).unwrap();
+        assert_eq!(r.seeds, vec![p(1)]);
+        assert_eq!(r.range, net("10.0.0.0/24"));
+    }
+
+    #[test]
+    fn owner_lookup() {
+        let r = Ring::seeded(net("10.0.0.0/24"), &[p(1), p(2)]).unwrap();
+        assert_eq!(r.owner_of(ip("10.0.0.0")), Some(&p(1)));
+        assert_eq!(r.owner_of(ip("10.0.0.127")), Some(&p(1)));
+        assert_eq!(r.owner_of(ip("10.0.0.128")), Some(&p(2)));
+        assert_eq!(r.owner_of(ip("10.0.0.255")), Some(&p(2)));
+        assert_eq!(r.owner_of(ip("10.0.1.0")), None);
+        assert_eq!(r.owner_of(ip("9.255.255.255")), None);
+        assert_eq!(
+            r.owned_by(&p(2)),
+            vec![(ip("10.0.0.128"), ip("10.0.0.255"))]
+        );
+        assert!(r.owned_by(&p(3)).is_empty());
+        assert_eq!(r.total_owned(&p(3)), 0);
+    }
+
+    #[test]
+    fn report_free_bumps_only_changed_entries() {
+        let mut r = Ring::seeded(net("10.0.0.0/24"), &[p(1), p(2)]).unwrap();
+        let t1 = ip("10.0.0.0");
+        assert!(r.report_free(&p(1), &[(t1, 120)]).unwrap());
+        assert_eq!((r.entries[0].free, r.entries[0].version), (120, 1));
+        assert_eq!(r.entries[1].version, 0);
+        assert!(!r.report_free(&p(1), &[(t1, 120)]).unwrap());
+        assert_eq!(r.entries[0].version, 1);
+        assert!(r.report_free(&p(1), &[(t1, 7), (t1, 110)]).unwrap());
+        assert_eq!((r.entries[0].free, r.entries[0].version), (110, 2));
+        assert!(r.report_free(&p(1), &[(t1, 120)]).unwrap());
+        let before = r.clone();
+        assert!(matches!(
+            r.report_free(&p(1), &[(t1, 100), (ip("10.0.0.128"), 5)]),
+            Err(RingError::NotOwner { .. })
+        ));
+        assert!(matches!(
+            r.report_free(&p(1), &[(ip("10.0.0.1"), 5)]),
+            Err(RingError::UnknownToken(_))
+        ));
+        assert!(matches!(
+            r.report_free(&p(1), &[(t1, 128)]),
+            Err(RingError::FreeTooLarge { capacity: 127, .. })
+        ));
+        assert_eq!(r, before, "failed reports change nothing");
+    }
+
+    #[test]
+    fn split_rules() {
+        let mut r = Ring::seeded(net("10.0.0.0/24"), &[p(1), p(2)]).unwrap();
+        r.split(&p(1), ip("10.0.0.64"), &p(3)).unwrap();
+        r.validate().unwrap();
+        assert_eq!(r.entries.len(), 3);
+        assert_eq!((r.entries[0].version, r.entries[0].free), (1, 63));
+        assert_eq!((r.entries[1].owner.clone(), r.entries[1].free), (p(3), 64));
+        assert!(matches!(
+            r.split(&p(1), ip("10.0.0.200"), &p(1)),
+            Err(RingError::NotOwner { .. })
+        ));
+        assert!(matches!(
+            r.split(&p(1), ip("10.0.0.64"), &p(1)),
+            Err(RingError::BadSplit { .. })
+        ));
+        assert!(matches!(
+            r.split(&p(1), ip("10.0.1.0"), &p(1)),
+            Err(RingError::BadSplit { .. })
+        ));
+    }
+
+    #[test]
+    fn merge_accepts_splits_and_newer_versions() {
+        let base = Ring::seeded(net("10.0.0.0/24"), &[p(1), p(2)]).unwrap();
+        let mut a = base.clone();
+        a.split(&p(1), ip("10.0.0.64"), &p(1)).unwrap();
+        let mut b = base.clone();
+        b.report_free(&p(2), &[(ip("10.0.0.128"), 100)]).unwrap();
+        let mut ab = a.clone();
+        assert!(ab.merge(&b).unwrap());
+        assert!(!ab.merge(&b).unwrap());
+        let mut ba = b.clone();
+        assert!(ba.merge(&a).unwrap());
+        assert_eq!(ab, ba);
+        assert_eq!(ab.entries.len(), 3);
+        let mut old = base.clone();
+        assert!(old.merge(&ab).unwrap());
+        assert_eq!(old, ab);
+        assert!(!ab.merge(&base).unwrap());
+    }
+
+    #[test]
+    fn merge_refuses_different_seeds_or_range() {
+        let mut a = Ring::seeded(net("10.0.0.0/24"), &[p(1), p(2)]).unwrap();
+        let b = Ring::seeded(net("10.0.0.0/24"), &[p(1), p(3)]).unwrap();
+        let before = a.clone();
+        let err = a.merge(&b).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "IP allocation was seeded by different peers (received: [02:00:00:00:00:01 \
+             02:00:00:00:00:03], ours: [02:00:00:00:00:01 02:00:00:00:00:02])"
+        );
+        let c = Ring::seeded(net("10.0.1.0/24"), &[p(1), p(2)]).unwrap();
+        assert!(matches!(a.merge(&c), Err(RingError::RangeMismatch { .. })));
+        assert_eq!(a, before);
+    }
+
+    #[test]
+    fn merge_refuses_conflicts() {
+        let base = Ring::seeded(net("10.0.0.0/24"), &[p(1), p(2)]).unwrap();
+        let mut a = base.clone();
+        a.report_free(&p(1), &[(ip("10.0.0.0"), 10)]).unwrap();
+        let mut b = base.clone();
+        b.report_free(&p(1), &[(ip("10.0.0.0"), 11)]).unwrap();
+        let before = a.clone();
+        assert!(matches!(a.merge(&b), Err(RingError::Conflict { .. })));
+        assert_eq!(a, before);
+    }
+
+    #[test]
+    fn merge_refuses_concurrent_cuts_of_the_same_entry() {
+        let base = Ring::seeded(net("10.0.0.0/24"), &[p(1), p(2)]).unwrap();
+        // Two histories of p1 that never saw each other (e.g. p1 lost its state).
+        let mut a = base.clone();
+        a.split(&p(1), ip("10.0.0.64"), &p(3)).unwrap();
+        let mut b = base.clone();
+        b.split(&p(1), ip("10.0.0.32"), &p(4)).unwrap();
+        b.report_free(&p(1), &[(ip("10.0.0.0"), 1)]).unwrap();
+        let before = a.clone();
+        assert!(a.merge(&b).is_err());
+        assert_eq!(a, before);
+        // A cut that did not bump the covering entry is not trusted either.
+        let mut low = base.clone();
+        low.report_free(&p(1), &[(ip("10.0.0.0"), 10)]).unwrap();
+        let mut c = low.clone();
+        c.entries.insert(
+            1,
+            Entry {
+                start: ip("10.0.0.64"),
+                owner: p(3),
+                version: 0,
+                free: 0,
+            },
+        );
+        c.validate().unwrap();
+        let mut d = low.clone();
+        let err = d.merge(&c);
+        assert!(
+            matches!(err, Err(RingError::InconsistentSplit { .. })),
+            "{err:?}"
+        );
+        // And a ring with the covering entry newer but lacking the cut is inconsistent.
+        let mut e = base.clone();
+        e.split(&p(1), ip("10.0.0.64"), &p(1)).unwrap();
+        let mut f = base.clone();
+        f.report_free(&p(1), &[(ip("10.0.0.0"), 3)]).unwrap();
+        f.report_free(&p(1), &[(ip("10.0.0.0"), 4)]).unwrap();
+        assert!(matches!(
+            e.merge(&f),
+            Err(RingError::InconsistentSplit { .. })
+        ));
+    }
+
+    #[test]
+    fn merge_rejects_invalid_input() {
+        let mut a = Ring::seeded(net("10.0.0.0/24"), &[p(1), p(2)]).unwrap();
+        let mut bad = a.clone();
+        bad.entries.swap(0, 1);
+        assert!(matches!(a.merge(&bad), Err(RingError::Invalid(_))));
+        let mut bad = a.clone();
+        bad.entries[0].free = 200;
+        assert!(matches!(a.merge(&bad), Err(RingError::Invalid(_))));
+        let mut bad = a.clone();
+        bad.entries.clear();
+        assert!(matches!(a.merge(&bad), Err(RingError::Invalid(_))));
+        let mut bad = a.clone();
+        bad.entries.remove(0);
+        assert!(matches!(a.merge(&bad), Err(RingError::Invalid(_))));
+    }
+
+    #[test]
+    fn merge_as_protects_my_allocations() {
+        let base = Ring::seeded(net("10.0.0.0/24"), &[p(1), p(2)]).unwrap();
+        // p2 (wrongly) cuts into p1's entry and bumps it, taking 10.0.0.64/26.
+        let mut rogue = base.clone();
+        rogue.entries[0].version = 1;
+        rogue.entries[0].free = 63;
+        rogue.entries.insert(
+            1,
+            Entry {
+                start: ip("10.0.0.64"),
+                owner: p(2),
+                version: 0,
+                free: 64,
+            },
+        );
+        rogue.validate().unwrap();
+        let mut mine = base.clone();
+        let holds = |f: u32, l: u32| (f..=l).contains(&ip("10.0.0.70"));
+        let err = mine.merge_as(&p(1), &rogue, holds).unwrap_err();
+        assert!(matches!(err, RingError::ClaimsMyAddresses { .. }), "{err}");
+        assert_eq!(mine, base);
+        // Without allocations there, the change is accepted (space given away earlier).
+        assert!(mine.merge_as(&p(1), &rogue, |_, _| false).unwrap());
+        assert_eq!(mine, rogue);
+    }
+
+    #[test]
+    fn serde_roundtrip() {
+        let mut r = Ring::seeded(net("10.0.0.0/24"), &[p(1), p(2)]).unwrap();
+        r.split(&p(1), ip("10.0.0.9"), &p(7)).unwrap();
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(s.contains("\"10.0.0.0/24\""));
+        let back: Ring = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, r);
+    }
+
+    // ---- property tests ----
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Replica `r` (owned by peer r) cuts one of its entries.
+        Split {
+            r: usize,
+            pick: usize,
+            off: u32,
+            to: usize,
+        },
+        /// Replica `r` reports a new free count on one of its entries.
+        Free { r: usize, pick: usize, free: u32 },
+        /// Gossip: replica `to` merges replica `from`.
+        Gossip { from: usize, to: usize },
+    }
+
+    const N: usize = 4;
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..N, any::<usize>(), any::<u32>(), 0..N + 1)
+                .prop_map(|(r, pick, off, to)| Op::Split { r, pick, off, to }),
+            (0..N, any::<usize>(), any::<u32>()).prop_map(|(r, pick, free)| Op::Free {
+                r,
+                pick,
+                free
+            }),
+            (0..N, 0..N).prop_map(|(from, to)| Op::Gossip { from, to }),
+        ]
+    }
+
+    /// Runs owner operations on per-peer replicas of one seeded ring and returns every
+    /// ring state seen along the way.
+    fn history(ops: &[Op]) -> Vec<Ring> {
+        let names = peers(N + 1);
+        let base = Ring::seeded(net("10.1.0.0/22"), &names[..N]).unwrap();
+        let mut reps = vec![base.clone(); N];
+        let mut seen = vec![base];
+        for op in ops {
+            match *op {
+                Op::Split { r, pick, off, to } => {
+                    let me = &names[r];
+                    let mine: Vec<usize> = (0..reps[r].entries.len())
+                        .filter(|&i| &reps[r].entries[i].owner == me)
+                        .collect();
+                    if mine.is_empty() {
+                        continue;
+                    }
+                    let i = mine[pick % mine.len()];
+                    let span = reps[r].span_of(i);
+                    if span.len() < 2 {
+                        continue;
+                    }
+                    let at = span.start + 1 + off % (span.len() as u32 - 1);
+                    reps[r].split(me, at, &names[to]).unwrap();
+                }
+                Op::Free { r, pick, free } => {
+                    let me = &names[r];
+                    let mine: Vec<usize> = (0..reps[r].entries.len())
+                        .filter(|&i| &reps[r].entries[i].owner == me)
+                        .collect();
+                    if mine.is_empty() {
+                        continue;
+                    }
+                    let i = mine[pick % mine.len()];
+                    let cap = space::usable_in(reps[r].range, reps[r].span_of(i)) as u32;
+                    let start = reps[r].entries[i].start;
+                    reps[r]
+                        .report_free(me, &[(start, free % (cap + 1))])
+                        .unwrap();
+                }
+                Op::Gossip { from, to } => {
+                    let other = reps[from].clone();
+                    reps[to].merge(&other).unwrap();
+                }
+            }
+            reps.iter().for_each(|r| r.validate().unwrap());
+            seen.extend(reps.iter().cloned());
+        }
+        seen
+    }
+
+    fn merged(a: &Ring, b: &Ring) -> Ring {
+        let mut x = a.clone();
+        x.merge(b).unwrap();
+        x
+    }
+
+    proptest! {
+        #[test]
+        fn merge_is_a_crdt(ops in proptest::collection::vec(op(), 0..40),
+                           picks in proptest::collection::vec(any::<(usize, usize, usize)>(), 1..12)) {
+            let seen = history(&ops);
+            for (i, j, k) in picks {
+                let (a, b, c) = (&seen[i % seen.len()], &seen[j % seen.len()], &seen[k % seen.len()]);
+                let ab = merged(a, b);
+                prop_assert_eq!(&ab, &merged(b, a));
+                prop_assert_eq!(&merged(a, a), a);
+                prop_assert_eq!(merged(&ab, c), merged(a, &merged(b, c)));
+                // Each address still has exactly one owner: the entries tile the range.
+                ab.validate().unwrap();
+                let mut changed = a.clone();
+                prop_assert_eq!(changed.merge(b).unwrap(), &ab != a);
+            }
+        }
+
+        #[test]
+        fn seeding_is_order_independent(n in 1usize..60, prefix in 16u8..=32, seed in any::<u64>(),
+                                        base in any::<u32>()) {
+            let mut names = peers(n);
+            let range = Ipv4Net::new(Ipv4Addr::from(base), prefix).unwrap().trunc();
+            let sorted = Ring::seeded(range, &names).unwrap();
+            // Deterministic Fisher-Yates shuffle driven by `seed`.
+            let mut x = seed;
+            for i in (1..names.len()).rev() {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                names.swap(i, (x >> 33) as usize % (i + 1));
+            }
+            let shuffled = Ring::seeded(range, &names).unwrap();
+            prop_assert_eq!(&sorted, &shuffled);
+            assert_covers(&sorted, n);
+        }
+    }
+}

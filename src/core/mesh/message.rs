@@ -1,0 +1,163 @@
+//! Control messages between peers and their framing on the TCP stream.
+//!
+//! A frame is a 4-byte big-endian length followed by a JSON body. JSON keeps the protocol
+//! readable in captures and lets fields be added without a version bump; control traffic
+//! is small and rare, so its cost does not matter. Decoding is incremental (sans-I/O): the
+//! adapter feeds whatever bytes arrived and takes out whole messages.
+
+use crate::core::ipam::Ring;
+use crate::core::mesh::PeerName;
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+
+pub const PROTOCOL: &str = "weft";
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Large enough for a ring of thousands of entries; a peer announcing more is broken or
+/// hostile and is disconnected rather than buffered.
+pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// The first message on every connection, in both directions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: String,
+    pub version: u32,
+    pub name: PeerName,
+    pub nickname: String,
+    /// Random per process start: distinguishes a restarted peer from a different node that
+    /// (wrongly) uses the same name.
+    pub uid: u64,
+    pub control_port: u16,
+    pub data_port: u16,
+    pub range: String,
+    /// The sender's ring, so a node joining an existing cluster adopts it before it could
+    /// decide to seed one of its own.
+    pub ring: Option<Ring>,
+}
+
+/// What one peer knows about another, gossiped so that every node learns every owner's
+/// underlay address even without a direct connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerSummary {
+    pub name: PeerName,
+    pub nickname: String,
+    pub uid: u64,
+    /// Underlay address as observed by a node connected to it.
+    pub address: Option<Ipv4Addr>,
+    pub control_port: u16,
+    pub data_port: u16,
+    /// Names of the peers it has established connections with.
+    pub connections: Vec<PeerName>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Message {
+    Hello(Hello),
+    Gossip {
+        peers: Vec<PeerSummary>,
+        ring: Option<Ring>,
+    },
+    Heartbeat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("control frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed control message: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Appends one framed message to `out`.
+pub fn encode(msg: &Message, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    // Serialising these types into a Vec cannot fail: no maps with non-string keys and no
+    // failing Serialize impls.
+    serde_json::to_writer(&mut *out, msg).expect("control messages always serialise");
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Incremental frame decoder.
+#[derive(Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+}
+
+impl Decoder {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole message, `Ok(None)` if more bytes are needed. After an error the
+    /// stream is out of sync and the connection must be dropped.
+    pub fn next_message(&mut self) -> Result<Option<Message>, FrameError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge(len));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let result = serde_json::from_slice(&self.buf[4..4 + len]);
+        self.buf.drain(..4 + len);
+        Ok(Some(result?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Message {
+        Message::Hello(Hello {
+            protocol: PROTOCOL.into(),
+            version: PROTOCOL_VERSION,
+            name: PeerName::parse("02:77:66:00:00:01").unwrap(),
+            nickname: "n1".into(),
+            uid: 42,
+            control_port: 6783,
+            data_port: 6784,
+            range: "192.168.0.0/16".into(),
+            ring: None,
+        })
+    }
+
+    #[test]
+    fn round_trip_byte_by_byte() {
+        let mut wire = Vec::new();
+        encode(&hello(), &mut wire);
+        encode(&Message::Heartbeat, &mut wire);
+        let mut d = Decoder::default();
+        let mut got = Vec::new();
+        for b in wire {
+            d.feed(&[b]);
+            while let Some(m) = d.next_message().unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, vec![hello(), Message::Heartbeat]);
+    }
+
+    #[test]
+    fn rejects_oversized_and_malformed_frames() {
+        let mut d = Decoder::default();
+        d.feed(&(MAX_FRAME as u32 + 1).to_be_bytes());
+        assert!(matches!(d.next_message(), Err(FrameError::TooLarge(_))));
+
+        let mut d = Decoder::default();
+        d.feed(&5u32.to_be_bytes());
+        d.feed(b"{oops");
+        assert!(matches!(d.next_message(), Err(FrameError::Malformed(_))));
+
+        let mut d = Decoder::default();
+        let body = br#"{"type":"Hello","name":"not-a-name"}"#;
+        d.feed(&(body.len() as u32).to_be_bytes());
+        d.feed(body);
+        assert!(d.next_message().is_err());
+    }
+}

@@ -1,0 +1,350 @@
+//! Persistence of the IPAM state and peer name in one JSON file, `<dir>/weft.json`.
+//!
+//! Saves are atomic (temp file in the same directory, fsync, rename, fsync the directory),
+//! so a crash leaves either the old or the new file. A file that cannot be parsed is moved
+//! aside, never overwritten or silently replaced by an empty state: losing the ring or the
+//! allocations could hand out addresses that are still in use.
+
+use crate::core::ipam::IpamState;
+use crate::core::mesh::PeerName;
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Default `--db-dir`.
+pub const DEFAULT_DIR: &str = "/var/lib/weft";
+/// Name of the state file inside the directory.
+pub const FILE_NAME: &str = "weft.json";
+/// Current format version written by `save`.
+pub const FORMAT_VERSION: u32 = 1;
+
+const TMP_PREFIX: &str = ".weft.json.tmp-";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PersistedState {
+    /// File format version.
+    pub version: u32,
+    pub peer_name: Option<PeerName>,
+    pub ipam: IpamState,
+}
+
+impl PersistedState {
+    pub fn new(peer_name: Option<PeerName>, ipam: IpamState) -> PersistedState {
+        PersistedState {
+            version: FORMAT_VERSION,
+            peer_name,
+            ipam,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "state file {path} is corrupt ({reason}); moved it to {aside}. Inspect it, or start \
+         without it knowing that addresses in use may be handed out again"
+    )]
+    Corrupt {
+        path: PathBuf,
+        aside: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "state file {path} has format version {found}; this weft understands up to {supported}"
+    )]
+    UnsupportedVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("encoding state: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+/// Distinguishes temp files of concurrent saves within one process.
+static SAVE_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl Store {
+    /// Opens (creating if needed) the state directory and removes temp files left by a
+    /// save that crashed before its rename.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Store, StoreError> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(io_err("creating directory", &dir))?;
+        let entries = fs::read_dir(&dir).map_err(io_err("reading directory", &dir))?;
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                let p = entry.path();
+                fs::remove_file(&p).map_err(io_err("removing stale temp file", &p))?;
+            }
+        }
+        Ok(Store { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(FILE_NAME)
+    }
+
+    /// The saved state, or None if nothing was ever saved. A corrupt file is moved aside and
+    /// reported as `StoreError::Corrupt`; the caller decides whether to start afresh.
+    pub fn load(&self) -> Result<Option<PersistedState>, StoreError> {
+        let path = self.path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("reading", &path)(e)),
+        };
+        // Read the version first so that a newer format is reported as such, not as corrupt.
+        #[derive(Deserialize)]
+        struct VersionOnly {
+            version: u32,
+        }
+        let reason = match serde_json::from_slice::<VersionOnly>(&bytes) {
+            Ok(v) if v.version > FORMAT_VERSION || v.version == 0 => {
+                if v.version == 0 {
+                    "format version 0".to_string()
+                } else {
+                    return Err(StoreError::UnsupportedVersion {
+                        path,
+                        found: v.version,
+                        supported: FORMAT_VERSION,
+                    });
+                }
+            }
+            _ => match serde_json::from_slice::<PersistedState>(&bytes) {
+                Ok(state) => return Ok(Some(state)),
+                Err(e) if bytes.is_empty() => format!("empty file ({e})"),
+                Err(e) => e.to_string(),
+            },
+        };
+        let aside = self.move_aside(&path)?;
+        Err(StoreError::Corrupt {
+            path,
+            aside,
+            reason,
+        })
+    }
+
+    /// Moves `path` to the first free `weft.json.corrupt-<n>`, never replacing an earlier
+    /// copy: `hard_link` fails if the target exists, unlike `rename`.
+    fn move_aside(&self, path: &Path) -> Result<PathBuf, StoreError> {
+        for n in 1u32.. {
+            let aside = self.dir.join(format!("{FILE_NAME}.corrupt-{n}"));
+            match fs::hard_link(path, &aside) {
+                Ok(()) => {
+                    fs::remove_file(path).map_err(io_err("removing", path))?;
+                    sync_dir(&self.dir)?;
+                    return Ok(aside);
+                }
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_err("moving aside", path)(e)),
+            }
+        }
+        Err(io_err("moving aside", path)(std::io::Error::other(
+            "no free corrupt-<n> name",
+        )))
+    }
+
+    /// Atomically replaces the state file with `state`.
+    pub fn save(&self, state: &PersistedState) -> Result<(), StoreError> {
+        let mut bytes = serde_json::to_vec_pretty(state)?;
+        bytes.push(b'\n');
+        let seq = SAVE_SEQ.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join(format!("{TMP_PREFIX}{}-{seq}", std::process::id()));
+        let result = write_synced(&tmp, &bytes).and_then(|()| {
+            let path = self.path();
+            fs::rename(&tmp, &path).map_err(io_err("renaming into place", &path))?;
+            sync_dir(&self.dir)
+        });
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io_err("creating", path))?;
+    f.write_all(bytes).map_err(io_err("writing", path))?;
+    f.sync_all().map_err(io_err("syncing", path))
+}
+
+/// Makes a rename or unlink in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("syncing directory", dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::ipam::Ipam;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "weft-store-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&p);
+            TempDir(p)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn sample() -> PersistedState {
+        let me = PeerName::parse("02:77:76:00:00:01").unwrap();
+        let other = PeerName::parse("02:77:76:00:00:02").unwrap();
+        let mut ipam = Ipam::new(me.clone(), "192.168.0.0/16".parse().unwrap());
+        ipam.seed(&[me.clone(), other]).unwrap();
+        ipam.allocate("weave:expose").unwrap();
+        ipam.allocate("abc123").unwrap();
+        PersistedState::new(Some(me), ipam.state())
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn missing_file_loads_as_none_and_dir_is_created() {
+        let t = TempDir::new("none");
+        let s = Store::open(t.0.join("a/b")).unwrap();
+        assert!(s.dir().is_dir());
+        assert!(s.load().unwrap().is_none());
+    }
+
+    #[test]
+    fn save_then_load_roundtrips() {
+        let t = TempDir::new("rt");
+        let s = Store::open(&t.0).unwrap();
+        let st = sample();
+        s.save(&st).unwrap();
+        assert_eq!(s.load().unwrap(), Some(st.clone()));
+        let mut st2 = st.clone();
+        st2.ipam.allocations.clear();
+        s.save(&st2).unwrap();
+        assert_eq!(s.load().unwrap(), Some(st2));
+        assert_eq!(
+            names_in(&t.0),
+            vec![FILE_NAME.to_string()],
+            "no temp files left"
+        );
+        // The state restores into a working allocator.
+        let loaded = Store::open(&t.0).unwrap().load().unwrap().unwrap();
+        let me = loaded.peer_name.clone().unwrap();
+        Ipam::restore(me, "192.168.0.0/16".parse().unwrap(), loaded.ipam).unwrap();
+    }
+
+    #[test]
+    fn open_removes_stale_temp_files() {
+        let t = TempDir::new("tmp");
+        fs::create_dir_all(&t.0).unwrap();
+        fs::write(t.0.join(format!("{TMP_PREFIX}1-0")), b"half").unwrap();
+        fs::write(t.0.join("unrelated"), b"x").unwrap();
+        Store::open(&t.0).unwrap();
+        assert_eq!(names_in(&t.0), vec!["unrelated".to_string()]);
+    }
+
+    #[test]
+    fn corrupt_file_is_moved_aside_never_overwriting() {
+        let t = TempDir::new("corrupt");
+        let s = Store::open(&t.0).unwrap();
+        for (n, junk) in [&b"{ not json"[..], b"", b"{\"version\":1}"]
+            .iter()
+            .enumerate()
+        {
+            fs::write(s.path(), junk).unwrap();
+            match s.load() {
+                Err(StoreError::Corrupt {
+                    path,
+                    aside,
+                    reason,
+                }) => {
+                    assert_eq!(path, s.path());
+                    assert_eq!(aside, t.0.join(format!("weft.json.corrupt-{}", n + 1)));
+                    assert_eq!(fs::read(&aside).unwrap(), *junk);
+                    assert!(!reason.is_empty());
+                }
+                other => panic!("expected Corrupt, got {other:?}"),
+            }
+            assert!(!s.path().exists());
+        }
+        assert!(
+            s.load().unwrap().is_none(),
+            "after moving aside nothing is loaded"
+        );
+        let err = {
+            fs::write(s.path(), b"[1,2").unwrap();
+            s.load().unwrap_err()
+        };
+        assert!(err.to_string().contains("corrupt-4"), "{err}");
+    }
+
+    #[test]
+    fn newer_format_is_not_treated_as_corrupt() {
+        let t = TempDir::new("newer");
+        let s = Store::open(&t.0).unwrap();
+        fs::write(s.path(), br#"{"version": 7, "whatever": true}"#).unwrap();
+        assert!(matches!(
+            s.load(),
+            Err(StoreError::UnsupportedVersion { found: 7, .. })
+        ));
+        assert!(s.path().exists(), "left in place");
+    }
+
+    #[test]
+    fn invalid_peer_name_is_corrupt() {
+        let t = TempDir::new("badname");
+        let s = Store::open(&t.0).unwrap();
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["peer_name"] = serde_json::json!("not-a-mac");
+        fs::write(s.path(), serde_json::to_vec(&v).unwrap()).unwrap();
+        assert!(matches!(s.load(), Err(StoreError::Corrupt { .. })));
+    }
+}
