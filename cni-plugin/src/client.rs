@@ -1,0 +1,273 @@
+//! The weft router's IPAM HTTP API, as the plugin uses it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::spec::{Cidr, CniError, ErrorCode};
+
+/// POST blocks in the daemon until IPAM is ready (it bounds that at ~30 s), so the
+/// plugin waits longer than the daemon does and sees its 503 rather than a timeout.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// The daemon is local: a connect that takes longer means it is wedged.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot reach the weft daemon at {addr}: {reason}")]
+    Unreachable { addr: SocketAddr, reason: String },
+    #[error("the weft daemon at {addr} is not ready: {body}")]
+    NotReady { addr: SocketAddr, body: String },
+    #[error("the weft daemon at {addr} answered {what} with status {status}: {body}")]
+    Unexpected {
+        addr: SocketAddr,
+        what: String,
+        status: u16,
+        body: String,
+    },
+    #[error("the weft daemon at {addr} answered {what} with {body:?}, which is not an IPv4 address/prefix")]
+    BadAddress {
+        addr: SocketAddr,
+        what: String,
+        body: String,
+    },
+}
+
+impl From<DaemonError> for CniError {
+    fn from(e: DaemonError) -> CniError {
+        match &e {
+            DaemonError::Unreachable { addr, .. } | DaemonError::NotReady { addr, .. } => {
+                CniError::new(
+                    ErrorCode::TryAgainLater,
+                    format!("weft daemon at {addr} is not available"),
+                    format!("{e}; check that the weft router runs on this node (it serves HTTP on {addr}); the runtime will retry"),
+                )
+            }
+            DaemonError::Unexpected { .. } | DaemonError::BadAddress { .. } => CniError::new(
+                ErrorCode::DaemonProtocol,
+                "unexpected answer from the weft daemon",
+                format!("{e}; weft-cni and the weft router may be different versions"),
+            ),
+        }
+    }
+}
+
+pub struct Daemon {
+    agent: ureq::Agent,
+    addr: SocketAddr,
+}
+
+/// Daemon error bodies are short texts; cap what we quote in messages.
+fn excerpt(body: &str) -> String {
+    let t = body.trim();
+    match t.char_indices().nth(300) {
+        Some((i, _)) => format!("{}...", &t[..i]),
+        None => t.to_string(),
+    }
+}
+
+impl Daemon {
+    pub fn new(addr: SocketAddr) -> Daemon {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            // The daemon is on this node: never go through an HTTP_PROXY from the
+            // runtime's environment.
+            .proxy(None)
+            .timeout_global(Some(REQUEST_TIMEOUT))
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .build();
+        Daemon {
+            agent: ureq::Agent::new_with_config(config),
+            addr,
+        }
+    }
+
+    fn url(&self, container_id: &str) -> String {
+        format!("http://{}/ip/{}", self.addr, container_id)
+    }
+
+    /// Sends a request and returns (status, body).
+    fn exchange(
+        &self,
+        request: impl FnOnce(
+            &ureq::Agent,
+            &str,
+        ) -> Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+        container_id: &str,
+    ) -> Result<(u16, String), DaemonError> {
+        let unreachable = |e: ureq::Error| DaemonError::Unreachable {
+            addr: self.addr,
+            reason: e.to_string(),
+        };
+        let response = request(&self.agent, &self.url(container_id)).map_err(unreachable)?;
+        let status = response.status().as_u16();
+        let body = response.into_body().read_to_string().map_err(unreachable)?;
+        Ok((status, body))
+    }
+
+    fn parse_cidr(&self, what: &str, body: &str) -> Result<Cidr, DaemonError> {
+        Cidr::parse(body).ok_or_else(|| DaemonError::BadAddress {
+            addr: self.addr,
+            what: what.to_string(),
+            body: excerpt(body),
+        })
+    }
+
+    fn unexpected(&self, what: &str, status: u16, body: &str) -> DaemonError {
+        if status == 503 {
+            DaemonError::NotReady {
+                addr: self.addr,
+                body: excerpt(body),
+            }
+        } else {
+            DaemonError::Unexpected {
+                addr: self.addr,
+                what: what.to_string(),
+                status,
+                body: excerpt(body),
+            }
+        }
+    }
+
+    /// `POST /ip/{id}`: the address for this container (the same one on repeat).
+    pub fn allocate(&self, container_id: &str) -> Result<Cidr, DaemonError> {
+        let what = format!("POST /ip/{container_id}");
+        let (status, body) = self.exchange(|a, u| a.post(u).send_empty(), container_id)?;
+        match status {
+            200 | 201 => self.parse_cidr(&what, &body),
+            _ => Err(self.unexpected(&what, status, &body)),
+        }
+    }
+
+    /// `GET /ip/{id}`: the address the daemon holds for this container, if any.
+    pub fn lookup(&self, container_id: &str) -> Result<Option<Cidr>, DaemonError> {
+        let what = format!("GET /ip/{container_id}");
+        let (status, body) = self.exchange(|a, u| a.get(u).call(), container_id)?;
+        match status {
+            200 => self.parse_cidr(&what, &body).map(Some),
+            404 => Ok(None),
+            _ => Err(self.unexpected(&what, status, &body)),
+        }
+    }
+
+    /// `DELETE /ip/{id}`: frees the address; an unknown id is not an error.
+    pub fn release(&self, container_id: &str) -> Result<(), DaemonError> {
+        let what = format!("DELETE /ip/{container_id}");
+        let (status, body) = self.exchange(|a, u| a.delete(u).call(), container_id)?;
+        match status {
+            200..=299 | 404 => Ok(()),
+            _ => Err(self.unexpected(&what, status, &body)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+
+    /// Serves one canned HTTP answer per connection and returns the request lines.
+    fn serve(
+        answers: Vec<(u16, &'static str)>,
+    ) -> (SocketAddr, std::thread::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handle = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for (status, body) in answers {
+                let (stream, _) = listener.accept().unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                seen.push(line.trim().to_string());
+                let mut len = 0usize;
+                loop {
+                    let mut h = String::new();
+                    reader.read_line(&mut h).unwrap();
+                    if h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                }
+                let mut skip = vec![0; len];
+                reader.read_exact(&mut skip).unwrap();
+                let mut stream = stream;
+                write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+            }
+            seen
+        });
+        (addr, handle)
+    }
+
+    #[test]
+    fn allocate_lookup_release() {
+        let (addr, server) = serve(vec![
+            (200, "192.168.3.4/16\n"),
+            (200, "192.168.3.4/16"),
+            (404, "not found"),
+            (204, ""),
+            (404, ""),
+        ]);
+        let d = Daemon::new(addr);
+        let c = d.allocate("abc").unwrap();
+        assert_eq!(c.to_string(), "192.168.3.4/16");
+        assert_eq!(d.lookup("abc").unwrap(), Some(c));
+        assert_eq!(d.lookup("abc").unwrap(), None);
+        d.release("abc").unwrap();
+        d.release("abc").unwrap();
+        let seen = server.join().unwrap();
+        assert_eq!(
+            seen,
+            [
+                "POST /ip/abc HTTP/1.1",
+                "GET /ip/abc HTTP/1.1",
+                "GET /ip/abc HTTP/1.1",
+                "DELETE /ip/abc HTTP/1.1",
+                "DELETE /ip/abc HTTP/1.1"
+            ]
+        );
+    }
+
+    #[test]
+    fn daemon_errors_map_to_cni_codes() {
+        let (addr, server) = serve(vec![
+            (503, "IPAM not ready"),
+            (200, "garbage"),
+            (500, "boom"),
+        ]);
+        let d = Daemon::new(addr);
+        let e: CniError = d.allocate("a").unwrap_err().into();
+        assert_eq!(e.code, ErrorCode::TryAgainLater);
+        assert!(e.details.contains("IPAM not ready"), "{e}");
+        let e: CniError = d.allocate("a").unwrap_err().into();
+        assert_eq!(e.code, ErrorCode::DaemonProtocol);
+        let e: CniError = d.release("a").unwrap_err().into();
+        assert_eq!(e.code, ErrorCode::DaemonProtocol);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn refused_connection_is_try_again() {
+        // Bind then drop to get a local port with no listener.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let e: CniError = Daemon::new(addr).release("a").unwrap_err().into();
+        assert_eq!(e.code, ErrorCode::TryAgainLater);
+        assert!(e.msg.contains(&addr.to_string()), "{e}");
+    }
+
+    #[test]
+    fn excerpt_caps_length() {
+        assert_eq!(excerpt(" hi \n"), "hi");
+        assert_eq!(excerpt(&"x".repeat(400)).len(), 303);
+    }
+}

@@ -1,0 +1,406 @@
+//! ADD, DEL and CHECK: the daemon, the node namespace and the container namespace
+//! put together.
+
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+
+use serde_json::Value;
+
+use crate::client::Daemon;
+use crate::config::{Env, NetConf};
+use crate::link::{self, host_veth_name, LinkError, LinkState, Netlink};
+use crate::netns::{Netns, NetnsError};
+use crate::spec::{
+    expected_from_prev_result, format_mac, render_add_result, AddOutcome, Cidr, CniError, ErrorCode,
+};
+
+/// The overlay interface the weft router creates on every node.
+pub const WEAVE_IFNAME: &str = "weave";
+/// Used only if the kernel does not report the weave interface's MTU.
+const FALLBACK_MTU: u32 = 1376;
+
+fn io_error(msg: impl Into<String>) -> impl FnOnce(LinkError) -> CniError {
+    let msg = msg.into();
+    move |e| CniError::new(ErrorCode::Io, msg, e.to_string())
+}
+
+fn netns_error(e: NetnsError) -> CniError {
+    match e {
+        NetnsError::Open { .. } | NetnsError::Enter { .. } => CniError::new(
+            ErrorCode::InvalidEnv,
+            "invalid env var CNI_NETNS",
+            format!("{e}; CNI_NETNS must name the container's network namespace (e.g. /var/run/netns/<name>)"),
+        ),
+        NetnsError::Spawn { .. } | NetnsError::Panicked { .. } => {
+            CniError::new(ErrorCode::Io, "cannot work inside the container namespace", e.to_string())
+        }
+    }
+}
+
+/// The node's side of the overlay: its own address (the pods' gateway) and MTU.
+#[derive(Debug, Clone, Copy)]
+struct Overlay {
+    addr: Cidr,
+    mtu: u32,
+}
+
+fn overlay(nl: &Netlink) -> Result<Overlay, CniError> {
+    let not_ready = |what: &str| {
+        CniError::new(
+            ErrorCode::TryAgainLater,
+            format!("the weft overlay interface {WEAVE_IFNAME:?} {what}"),
+            "the weft router creates and addresses it once it has joined the network; check `weft status` on this node. The runtime will retry",
+        )
+    };
+    let link = nl
+        .link(WEAVE_IFNAME)
+        .map_err(io_error("cannot look up the weave interface"))?
+        .ok_or_else(|| not_ready("does not exist yet"))?;
+    let addr = nl
+        .ipv4_addrs(link.index)
+        .map_err(io_error("cannot read the weave interface's addresses"))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| not_ready("has no IPv4 address yet"))?;
+    Ok(Overlay {
+        addr,
+        mtu: link.mtu.unwrap_or(FALLBACK_MTU),
+    })
+}
+
+/// The host veth of this container, if it exists. A veth with our name that carries
+/// another container's id as alias is a hash collision and must not be touched.
+fn own_host_veth(
+    nl: &Netlink,
+    name: &str,
+    container_id: &str,
+) -> Result<Option<LinkState>, CniError> {
+    let link = nl
+        .link(name)
+        .map_err(io_error(format!("cannot look up interface {name}")))?;
+    match link {
+        Some(l) if l.alias.as_deref().is_some_and(|a| a != container_id) => Err(CniError::new(
+            ErrorCode::NameCollision,
+            format!("host interface {name} belongs to another container"),
+            format!(
+                "{name} is tagged with container id {:?}; ids whose sha256 begin alike collide. Remove that container first",
+                l.alias.unwrap_or_default()
+            ),
+        )),
+        other => Ok(other),
+    }
+}
+
+pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
+    let netns = Netns::open(&env.netns).map_err(netns_error)?;
+    let nl = Netlink::new().map_err(io_error("cannot open netlink in the node namespace"))?;
+    let overlay = overlay(&nl)?;
+    let mtu = conf.mtu.unwrap_or(overlay.mtu);
+    let host_name = host_veth_name(&env.container_id);
+
+    // Runtimes normally DEL before a repeated ADD; if they did not, start over. The
+    // address stays the same because allocation is idempotent per container id.
+    if let Some(stale) = own_host_veth(&nl, &host_name, &env.container_id)? {
+        eprintln!(
+            "weft-cni: ADD {}: removing leftover {host_name}",
+            env.container_id
+        );
+        nl.delete(stale.index).map_err(io_error(format!(
+            "cannot remove leftover interface {host_name}"
+        )))?;
+    }
+
+    let daemon = Daemon::new(conf.daemon_address);
+    let address = daemon.allocate(&env.container_id)?;
+
+    match plumb(
+        &nl,
+        &netns,
+        env,
+        &host_name,
+        address,
+        overlay.addr.addr,
+        mtu,
+    ) {
+        Ok(outcome) => Ok(render_add_result(&outcome, conf.version)),
+        Err(e) => {
+            rollback(&nl, &daemon, &host_name, env);
+            Err(e)
+        }
+    }
+}
+
+/// Undoes a failed ADD: the pair goes with its host end, the address back to the pool.
+fn rollback(nl: &Netlink, daemon: &Daemon, host_name: &str, env: &Env) {
+    // Through the alias check: never remove a colliding container's interface.
+    match own_host_veth(nl, host_name, &env.container_id) {
+        Ok(Some(l)) => {
+            if let Err(e) = nl.delete(l.index) {
+                eprintln!("weft-cni: rollback: {e}");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => eprintln!("weft-cni: rollback: {e}"),
+    }
+    if let Err(e) = daemon.release(&env.container_id) {
+        eprintln!("weft-cni: rollback: {e}");
+    }
+}
+
+fn plumb(
+    nl: &Netlink,
+    netns: &Netns,
+    env: &Env,
+    host_name: &str,
+    address: Cidr,
+    gateway: Ipv4Addr,
+    mtu: u32,
+) -> Result<AddOutcome, CniError> {
+    nl.create_veth(host_name, &env.ifname, netns.file().as_raw_fd(), mtu)
+        .map_err(|e| {
+            if e.already_exists() {
+                CniError::new(
+                    ErrorCode::InvalidConfig,
+                    format!("interface {} already exists in the container", env.ifname),
+                    format!("{e}; the runtime must DEL the previous attachment first or pick another CNI_IFNAME"),
+                )
+            } else {
+                io_error("cannot create the veth pair")(e)
+            }
+        })?;
+    let host = nl
+        .link(host_name)
+        .map_err(io_error(format!("cannot look up {host_name}")))?
+        .ok_or_else(|| {
+            CniError::new(
+                ErrorCode::Io,
+                format!("{host_name} vanished right after creation"),
+                "",
+            )
+        })?;
+    link::disable_ipv6(host_name);
+    // The pod sees its whole range as on-link and ARPs for peers and the gateway;
+    // the host answers them all and then routes.
+    link::write_sysctl(
+        &format!("/proc/sys/net/ipv4/conf/{host_name}/proxy_arp"),
+        "1",
+    )
+    .map_err(io_error("cannot enable proxy ARP on the host veth"))?;
+    // The alias (IFALIASZ = 256) lets DEL and later ADDs tell a hash collision apart.
+    let alias = (env.container_id.len() < 256).then_some(env.container_id.as_str());
+    nl.set_up(host.index, alias)
+        .map_err(io_error(format!("cannot bring up {host_name}")))?;
+    nl.add_host_route(host.index, address.addr, gateway)
+        .map_err(io_error(format!(
+            "cannot route {} to {host_name}",
+            address.addr
+        )))?;
+
+    let ifname = env.ifname.clone();
+    let pod_mac = netns
+        .run(move || configure_pod(&ifname, address, gateway))
+        .map_err(netns_error)??;
+
+    Ok(AddOutcome {
+        host_ifname: host_name.to_string(),
+        host_mac: format_mac(&host.mac),
+        pod_ifname: env.ifname.clone(),
+        pod_mac: format_mac(&pod_mac),
+        sandbox: netns.path().to_string(),
+        address,
+        gateway,
+    })
+}
+
+/// Runs inside the container namespace; returns the pod interface's MAC.
+fn configure_pod(ifname: &str, address: Cidr, gateway: Ipv4Addr) -> Result<Vec<u8>, CniError> {
+    let nl = Netlink::new().map_err(io_error("cannot open netlink in the container namespace"))?;
+    let link = nl
+        .link(ifname)
+        .map_err(io_error(format!(
+            "cannot look up {ifname} in the container"
+        )))?
+        .ok_or_else(|| {
+            CniError::new(
+                ErrorCode::Io,
+                format!("{ifname} did not appear in the container namespace"),
+                "",
+            )
+        })?;
+    // Before the link goes up, so it never solicits or accepts IPv6 routers.
+    link::disable_ipv6(ifname);
+    nl.add_address(link.index, address)
+        .map_err(io_error(format!("cannot add {address} to {ifname}")))?;
+    if let Some(lo) = nl.link("lo").map_err(io_error("cannot look up lo"))? {
+        if !lo.up {
+            nl.set_up(lo.index, None)
+                .map_err(io_error("cannot bring up lo"))?;
+        }
+    }
+    nl.set_up(link.index, None)
+        .map_err(io_error(format!("cannot bring up {ifname}")))?;
+    nl.add_default_route(link.index, gateway, !link::in_subnet(address, gateway))
+        .map_err(|e| {
+            if e.already_exists() {
+                CniError::new(
+                    ErrorCode::InvalidConfig,
+                    "the container already has a default route",
+                    format!("{e}; weft must be the container's only (or first) network"),
+                )
+            } else {
+                io_error(format!("cannot add the default route via {gateway}"))(e)
+            }
+        })?;
+    Ok(link.mac)
+}
+
+pub fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
+    let nl = Netlink::new().map_err(io_error("cannot open netlink in the node namespace"))?;
+    let host_name = host_veth_name(&env.container_id);
+    match own_host_veth(&nl, &host_name, &env.container_id) {
+        Ok(Some(l)) => {
+            nl.delete(l.index)
+                .map_err(io_error(format!("cannot delete {host_name}")))?;
+        }
+        Ok(None) => {}
+        // Someone else's interface: leave it, but still free our address.
+        Err(e) if e.code == ErrorCode::NameCollision => {
+            eprintln!("weft-cni: DEL {}: {e}", env.container_id)
+        }
+        Err(e) => return Err(e),
+    }
+    // Only after the veth (and with it the /32 route) is gone: the daemon hands out
+    // the lowest free address, so a pod created next would get this one and clash
+    // with a route still in place.
+    Daemon::new(conf.daemon_address).release(&env.container_id)?;
+    Ok(())
+}
+
+fn mismatch(msg: impl Into<String>, details: impl Into<String>) -> CniError {
+    CniError::new(ErrorCode::CheckMismatch, msg, details)
+}
+
+pub fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
+    if !conf.version.supports_check() {
+        return Err(CniError::new(
+            ErrorCode::IncompatibleVersion,
+            format!("CHECK is not defined for cniVersion {}", conf.version),
+            "CHECK needs cniVersion 0.4.0 or later",
+        ));
+    }
+    let prev = conf.prev_result.as_ref().ok_or_else(|| {
+        CniError::new(
+            ErrorCode::InvalidConfig,
+            "CHECK needs prevResult",
+            "the runtime must pass the result of ADD as prevResult",
+        )
+    })?;
+    let expected = expected_from_prev_result(prev)?;
+    let netns = Netns::open(&env.netns).map_err(netns_error)?;
+    let nl = Netlink::new().map_err(io_error("cannot open netlink in the node namespace"))?;
+    let overlay = overlay(&nl)?;
+    let gateway = expected.gateway.unwrap_or(overlay.addr.addr);
+    if gateway != overlay.addr.addr {
+        return Err(mismatch(
+            format!("gateway {gateway} is no longer this node's overlay address"),
+            format!(
+                "the weave interface now has {}; recreate the pod",
+                overlay.addr
+            ),
+        ));
+    }
+
+    let host_name = host_veth_name(&env.container_id);
+    let host = own_host_veth(&nl, &host_name, &env.container_id)?.ok_or_else(|| {
+        mismatch(
+            format!("host interface {host_name} is missing"),
+            "recreate the pod",
+        )
+    })?;
+    if !host.up {
+        return Err(mismatch(
+            format!("host interface {host_name} is down"),
+            "recreate the pod",
+        ));
+    }
+    let routes = nl
+        .main_routes()
+        .map_err(io_error("cannot list node routes"))?;
+    let host_route = link::has_host_route(&routes, host.index, expected.address.addr);
+    if !host_route {
+        return Err(mismatch(
+            format!(
+                "the node has no route {}/32 via {host_name}",
+                expected.address.addr
+            ),
+            "recreate the pod",
+        ));
+    }
+
+    let ifname = env.ifname.clone();
+    netns
+        .run(move || check_pod(&ifname, expected.address, gateway))
+        .map_err(netns_error)??;
+
+    match Daemon::new(conf.daemon_address).lookup(&env.container_id)? {
+        Some(held) if held == expected.address => Ok(()),
+        Some(held) => Err(mismatch(
+            format!(
+                "the weft daemon holds {held} for this container, not {}",
+                expected.address
+            ),
+            "recreate the pod",
+        )),
+        None => Err(mismatch(
+            format!(
+                "the weft daemon holds no address for container {}",
+                env.container_id
+            ),
+            format!(
+                "{} may be handed to another pod; recreate this one",
+                expected.address
+            ),
+        )),
+    }
+}
+
+fn check_pod(ifname: &str, address: Cidr, gateway: Ipv4Addr) -> Result<(), CniError> {
+    let nl = Netlink::new().map_err(io_error("cannot open netlink in the container namespace"))?;
+    let link = nl
+        .link(ifname)
+        .map_err(io_error(format!(
+            "cannot look up {ifname} in the container"
+        )))?
+        .ok_or_else(|| {
+            mismatch(
+                format!("{ifname} is missing in the container"),
+                "recreate the pod",
+            )
+        })?;
+    if !link.up {
+        return Err(mismatch(
+            format!("{ifname} is down in the container"),
+            "recreate the pod",
+        ));
+    }
+    let addrs = nl
+        .ipv4_addrs(link.index)
+        .map_err(io_error(format!("cannot list addresses of {ifname}")))?;
+    if !addrs.contains(&address) {
+        let have: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+        return Err(mismatch(
+            format!("{ifname} does not have {address}"),
+            format!("it has [{}]", have.join(", ")),
+        ));
+    }
+    let routes = nl
+        .main_routes()
+        .map_err(io_error("cannot list container routes"))?;
+    if !link::has_default_route(&routes, link.index, gateway) {
+        return Err(mismatch(
+            format!("the container has no default route via {gateway} on {ifname}"),
+            "recreate the pod",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,512 @@
+//! The network configuration (stdin) and the CNI_* environment, validated.
+//!
+//! `hairpinMode` is accepted but changes nothing: weft routes pod traffic at L3 through
+//! the host, so a pod reaching itself through a service address already comes back
+//! over its own veth (the host routes it); there is no bridge port to set hairpin on.
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::spec::{CniError, ErrorCode, Version};
+
+pub const DEFAULT_DAEMON_ADDRESS: &str = "127.0.0.1:6784";
+
+/// `type` values this binary answers to: its own and Weave's conflist entry.
+const ACCEPTED_TYPES: [&str; 2] = ["weft", "weave-net"];
+
+/// Linux accepts MTUs from 68 (IPv4 minimum) to 65535 on veth.
+const MTU_RANGE: std::ops::RangeInclusive<u64> = 68..=65535;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetConf {
+    pub version: Version,
+    pub name: String,
+    pub mtu: Option<u32>,
+    pub daemon_address: SocketAddr,
+    pub prev_result: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawConf {
+    cni_version: Option<String>,
+    name: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    mtu: Option<Value>,
+    hairpin_mode: Option<Value>,
+    daemon_address: Option<Value>,
+    prev_result: Option<Value>,
+}
+
+/// Reads only `cniVersion`, so that errors about the rest of the config can still
+/// be answered in the version the runtime asked for.
+pub fn declared_version(stdin: &[u8]) -> Option<Version> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct OnlyVersion {
+        cni_version: Option<String>,
+    }
+    let v: OnlyVersion = serde_json::from_slice(stdin).ok()?;
+    Version::parse(v.cni_version.as_deref()?)
+}
+
+fn invalid(msg: impl Into<String>, details: impl Into<String>) -> CniError {
+    CniError::new(ErrorCode::InvalidConfig, msg, details)
+}
+
+impl NetConf {
+    pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
+        let raw: RawConf = serde_json::from_slice(stdin).map_err(|e| {
+            CniError::new(
+                ErrorCode::Decode,
+                "network configuration on stdin is not valid JSON",
+                format!("{e}; the runtime must pass the network config as a JSON object"),
+            )
+        })?;
+        let version_str = raw.cni_version.ok_or_else(|| {
+            invalid(
+                "network configuration has no cniVersion",
+                "add \"cniVersion\": \"1.0.0\" to the config",
+            )
+        })?;
+        let version = Version::parse(&version_str).ok_or_else(|| {
+            CniError::new(
+                ErrorCode::IncompatibleVersion,
+                "incompatible CNI version",
+                format!(
+                    "config declares cniVersion {version_str:?}; weft-cni supports {}",
+                    Version::ALL.map(|v| v.as_str()).join(", ")
+                ),
+            )
+        })?;
+        let name = raw.name.unwrap_or_default();
+        if name.is_empty() {
+            return Err(invalid(
+                "network configuration has no name",
+                "set \"name\" (for example \"weave\")",
+            ));
+        }
+        match raw.kind.as_deref() {
+            Some(t) if ACCEPTED_TYPES.contains(&t) => {}
+            other => {
+                return Err(invalid(
+                    "network configuration has an unexpected type",
+                    format!(
+                        "type is {:?}; this plugin answers to \"weft\" or \"weave-net\"",
+                        other.unwrap_or("")
+                    ),
+                ))
+            }
+        }
+        let mtu = match raw.mtu {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(m) if MTU_RANGE.contains(&m) => Some(m as u32),
+                _ => {
+                    return Err(invalid(
+                        "mtu is out of range",
+                        format!("mtu is {n}; use a whole number from 68 to 65535, or leave it out to use the weave interface's MTU"),
+                    ))
+                }
+            },
+            Some(other) => {
+                return Err(invalid(
+                    "mtu must be a number",
+                    format!("mtu is {other}"),
+                ))
+            }
+        };
+        // Validated for the operator's sake, otherwise without effect (see module doc).
+        match raw.hairpin_mode {
+            None | Some(Value::Null) | Some(Value::Bool(_)) => {}
+            Some(other) => {
+                return Err(invalid(
+                    "hairpinMode must be true or false",
+                    format!("hairpinMode is {other}"),
+                ))
+            }
+        }
+        let daemon_address = match raw.daemon_address {
+            None | Some(Value::Null) => DEFAULT_DAEMON_ADDRESS
+                .parse()
+                .map_err(|_| invalid("internal default daemon address is invalid", ""))?,
+            Some(Value::String(s)) => s.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "daemonAddress is not an address:port",
+                    format!("daemonAddress is {s:?}; use for example \"127.0.0.1:6784\""),
+                )
+            })?,
+            Some(other) => {
+                return Err(invalid(
+                    "daemonAddress must be a string",
+                    format!("daemonAddress is {other}"),
+                ))
+            }
+        };
+        Ok(NetConf {
+            version,
+            name,
+            mtu,
+            daemon_address,
+            prev_result: raw.prev_result.filter(|v| !v.is_null()),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Add,
+    Del,
+    Check,
+    Version,
+}
+
+impl Command {
+    pub fn from_env(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Command, CniError> {
+        match lookup("CNI_COMMAND").as_deref() {
+            Some("ADD") => Ok(Command::Add),
+            Some("DEL") => Ok(Command::Del),
+            Some("CHECK") => Ok(Command::Check),
+            Some("VERSION") => Ok(Command::Version),
+            None | Some("") => Err(CniError::new(
+                ErrorCode::InvalidEnv,
+                "CNI_COMMAND is not set",
+                "weft-cni is a CNI plugin: it is run by a container runtime with CNI_COMMAND=ADD, DEL, CHECK or VERSION",
+            )),
+            Some(other) => Err(CniError::new(
+                ErrorCode::InvalidEnv,
+                "unknown CNI_COMMAND",
+                format!("CNI_COMMAND is {other:?}; weft-cni understands ADD, DEL, CHECK and VERSION"),
+            )),
+        }
+    }
+}
+
+/// The CNI_* variables of one invocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Env {
+    pub container_id: String,
+    /// Empty when the runtime no longer has the sandbox (a second DEL).
+    pub netns: String,
+    pub ifname: String,
+}
+
+fn env_error(msg: impl Into<String>, details: impl Into<String>) -> CniError {
+    CniError::new(ErrorCode::InvalidEnv, msg, details)
+}
+
+pub fn valid_container_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// The kernel's dev_valid_name(): 1..=15 bytes, not "." or "..", no '/', ':' or space.
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b > b' ' && b != b'/' && b != b':' && b != 0x7f)
+}
+
+impl Env {
+    /// ADD and CHECK need the full environment.
+    pub fn for_add(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Env, CniError> {
+        let container_id = container_id(lookup)?;
+        let netns = lookup("CNI_NETNS").unwrap_or_default();
+        if netns.is_empty() {
+            return Err(env_error(
+                "CNI_NETNS is not set",
+                "the runtime must pass the path of the container's network namespace",
+            ));
+        }
+        let ifname = ifname(lookup)?;
+        if lookup("CNI_PATH").is_none() {
+            return Err(env_error(
+                "CNI_PATH is not set",
+                "the runtime must pass the plugin search path",
+            ));
+        }
+        Ok(Env {
+            container_id,
+            netns,
+            ifname,
+        })
+    }
+
+    /// DEL must succeed on whatever is left, so only the container id is required.
+    pub fn for_del(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Env, CniError> {
+        let container_id = container_id(lookup)?;
+        let netns = lookup("CNI_NETNS").unwrap_or_default();
+        let ifname = match lookup("CNI_IFNAME") {
+            Some(n) if !n.is_empty() => {
+                if !valid_ifname(&n) {
+                    return Err(ifname_error(&n));
+                }
+                n
+            }
+            _ => String::new(),
+        };
+        Ok(Env {
+            container_id,
+            netns,
+            ifname,
+        })
+    }
+}
+
+fn container_id(lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, CniError> {
+    let id = lookup("CNI_CONTAINERID").unwrap_or_default();
+    if id.is_empty() {
+        return Err(env_error(
+            "CNI_CONTAINERID is not set",
+            "the runtime must pass the container id",
+        ));
+    }
+    if !valid_container_id(&id) {
+        return Err(env_error(
+            "invalid env var CNI_CONTAINERID",
+            format!("{id:?} may contain only letters, digits, '_', '.' and '-'"),
+        ));
+    }
+    Ok(id)
+}
+
+fn ifname_error(name: &str) -> CniError {
+    env_error(
+        "invalid env var CNI_IFNAME",
+        format!(
+            "{name:?} is not a valid interface name: 1 to 15 characters, no '/', ':' or whitespace"
+        ),
+    )
+}
+
+fn ifname(lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, CniError> {
+    let name = lookup("CNI_IFNAME").unwrap_or_default();
+    if name.is_empty() {
+        return Err(env_error(
+            "CNI_IFNAME is not set",
+            "the runtime must pass the interface name to create inside the container (e.g. eth0)",
+        ));
+    }
+    if !valid_ifname(&name) {
+        return Err(ifname_error(&name));
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(s: &str) -> Result<NetConf, CniError> {
+        NetConf::parse(s.as_bytes())
+    }
+
+    #[test]
+    fn weave_conflist_entry_parses() {
+        let c =
+            parse(r#"{"cniVersion":"0.3.0","name":"weave","type":"weave-net","hairpinMode":true}"#)
+                .unwrap();
+        assert_eq!(c.version, Version::V0_3_0);
+        assert_eq!(c.mtu, None);
+        assert_eq!(c.daemon_address, "127.0.0.1:6784".parse().unwrap());
+        assert_eq!(c.prev_result, None);
+    }
+
+    #[test]
+    fn full_config_parses_and_ignores_unknown_keys() {
+        let c = parse(
+            r#"{"cniVersion":"1.0.0","name":"n","type":"weft","mtu":1400,"daemonAddress":"127.0.0.1:7000",
+                "prevResult":{"ips":[]},"runtimeConfig":{"x":1},"args":{},"ipam":{"type":"x"},"dns":{},"whatever":[1]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.mtu, Some(1400));
+        assert_eq!(c.daemon_address, "127.0.0.1:7000".parse().unwrap());
+        assert!(c.prev_result.is_some());
+    }
+
+    #[test]
+    fn bad_configs_get_the_right_codes() {
+        let cases: &[(&str, ErrorCode)] = &[
+            ("not json", ErrorCode::Decode),
+            ("[1,2]", ErrorCode::Decode),
+            (r#"{"cniVersion":1}"#, ErrorCode::Decode),
+            (r#"{"name":"n","type":"weft"}"#, ErrorCode::InvalidConfig),
+            (
+                r#"{"cniVersion":"0.2.0","name":"n","type":"weft"}"#,
+                ErrorCode::IncompatibleVersion,
+            ),
+            (
+                r#"{"cniVersion":"1.1.0","name":"n","type":"weft"}"#,
+                ErrorCode::IncompatibleVersion,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","type":"weft"}"#,
+                ErrorCode::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"bridge"}"#,
+                ErrorCode::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n"}"#,
+                ErrorCode::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"weft","mtu":"1400"}"#,
+                ErrorCode::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"weft","mtu":10}"#,
+                ErrorCode::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"weft","mtu":1400.5}"#,
+                ErrorCode::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"weft","mtu":-1}"#,
+                ErrorCode::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"weft","mtu":70000}"#,
+                ErrorCode::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"weft","hairpinMode":"yes"}"#,
+                ErrorCode::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"weft","daemonAddress":"localhost"}"#,
+                ErrorCode::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","type":"weft","daemonAddress":6784}"#,
+                ErrorCode::InvalidConfig,
+            ),
+        ];
+        for (input, code) in cases {
+            assert_eq!(parse(input).unwrap_err().code, *code, "{input}");
+        }
+    }
+
+    #[test]
+    fn declared_version_reads_only_the_version() {
+        assert_eq!(
+            declared_version(br#"{"cniVersion":"0.3.1","mtu":"x"}"#),
+            Some(Version::V0_3_1)
+        );
+        assert_eq!(declared_version(br#"{"cniVersion":"9.9.9"}"#), None);
+        assert_eq!(declared_version(b"{"), None);
+    }
+
+    fn lookup_from(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn command_parsing() {
+        assert_eq!(
+            Command::from_env(&lookup_from(&[("CNI_COMMAND", "ADD")])),
+            Ok(Command::Add)
+        );
+        assert_eq!(
+            Command::from_env(&lookup_from(&[("CNI_COMMAND", "VERSION")])),
+            Ok(Command::Version)
+        );
+        assert_eq!(
+            Command::from_env(&lookup_from(&[])).unwrap_err().code,
+            ErrorCode::InvalidEnv
+        );
+        assert_eq!(
+            Command::from_env(&lookup_from(&[("CNI_COMMAND", "GC")]))
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidEnv
+        );
+    }
+
+    #[test]
+    fn add_env_validation() {
+        let good = [
+            ("CNI_CONTAINERID", "abc-1.2_3"),
+            ("CNI_NETNS", "/var/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/opt/cni/bin"),
+        ];
+        let env = Env::for_add(&lookup_from(&good)).unwrap();
+        assert_eq!(env.container_id, "abc-1.2_3");
+        assert_eq!(env.ifname, "eth0");
+        for skip in 0..good.len() {
+            let partial: Vec<_> = good
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != skip)
+                .map(|(_, p)| *p)
+                .collect();
+            assert_eq!(
+                Env::for_add(&lookup_from(&partial)).unwrap_err().code,
+                ErrorCode::InvalidEnv,
+                "without {}",
+                good[skip].0
+            );
+        }
+        for (key, bad) in [
+            ("CNI_CONTAINERID", "a/b"),
+            ("CNI_CONTAINERID", "a b"),
+            ("CNI_IFNAME", "this-name-is-too-long"),
+            ("CNI_IFNAME", "a:b"),
+            ("CNI_IFNAME", ".."),
+            ("CNI_NETNS", ""),
+        ] {
+            let mut pairs = good.to_vec();
+            pairs.retain(|(k, _)| *k != key);
+            pairs.push((key, bad));
+            assert_eq!(
+                Env::for_add(&lookup_from(&pairs)).unwrap_err().code,
+                ErrorCode::InvalidEnv,
+                "{key}={bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn del_env_is_lenient() {
+        let env = Env::for_del(&lookup_from(&[
+            ("CNI_CONTAINERID", "abc"),
+            ("CNI_NETNS", ""),
+        ]))
+        .unwrap();
+        assert_eq!(env.netns, "");
+        assert_eq!(env.ifname, "");
+        assert!(Env::for_del(&lookup_from(&[("CNI_NETNS", "/x")])).is_err());
+        assert!(Env::for_del(&lookup_from(&[
+            ("CNI_CONTAINERID", "abc"),
+            ("CNI_IFNAME", "a/b")
+        ]))
+        .is_err());
+    }
+
+    #[test]
+    fn ifname_rules() {
+        assert!(valid_ifname("eth0"));
+        assert!(valid_ifname("123456789012345"));
+        assert!(!valid_ifname("1234567890123456"));
+        assert!(!valid_ifname(""));
+        assert!(!valid_ifname("."));
+        assert!(!valid_ifname("a\tb"));
+    }
+}

@@ -1,0 +1,89 @@
+//! weft-cni: the CNI plugin of the weft overlay network.
+//!
+//! Also installed as `weave-net` (Weave's conflist type); nothing here depends on the
+//! name it was run under.
+
+mod client;
+mod cmd;
+mod config;
+mod link;
+mod netns;
+mod spec;
+
+use std::io::{Read, Write};
+
+use config::{Command, Env, NetConf};
+use spec::{CniError, ErrorCode, Version};
+
+fn lookup(key: &str) -> Option<String> {
+    std::env::var_os(key).map(|v| v.to_string_lossy().into_owned())
+}
+
+/// What a successful command prints (DEL and CHECK print nothing).
+fn run(command: Command, stdin: &[u8]) -> Result<Option<serde_json::Value>, CniError> {
+    match command {
+        Command::Version => Ok(Some(spec::version_reply())),
+        Command::Add => {
+            let conf = NetConf::parse(stdin)?;
+            let env = Env::for_add(&lookup)?;
+            cmd::add(&conf, &env).map(Some)
+        }
+        Command::Del => {
+            let conf = NetConf::parse(stdin)?;
+            let env = Env::for_del(&lookup)?;
+            cmd::del(&conf, &env).map(|()| None)
+        }
+        Command::Check => {
+            let conf = NetConf::parse(stdin)?;
+            let env = Env::for_add(&lookup)?;
+            cmd::check(&conf, &env).map(|()| None)
+        }
+    }
+}
+
+fn read_stdin() -> Result<Vec<u8>, CniError> {
+    let mut buf = Vec::new();
+    std::io::stdin().read_to_end(&mut buf).map_err(|e| {
+        CniError::new(
+            ErrorCode::Io,
+            "cannot read the network configuration from stdin",
+            e.to_string(),
+        )
+    })?;
+    Ok(buf)
+}
+
+fn main() {
+    let command = Command::from_env(&lookup);
+    // VERSION may be run by hand with a terminal on stdin: do not wait for input.
+    // Everything else reads it, also to answer errors in the declared version.
+    let stdin = match command {
+        Ok(Command::Version) => Ok(Vec::new()),
+        _ => read_stdin(),
+    };
+    let outcome = match (&command, &stdin) {
+        (Err(e), _) | (Ok(_), Err(e)) => Err(e.clone()),
+        (Ok(command), Ok(input)) => run(*command, input),
+    };
+    let stdin = stdin.unwrap_or_default();
+    let mut out = std::io::stdout().lock();
+    let code = match outcome {
+        Ok(Some(value)) => {
+            let _ = writeln!(out, "{value}");
+            0
+        }
+        Ok(None) => 0,
+        Err(e) => {
+            let version = config::declared_version(&stdin).unwrap_or(Version::NEWEST);
+            eprintln!(
+                "weft-cni: {} {}: {e}",
+                lookup("CNI_COMMAND").unwrap_or_default(),
+                lookup("CNI_CONTAINERID").unwrap_or_default()
+            );
+            let _ = writeln!(out, "{}", e.to_json(version));
+            1
+        }
+    };
+    let _ = out.flush();
+    std::process::exit(code);
+}
