@@ -1,0 +1,272 @@
+//! The real forwarding loops between two network namespaces joined by a veth "underlay":
+//! each namespace gets a `weave` TUN device, a data socket and `dataplane::start`, and TCP
+//! runs across the overlay. Needs root (skips otherwise); all traffic stays inside the
+//! namespaces this test creates, which are deleted on exit, also on panic.
+
+use arc_swap::ArcSwap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use weft::core::mesh::peer::PeerName;
+use weft::core::route::{PeerCounters, PeerRoute, RouteTable};
+use weft::core::wire::WEFT_VNI;
+use weft::dataplane::{self, DataplaneCounters, DropReason};
+
+const DATA_PORT: u16 = 6784;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Deletes the namespaces on drop (their veth, TUN devices and routes go with them).
+struct Namespaces(Vec<String>);
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`.
+fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+    })
+}
+
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn name(i: u8) -> PeerName {
+    PeerName::from_bytes([0x02, 0x77, 0x66, 0xd0, 0x00, i])
+}
+
+fn addr(s: &str) -> u32 {
+    u32::from(s.parse::<Ipv4Addr>().unwrap())
+}
+
+struct Node {
+    routes: Arc<ArcSwap<RouteTable>>,
+    counters: Arc<DataplaneCounters>,
+    /// Counters of the *other* node, as seen by this one.
+    peer_counters: Arc<PeerCounters>,
+    dataplane: dataplane::Dataplane,
+}
+
+/// Route table of node `me` (1 or 2): node 1 owns 192.168.0.0/17, node 2
+/// 192.168.128.0/17; underlay 10.77.7.<n>.
+fn table(me: u8, counters: &[Arc<PeerCounters>; 2], other_reachable: bool) -> RouteTable {
+    let ranges = [
+        (addr("192.168.0.0"), addr("192.168.127.255"), name(1)),
+        (addr("192.168.128.0"), addr("192.168.255.255"), name(2)),
+    ];
+    let peers = (1..=2u8)
+        .map(|i| PeerRoute {
+            name: name(i),
+            nickname: format!("node{i}"),
+            data_addr: (i == me || other_reachable)
+                .then(|| SocketAddrV4::new(Ipv4Addr::new(10, 77, 7, i), DATA_PORT)),
+            mac: name(i).mac(),
+            counters: counters[usize::from(i - 1)].clone(),
+        })
+        .collect();
+    RouteTable::new(name(me), name(me).mac(), &ranges, peers)
+}
+
+fn start_node(ns: &str, me: u8) -> (Node, [Arc<PeerCounters>; 2]) {
+    let peer_counters = [Arc::default(), Arc::default()];
+    let routes = Arc::new(ArcSwap::from_pointee(table(me, &peer_counters, true)));
+    let counters = Arc::new(DataplaneCounters::default());
+    let dp = in_ns(ns, || {
+        let tun = weft::io::tun::create("weave", 1400).expect("create TUN");
+        assert_eq!(tun.name(), "weave");
+        assert_eq!(tun.mtu(), 1400);
+        let sock = weft::io::udp::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, DATA_PORT)))
+            .expect("bind data socket");
+        dataplane::start(tun, sock, routes.clone(), WEFT_VNI, counters.clone())
+            .expect("start dataplane")
+    });
+    let other = usize::from(2 - me);
+    (
+        Node {
+            routes,
+            counters,
+            peer_counters: peer_counters[other].clone(),
+            dataplane: dp,
+        },
+        peer_counters,
+    )
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+#[test]
+fn tcp_across_the_overlay_between_two_namespaces() {
+    if !is_root() {
+        eprintln!("skipping dataplane_netns: needs root for namespaces and TUN devices");
+        return;
+    }
+    let id = std::process::id() % 100_000;
+    let (na, nb) = (format!("wdp-a-{id}"), format!("wdp-b-{id}"));
+    ip(&["netns", "add", &na]);
+    let _guard_a = Namespaces(vec![na.clone()]);
+    ip(&["netns", "add", &nb]);
+    let _guard_b = Namespaces(vec![nb.clone()]);
+    for ns in [&na, &nb] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "sysctl", "-qw"])
+            .args([
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            ])
+            .output()
+            .expect("sysctl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+    }
+    let (va, vb) = (format!("wdpa{id}"), format!("wdpb{id}"));
+    ip(&[
+        "-n", &na, "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns", &nb,
+    ]);
+    ip(&["-n", &na, "addr", "add", "10.77.7.1/24", "dev", &va]);
+    ip(&["-n", &na, "addr", "add", "10.77.7.3/24", "dev", &va]);
+    ip(&["-n", &nb, "addr", "add", "10.77.7.2/24", "dev", &vb]);
+    ip(&["-n", &na, "link", "set", &va, "up"]);
+    ip(&["-n", &nb, "link", "set", &vb, "up"]);
+
+    let (a, a_peers) = start_node(&na, 1);
+    let (b, _) = start_node(&nb, 2);
+    ip(&["-n", &na, "addr", "add", "192.168.0.1/16", "dev", "weave"]);
+    ip(&["-n", &nb, "addr", "add", "192.168.128.1/16", "dev", "weave"]);
+
+    // An echo server in B, a client in A moving 2 MB each way through the overlay.
+    let listener = in_ns(&nb, || {
+        TcpListener::bind("192.168.128.1:5001").expect("listen")
+    });
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut out = conn.try_clone().unwrap();
+        std::io::copy(&mut conn, &mut out).expect("echo");
+    });
+    let client = in_ns(&na, || {
+        TcpStream::connect_timeout(
+            &"192.168.128.1:5001".parse().unwrap(),
+            Duration::from_secs(5),
+        )
+        .expect("connect across the overlay")
+    });
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let data = pattern(2 << 20);
+    let mut writer = client.try_clone().unwrap();
+    let to_send = data.clone();
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&to_send).expect("send");
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut echoed = Vec::with_capacity(data.len());
+    (&client).read_to_end(&mut echoed).expect("read echo");
+    sender.join().unwrap();
+    server.join().unwrap();
+    assert!(echoed == data, "echo differs ({} bytes back)", echoed.len());
+
+    let tx = |c: &PeerCounters| c.tx_packets.load(std::sync::atomic::Ordering::Relaxed);
+    let rx = |c: &PeerCounters| c.rx_packets.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        tx(&a.peer_counters) > 1000,
+        "A sent {}",
+        tx(&a.peer_counters)
+    );
+    assert!(
+        rx(&b.peer_counters) > 1000,
+        "B received {}",
+        rx(&b.peer_counters)
+    );
+    assert!(tx(&b.peer_counters) > 0 && rx(&a.peer_counters) > 0);
+    for n in [&a, &b] {
+        for r in [
+            DropReason::Malformed,
+            DropReason::UnknownPeer,
+            DropReason::TooBig,
+        ] {
+            assert_eq!(n.counters.get(r), 0, "{}", r.as_str());
+        }
+    }
+
+    // A datagram from an underlay address that is no peer's: unknown_peer at B.
+    in_ns(&na, || {
+        let s = UdpSocket::bind("10.77.7.3:0").unwrap();
+        s.send_to(&[0x08; 60], "10.77.7.2:6784").unwrap();
+    });
+    eventually("unknown_peer at B", || {
+        b.counters.get(DropReason::UnknownPeer) == 1
+    });
+
+    // Garbage from A's underlay address: malformed at B, by kind.
+    in_ns(&na, || {
+        let s = UdpSocket::bind("10.77.7.1:0").unwrap();
+        s.send_to(&[0u8; 60], "10.77.7.2:6784").unwrap();
+        s.send_to(&[1u8; 10], "10.77.7.2:6784").unwrap();
+    });
+    eventually("malformed at B", || {
+        b.counters.get(DropReason::Malformed) == 2
+    });
+    let kinds = b.counters.malformed_kinds();
+    let kind = |k: &str| kinds.iter().find(|d| d.reason == k).unwrap().packets;
+    assert_eq!((kind("no_vni_flag"), kind("truncated")), (1, 1));
+
+    // A local-range address with no pod behind it: no_route at A.
+    let probe = in_ns(&na, || UdpSocket::bind("192.168.0.1:0").unwrap());
+    probe.send_to(b"x", "192.168.0.77:9").unwrap();
+    eventually("no_route at A", || a.counters.get(DropReason::NoRoute) == 1);
+
+    // A table swap takes effect without restarting the loops: B loses its address.
+    a.routes.store(Arc::new(table(1, &a_peers, false)));
+    probe.send_to(b"x", "192.168.128.1:9").unwrap();
+    eventually("unreachable at A", || {
+        a.counters.get(DropReason::Unreachable) == 1
+    });
+
+    // Both loops stop promptly.
+    let t = Instant::now();
+    a.dataplane.stop();
+    b.dataplane.stop();
+    assert!(t.elapsed() < Duration::from_secs(2));
+}
