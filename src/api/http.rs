@@ -1,0 +1,792 @@
+//! The HTTP servers: Weave's API paths on 127.0.0.1:6784 and Prometheus metrics on :6782.
+//!
+//! Handlers only translate between HTTP and the [`Control`] trait; every decision stays in
+//! the router. Bodies and status codes follow Weave's (e.g. an allocation answers
+//! `192.168.0.5/16` without a newline, a claim or free answers 204), because the CNI plugin
+//! and users' scripts were written against them.
+
+use super::metrics::{render_metrics, METRICS_CONTENT_TYPE};
+use super::report::{Control, IpApiError, OwnedReport, Report};
+use super::status;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Serialize;
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long an allocation or claim waits for IPAM to become ready (consensus, a range
+/// grant from a peer) before answering 503. The CNI plugin's own timeout should be longer.
+pub const DEFAULT_IP_WAIT: Duration = Duration::from_secs(30);
+
+/// Longest container id accepted, in bytes (container runtimes use 64 hex characters).
+pub const MAX_CONTAINER_ID_LEN: usize = 256;
+
+struct Api<C> {
+    ctl: Arc<C>,
+    wait: Duration,
+}
+
+type St<C> = State<Arc<Api<C>>>;
+
+/// The API router for 127.0.0.1:6784, with allocations waiting up to [`DEFAULT_IP_WAIT`].
+pub fn api_router<C: Control>(ctl: Arc<C>) -> Router {
+    api_router_with_wait(ctl, DEFAULT_IP_WAIT)
+}
+
+/// The API router, with allocations and claims waiting up to `wait` for IPAM.
+pub fn api_router_with_wait<C: Control>(ctl: Arc<C>, wait: Duration) -> Router {
+    let api = Arc::new(Api { ctl, wait });
+    Router::new()
+        .route("/status", get(status_page::<C>))
+        .route("/status/{page}", get(status_subpage::<C>))
+        .route("/report", get(report::<C>))
+        .route("/ip", get(ip_all::<C>))
+        .route(
+            "/ip/{id}",
+            post(ip_allocate::<C>)
+                .get(ip_lookup::<C>)
+                .delete(ip_free::<C>),
+        )
+        .route(
+            "/ip/{id}/{ip}/{prefix}",
+            post(ip_allocate_in::<C>).put(ip_claim::<C>),
+        )
+        .route("/ipinfo/defaultsubnet", get(default_subnet::<C>))
+        .fallback(not_found)
+        .with_state(api)
+}
+
+/// The metrics router for :6782.
+pub fn metrics_router<C: Control>(ctl: Arc<C>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::<C>))
+        .fallback(not_found)
+        .with_state(ctl)
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then lets requests in flight
+/// finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// A plain-text error answer; the trailing newline is what Go's `http.Error` sent.
+fn text_error(code: StatusCode, msg: impl std::fmt::Display) -> Response {
+    (code, format!("{msg}\n")).into_response()
+}
+
+fn ip_error(e: IpApiError) -> Response {
+    let code = match &e {
+        IpApiError::NotReady(_) | IpApiError::Exhausted(_) => StatusCode::SERVICE_UNAVAILABLE,
+        IpApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        IpApiError::Conflict(_) => StatusCode::CONFLICT,
+        IpApiError::NotFound(_) => StatusCode::NOT_FOUND,
+        IpApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    text_error(code, e)
+}
+
+async fn not_found() -> Response {
+    text_error(StatusCode::NOT_FOUND, "404 page not found")
+}
+
+async fn status_page<C: Control>(State(api): St<C>) -> Response {
+    let r = api.ctl.report();
+    // Kubernetes' readiness probe hits this path: until the router is ready the same text
+    // explains why, with a status that keeps the pod out of service.
+    let code = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, status::render_status(&r)).into_response()
+}
+
+async fn status_subpage<C: Control>(State(api): St<C>, Path(page): Path<String>) -> Response {
+    let render: fn(&Report) -> String = match page.as_str() {
+        "peers" => status::render_peers,
+        "connections" => status::render_connections,
+        "ipam" => status::render_ipam,
+        "targets" => status::render_targets,
+        "routes" => status::render_routes,
+        _ => return not_found().await,
+    };
+    render(&api.ctl.report()).into_response()
+}
+
+async fn report<C: Control>(State(api): St<C>) -> Response {
+    // Weave indented its report with four spaces; scripts diffing reports keep working.
+    let mut body = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut body, fmt);
+    match api.ctl.report().serialize(&mut ser) {
+        Ok(()) => {
+            body.push(b'\n');
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Err(e) => text_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+#[derive(Serialize)]
+struct Owned {
+    owned: Vec<OwnedReport>,
+}
+
+async fn ip_all<C: Control>(State(api): St<C>) -> Response {
+    let owned = Owned {
+        owned: api.ctl.report().ipam.owned,
+    };
+    match serde_json::to_vec(&owned) {
+        Ok(mut body) => {
+            // Go's json.Encoder ends its output with a newline.
+            body.push(b'\n');
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Err(e) => text_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn default_subnet<C: Control>(State(api): St<C>) -> Response {
+    api.ctl.report().ipam.default_subnet.into_response()
+}
+
+/// Checks a container id from the path; the error is the 400 message.
+fn container_id(id: &str) -> Result<String, String> {
+    if id.is_empty() {
+        return Err("empty container id".into());
+    }
+    if id.len() > MAX_CONTAINER_ID_LEN {
+        return Err(format!(
+            "container id too long: {} bytes (at most {MAX_CONTAINER_ID_LEN})",
+            id.len()
+        ));
+    }
+    if let Some(c) = id.chars().find(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!("invalid container id {id:?}: contains {c:?}"));
+    }
+    Ok(id.to_string())
+}
+
+/// Parses `{ip}/{prefix}` path segments; the error is the 400 message.
+fn ip_and_prefix(ip: &str, prefix: &str) -> Result<(Ipv4Addr, u8), String> {
+    let addr: Ipv4Addr = ip
+        .parse()
+        .map_err(|_| format!("invalid IPv4 address {ip:?}"))?;
+    let len = prefix
+        .parse::<u8>()
+        .ok()
+        .filter(|l| *l <= 32)
+        .ok_or_else(|| format!("invalid prefix length {prefix:?}: expected 0 to 32"))?;
+    Ok((addr, len))
+}
+
+fn bad_request(msg: String) -> Response {
+    text_error(StatusCode::BAD_REQUEST, msg)
+}
+
+/// Weave's answer to a successful allocation: `addr/prefix`, no newline.
+fn allocated(r: Result<ipnet::Ipv4Net, IpApiError>) -> Response {
+    match r {
+        Ok(net) => net.to_string().into_response(),
+        Err(e) => ip_error(e),
+    }
+}
+
+async fn ip_allocate<C: Control>(State(api): St<C>, Path(id): Path<String>) -> Response {
+    let id = match container_id(&id) {
+        Ok(id) => id,
+        Err(msg) => return bad_request(msg),
+    };
+    allocated(api.ctl.allocate(id, api.wait).await)
+}
+
+async fn ip_allocate_in<C: Control>(
+    State(api): St<C>,
+    Path((id, ip, prefix)): Path<(String, String, String)>,
+) -> Response {
+    let (id, (addr, len)) = match (container_id(&id), ip_and_prefix(&ip, &prefix)) {
+        (Ok(id), Ok(p)) => (id, p),
+        (Err(msg), _) | (_, Err(msg)) => return bad_request(msg),
+    };
+    let subnet = match ipnet::Ipv4Net::new(addr, len) {
+        Ok(net) => net,
+        Err(e) => return text_error(StatusCode::BAD_REQUEST, e),
+    };
+    if subnet.network() != addr {
+        return text_error(
+            StatusCode::BAD_REQUEST,
+            format_args!(
+                "invalid subnet {subnet}: bits after the network prefix are not all zero (did you mean {}?)",
+                subnet.trunc()
+            ),
+        );
+    }
+    allocated(api.ctl.allocate_in(id, subnet, api.wait).await)
+}
+
+async fn ip_claim<C: Control>(
+    State(api): St<C>,
+    Path((id, ip, prefix)): Path<(String, String, String)>,
+) -> Response {
+    let (id, addr) = match (container_id(&id), ip_and_prefix(&ip, &prefix)) {
+        (Ok(id), Ok((addr, _))) => (id, addr),
+        (Err(msg), _) | (_, Err(msg)) => return bad_request(msg),
+    };
+    match api.ctl.claim(id, addr, api.wait).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => ip_error(e),
+    }
+}
+
+async fn ip_lookup<C: Control>(State(api): St<C>, Path(id): Path<String>) -> Response {
+    let id = match container_id(&id) {
+        Ok(id) => id,
+        Err(msg) => return bad_request(msg),
+    };
+    match api.ctl.lookup(&id) {
+        Ok(Some(net)) => net.to_string().into_response(),
+        Ok(None) => text_error(
+            StatusCode::NOT_FOUND,
+            format_args!("no address allocated to {id}"),
+        ),
+        Err(e) => ip_error(e),
+    }
+}
+
+async fn ip_free<C: Control>(State(api): St<C>, Path(id): Path<String>) -> Response {
+    let id = match container_id(&id) {
+        Ok(id) => id,
+        Err(msg) => return bad_request(msg),
+    };
+    match api.ctl.free(&id) {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => ip_error(e),
+    }
+}
+
+async fn metrics<C: Control>(State(ctl): State<Arc<C>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        render_metrics(&ctl.report()),
+    )
+        .into_response()
+}
+
+/// A scriptable [`Control`] for the API's and the CLI's tests.
+#[cfg(test)]
+pub(crate) mod fake {
+    use crate::api::report::{Control, IpApiError, OwnedReport, Report};
+    use ipnet::Ipv4Net;
+    use std::collections::BTreeMap;
+    use std::future::Future;
+    use std::net::Ipv4Addr;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// Hands out 192.168.0.1/16, .2, ... in order; ids starting with `fail-<kind>` fail with
+    /// that error kind, so every error mapping can be driven from a test.
+    pub(crate) struct FakeControl {
+        pub report: Mutex<Report>,
+        pub allocs: Mutex<BTreeMap<String, Ipv4Net>>,
+        pub ready: Mutex<bool>,
+        pub capacity: usize,
+        pub last_wait: Mutex<Option<Duration>>,
+        pub last_subnet: Mutex<Option<Ipv4Net>>,
+    }
+
+    impl FakeControl {
+        pub(crate) fn new(report: Report) -> Self {
+            FakeControl {
+                ready: Mutex::new(report.ready),
+                report: Mutex::new(report),
+                allocs: Mutex::new(BTreeMap::new()),
+                capacity: 3,
+                last_wait: Mutex::new(None),
+                last_subnet: Mutex::new(None),
+            }
+        }
+
+        fn scripted_error(id: &str) -> Option<IpApiError> {
+            let kind = id.strip_prefix("fail-")?;
+            let msg = format!("scripted {kind}");
+            Some(match kind {
+                "notready" => IpApiError::NotReady(msg),
+                "exhausted" => IpApiError::Exhausted(msg),
+                "bad" => IpApiError::BadRequest(msg),
+                "conflict" => IpApiError::Conflict(msg),
+                "notfound" => IpApiError::NotFound(msg),
+                _ => IpApiError::Internal(msg),
+            })
+        }
+
+        fn take(
+            &self,
+            id: String,
+            wait: Duration,
+            pick: impl FnOnce(&BTreeMap<String, Ipv4Net>) -> Result<Ipv4Net, IpApiError>,
+        ) -> Result<Ipv4Net, IpApiError> {
+            *self.last_wait.lock().unwrap() = Some(wait);
+            if let Some(e) = Self::scripted_error(&id) {
+                return Err(e);
+            }
+            if !*self.ready.lock().unwrap() {
+                return Err(IpApiError::NotReady(format!(
+                    "IPAM not ready after {}s",
+                    wait.as_secs()
+                )));
+            }
+            let mut allocs = self.allocs.lock().unwrap();
+            if let Some(net) = allocs.get(&id) {
+                return Ok(*net);
+            }
+            let net = pick(&allocs)?;
+            allocs.insert(id, net);
+            Ok(net)
+        }
+
+        fn next_free(&self, allocs: &BTreeMap<String, Ipv4Net>) -> Result<Ipv4Net, IpApiError> {
+            (1..=self.capacity as u32)
+                .map(|i| Ipv4Net::new(Ipv4Addr::from(0xC0A8_0000 + i), 16).unwrap())
+                .find(|n| !allocs.values().any(|a| a == n))
+                .ok_or_else(|| IpApiError::Exhausted("no free addresses".into()))
+        }
+    }
+
+    impl Control for FakeControl {
+        fn report(&self) -> Report {
+            let mut r = self.report.lock().unwrap().clone();
+            r.ipam.owned = self
+                .allocs
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(id, net)| OwnedReport {
+                    containerid: id.clone(),
+                    addrs: vec![net.to_string()],
+                })
+                .collect();
+            r
+        }
+
+        fn allocate(
+            &self,
+            container_id: String,
+            wait: Duration,
+        ) -> impl Future<Output = Result<Ipv4Net, IpApiError>> + Send {
+            let r = self.take(container_id, wait, |a| self.next_free(a));
+            async move { r }
+        }
+
+        fn allocate_in(
+            &self,
+            container_id: String,
+            subnet: Ipv4Net,
+            wait: Duration,
+        ) -> impl Future<Output = Result<Ipv4Net, IpApiError>> + Send {
+            *self.last_subnet.lock().unwrap() = Some(subnet);
+            let r = self.take(container_id, wait, |a| {
+                subnet
+                    .hosts()
+                    .map(|h| Ipv4Net::new(h, subnet.prefix_len()).unwrap())
+                    .find(|n| !a.values().any(|x| x == n))
+                    .ok_or_else(|| IpApiError::Exhausted(format!("{subnet} is full")))
+            });
+            async move { r }
+        }
+
+        fn claim(
+            &self,
+            container_id: String,
+            addr: Ipv4Addr,
+            wait: Duration,
+        ) -> impl Future<Output = Result<Ipv4Net, IpApiError>> + Send {
+            let id = container_id.clone();
+            let r = self.take(container_id, wait, |a| {
+                let net = Ipv4Net::new(addr, 16).unwrap();
+                match a.iter().find(|(_, n)| n.addr() == addr) {
+                    Some((holder, _)) if *holder != id => Err(IpApiError::Conflict(format!(
+                        "address {addr} is already owned by {holder}"
+                    ))),
+                    _ => Ok(net),
+                }
+            });
+            async move { r }
+        }
+
+        fn lookup(&self, container_id: &str) -> Result<Option<Ipv4Net>, IpApiError> {
+            if let Some(e) = Self::scripted_error(container_id) {
+                return Err(e);
+            }
+            Ok(self.allocs.lock().unwrap().get(container_id).copied())
+        }
+
+        fn free(&self, container_id: &str) -> Result<Option<Ipv4Addr>, IpApiError> {
+            if let Some(e) = Self::scripted_error(container_id) {
+                return Err(e);
+            }
+            Ok(self
+                .allocs
+                .lock()
+                .unwrap()
+                .remove(container_id)
+                .map(|n| n.addr()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::FakeControl;
+    use super::*;
+    use crate::api::status::tests::sample_report;
+    use axum::body::Body;
+    use axum::http::{Method, Request};
+    use tower::ServiceExt;
+
+    const WAIT: Duration = Duration::from_millis(1234);
+
+    fn setup(ready: bool) -> (Arc<FakeControl>, Router) {
+        let mut r = sample_report();
+        r.ready = ready;
+        let ctl = Arc::new(FakeControl::new(r));
+        let router = api_router_with_wait(ctl.clone(), WAIT);
+        (ctl, router)
+    }
+
+    struct Answer {
+        code: StatusCode,
+        content_type: Option<String>,
+        body: String,
+    }
+
+    async fn call(router: &Router, method: Method, uri: &str) -> Answer {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::empty())
+            .unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        let code = resp.status();
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_string());
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        Answer {
+            code,
+            content_type,
+            body: String::from_utf8(bytes.to_vec()).unwrap(),
+        }
+    }
+
+    async fn get_(router: &Router, uri: &str) -> Answer {
+        call(router, Method::GET, uri).await
+    }
+
+    #[tokio::test]
+    async fn status_is_503_until_ready_with_the_same_text() {
+        let (ctl, router) = setup(false);
+        let a = get_(&router, "/status").await;
+        assert_eq!(a.code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(a.body, status::render_status(&ctl.report()));
+        assert_eq!(a.content_type.as_deref(), Some("text/plain; charset=utf-8"));
+
+        ctl.report.lock().unwrap().ready = true;
+        let a = get_(&router, "/status").await;
+        assert_eq!(a.code, StatusCode::OK);
+        assert!(
+            a.body.starts_with("        Version: weft 0.1.0\n"),
+            "{}",
+            a.body
+        );
+    }
+
+    #[tokio::test]
+    async fn status_subpages() {
+        let (ctl, router) = setup(true);
+        let r = ctl.report();
+        for (page, want) in [
+            ("peers", status::render_peers(&r)),
+            ("connections", status::render_connections(&r)),
+            ("ipam", status::render_ipam(&r)),
+            ("targets", status::render_targets(&r)),
+            ("routes", status::render_routes(&r)),
+        ] {
+            let a = get_(&router, &format!("/status/{page}")).await;
+            assert_eq!(a.code, StatusCode::OK, "{page}");
+            assert_eq!(a.body, want, "{page}");
+            assert!(!a.body.is_empty(), "{page}");
+        }
+        let a = get_(&router, "/status/dns").await;
+        assert_eq!(a.code, StatusCode::NOT_FOUND);
+        assert_eq!(a.body, "404 page not found\n");
+    }
+
+    #[tokio::test]
+    async fn report_is_pretty_pascal_case_json() {
+        let (ctl, router) = setup(true);
+        let a = get_(&router, "/report").await;
+        assert_eq!(a.code, StatusCode::OK);
+        assert_eq!(a.content_type.as_deref(), Some("application/json"));
+        assert!(
+            a.body.starts_with("{\n    \"Ready\": true,\n"),
+            "{}",
+            a.body
+        );
+        let back: Report = serde_json::from_str(&a.body).unwrap();
+        assert_eq!(back, ctl.report());
+    }
+
+    #[tokio::test]
+    async fn allocate_lookup_list_and_free() {
+        let (ctl, router) = setup(true);
+        let a = call(&router, Method::POST, "/ip/pod-a").await;
+        assert_eq!(
+            (a.code, a.body.as_str()),
+            (StatusCode::OK, "192.168.0.1/16")
+        );
+        assert_eq!(*ctl.last_wait.lock().unwrap(), Some(WAIT));
+        // Idempotent: the same container gets the same address.
+        let a = call(&router, Method::POST, "/ip/pod-a").await;
+        assert_eq!(a.body, "192.168.0.1/16");
+        let a = call(&router, Method::POST, "/ip/pod-b").await;
+        assert_eq!(a.body, "192.168.0.2/16");
+
+        let a = get_(&router, "/ip/pod-b").await;
+        assert_eq!(
+            (a.code, a.body.as_str()),
+            (StatusCode::OK, "192.168.0.2/16")
+        );
+
+        let a = get_(&router, "/ip").await;
+        assert_eq!(a.code, StatusCode::OK);
+        assert_eq!(a.content_type.as_deref(), Some("application/json"));
+        assert_eq!(
+            a.body,
+            "{\"owned\":[{\"containerid\":\"pod-a\",\"addrs\":[\"192.168.0.1/16\"]},\
+             {\"containerid\":\"pod-b\",\"addrs\":[\"192.168.0.2/16\"]}]}\n"
+        );
+
+        let a = call(&router, Method::DELETE, "/ip/pod-b").await;
+        assert_eq!((a.code, a.body.as_str()), (StatusCode::NO_CONTENT, ""));
+        let a = call(&router, Method::DELETE, "/ip/pod-b").await;
+        assert_eq!(a.code, StatusCode::NO_CONTENT, "free is idempotent");
+
+        let a = get_(&router, "/ip/pod-b").await;
+        assert_eq!(a.code, StatusCode::NOT_FOUND);
+        assert_eq!(a.body, "no address allocated to pod-b\n");
+        let a = get_(&router, "/ip").await;
+        assert_eq!(
+            a.body,
+            "{\"owned\":[{\"containerid\":\"pod-a\",\"addrs\":[\"192.168.0.1/16\"]}]}\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn percent_encoded_ids_are_decoded() {
+        let (ctl, router) = setup(true);
+        let a = call(&router, Method::POST, "/ip/weave%3Aexpose").await;
+        assert_eq!(a.code, StatusCode::OK);
+        assert!(ctl.allocs.lock().unwrap().contains_key("weave:expose"));
+    }
+
+    #[tokio::test]
+    async fn allocate_in_subnet() {
+        let (ctl, router) = setup(true);
+        let a = call(&router, Method::POST, "/ip/pod-a/10.1.2.0/24").await;
+        assert_eq!((a.code, a.body.as_str()), (StatusCode::OK, "10.1.2.1/24"));
+        assert_eq!(
+            *ctl.last_subnet.lock().unwrap(),
+            Some("10.1.2.0/24".parse().unwrap())
+        );
+
+        let a = call(&router, Method::POST, "/ip/pod-b/10.1.2.5/24").await;
+        assert_eq!(a.code, StatusCode::BAD_REQUEST);
+        assert!(a.body.contains("not all zero"), "{}", a.body);
+        assert!(a.body.contains("10.1.2.0/24"), "{}", a.body);
+
+        let a = call(&router, Method::POST, "/ip/pod-b/10.1.2.0/33").await;
+        assert_eq!(a.code, StatusCode::BAD_REQUEST);
+        assert_eq!(a.body, "invalid prefix length \"33\": expected 0 to 32\n");
+
+        let a = call(&router, Method::POST, "/ip/pod-b/10.1.2/24").await;
+        assert_eq!(a.code, StatusCode::BAD_REQUEST);
+        assert_eq!(a.body, "invalid IPv4 address \"10.1.2\"\n");
+    }
+
+    #[tokio::test]
+    async fn claim() {
+        let (ctl, router) = setup(true);
+        let a = call(&router, Method::PUT, "/ip/pod-a/192.168.7.7/16").await;
+        assert_eq!((a.code, a.body.as_str()), (StatusCode::NO_CONTENT, ""));
+        assert_eq!(
+            ctl.allocs.lock().unwrap().get("pod-a"),
+            Some(&"192.168.7.7/16".parse().unwrap())
+        );
+        assert_eq!(*ctl.last_wait.lock().unwrap(), Some(WAIT));
+
+        let a = call(&router, Method::PUT, "/ip/pod-b/192.168.7.7/16").await;
+        assert_eq!(a.code, StatusCode::CONFLICT);
+        assert_eq!(a.body, "address 192.168.7.7 is already owned by pod-a\n");
+
+        let a = call(&router, Method::PUT, "/ip/pod-b/192.168.7.x/16").await;
+        assert_eq!(a.code, StatusCode::BAD_REQUEST);
+        let a = call(&router, Method::PUT, "/ip/pod-b/192.168.7.8/-1").await;
+        assert_eq!(a.code, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn not_ready_and_exhausted_are_503() {
+        let (ctl, router) = setup(false);
+        let a = call(&router, Method::POST, "/ip/pod-a").await;
+        assert_eq!(a.code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(a.body, "IPAM not ready after 1s\n");
+
+        *ctl.ready.lock().unwrap() = true;
+        for id in ["a", "b", "c"] {
+            let a = call(&router, Method::POST, &format!("/ip/{id}")).await;
+            assert_eq!(a.code, StatusCode::OK);
+        }
+        let a = call(&router, Method::POST, "/ip/d").await;
+        assert_eq!(a.code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(a.body, "no free addresses\n");
+    }
+
+    #[tokio::test]
+    async fn every_error_kind_maps_to_its_status_code() {
+        let (_ctl, router) = setup(true);
+        for (kind, code) in [
+            ("notready", StatusCode::SERVICE_UNAVAILABLE),
+            ("exhausted", StatusCode::SERVICE_UNAVAILABLE),
+            ("bad", StatusCode::BAD_REQUEST),
+            ("conflict", StatusCode::CONFLICT),
+            ("notfound", StatusCode::NOT_FOUND),
+            ("internal", StatusCode::INTERNAL_SERVER_ERROR),
+        ] {
+            for (method, uri) in [
+                (Method::POST, format!("/ip/fail-{kind}")),
+                (Method::POST, format!("/ip/fail-{kind}/10.0.0.0/8")),
+                (Method::PUT, format!("/ip/fail-{kind}/10.0.0.1/8")),
+                (Method::GET, format!("/ip/fail-{kind}")),
+                (Method::DELETE, format!("/ip/fail-{kind}")),
+            ] {
+                let a = call(&router, method.clone(), &uri).await;
+                assert_eq!(a.code, code, "{method} {uri}");
+                assert_eq!(a.body, format!("scripted {kind}\n"), "{method} {uri}");
+                assert_eq!(
+                    a.content_type.as_deref(),
+                    Some("text/plain; charset=utf-8"),
+                    "{method} {uri}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn container_ids_are_validated() {
+        let (ctl, router) = setup(true);
+        let long = "x".repeat(MAX_CONTAINER_ID_LEN + 1);
+        for (method, uri, why) in [
+            (Method::POST, "/ip/a%20b".to_string(), "contains ' '"),
+            (Method::POST, "/ip/a%0Ab".to_string(), "contains '\\n'"),
+            (Method::GET, "/ip/a%09b".to_string(), "contains '\\t'"),
+            (
+                Method::DELETE,
+                "/ip/a%7Fb".to_string(),
+                "contains '\\u{7f}'",
+            ),
+            (Method::POST, format!("/ip/{long}"), "too long"),
+            (Method::PUT, format!("/ip/{long}/10.0.0.1/8"), "too long"),
+            (
+                Method::POST,
+                "/ip/%20/10.0.0.0/8".to_string(),
+                "contains ' '",
+            ),
+        ] {
+            let a = call(&router, method.clone(), &uri).await;
+            assert_eq!(a.code, StatusCode::BAD_REQUEST, "{method} {uri}");
+            assert!(a.body.contains(why), "{method} {uri}: {}", a.body);
+        }
+        let ok = "x".repeat(MAX_CONTAINER_ID_LEN);
+        let a = call(&router, Method::POST, &format!("/ip/{ok}")).await;
+        assert_eq!(a.code, StatusCode::OK);
+        assert!(ctl.allocs.lock().unwrap().contains_key(&ok));
+    }
+
+    #[tokio::test]
+    async fn default_subnet_has_no_newline() {
+        let (_ctl, router) = setup(true);
+        let a = get_(&router, "/ipinfo/defaultsubnet").await;
+        assert_eq!(
+            (a.code, a.body.as_str()),
+            (StatusCode::OK, "192.168.0.0/16")
+        );
+        assert_eq!(a.content_type.as_deref(), Some("text/plain; charset=utf-8"));
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_and_methods() {
+        let (_ctl, router) = setup(true);
+        assert_eq!(get_(&router, "/nope").await.code, StatusCode::NOT_FOUND);
+        assert_eq!(
+            call(&router, Method::PATCH, "/ip/pod-a").await.code,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            call(&router, Method::POST, "/status").await.code,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+    }
+
+    #[tokio::test]
+    async fn metrics_endpoint() {
+        let ctl = Arc::new(FakeControl::new(sample_report()));
+        let router = metrics_router(ctl.clone());
+        let a = get_(&router, "/metrics").await;
+        assert_eq!(a.code, StatusCode::OK);
+        assert_eq!(a.content_type.as_deref(), Some(METRICS_CONTENT_TYPE));
+        assert_eq!(a.body, render_metrics(&ctl.report()));
+        assert!(a.body.contains("\nweave_max_ips 65536\n"), "{}", a.body);
+        assert_eq!(get_(&router, "/status").await.code, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn serve_answers_over_tcp_and_shuts_down() {
+        let (_ctl, router) = setup(true);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, router, async {
+            let _ = stopped.await;
+        }));
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /ipinfo/defaultsubnet HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).await.unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+        assert!(resp.ends_with("\r\n\r\n192.168.0.0/16"), "{resp}");
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("server stops on shutdown")
+            .unwrap()
+            .unwrap();
+    }
+}

@@ -1,0 +1,221 @@
+//! The daemon's state as one serialisable snapshot. `/report` serves it as JSON (keys in
+//! Weave's PascalCase, so scripts written against Weave's report keep working); the status
+//! pages and the metrics are rendered from it by pure functions.
+
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct Report {
+    pub ready: bool,
+    pub version: String,
+    pub router: RouterReport,
+    #[serde(rename = "IPAM")]
+    pub ipam: IpamReport,
+    pub dataplane: DataplaneReport,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct RouterReport {
+    /// "weft"
+    pub protocol: String,
+    pub protocol_min_version: u32,
+    pub protocol_max_version: u32,
+    pub encryption: bool,
+    pub peer_discovery: bool,
+    pub name: String,
+    pub nick_name: String,
+    /// Control port (tcp); the data port (udp) is `port + 1`.
+    pub port: u16,
+    pub data_port: u16,
+    /// The TUN interface name ("weave") and its MTU.
+    pub interface: String,
+    pub mtu: u32,
+    /// The node's own address on the overlay, once IPAM is ready.
+    pub overlay_address: Option<String>,
+    /// The PEER arguments this router was started with (`host` or `host:port`).
+    pub targets: Vec<String>,
+    pub peers: Vec<PeerReport>,
+    pub connections: Vec<ConnectionReport>,
+    pub termination_count: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct PeerReport {
+    pub name: String,
+    pub nick_name: String,
+    /// Random per process start: a restarted peer keeps its name and gets a new UID.
+    #[serde(rename = "UID")]
+    pub uid: u64,
+    /// Underlay address the peer's data plane is reached at (`ip:port`), if known.
+    pub data_address: Option<String>,
+    /// Connections of this peer as this router knows them (its own, and those gossiped).
+    pub connections: Vec<PeerConnectionReport>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct PeerConnectionReport {
+    pub name: String,
+    pub nick_name: String,
+    pub address: String,
+    pub outbound: bool,
+    pub established: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ConnectionReport {
+    /// Remote `ip:port` of the TCP connection (or the target being dialled).
+    pub address: String,
+    pub outbound: bool,
+    /// "established", "connecting", "retrying", "failed"
+    pub state: String,
+    /// Free text: for established connections `vxlan <name>(<nick>)`, otherwise the last
+    /// error and when the next attempt happens.
+    pub info: String,
+    pub peer_name: Option<String>,
+    pub peer_nick_name: Option<String>,
+    pub mtu: u32,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct IpamReport {
+    /// "ready", "awaiting consensus (quorum: 2, known: 1)", "waiting for IP range grant from peers", ...
+    pub status: String,
+    pub range: String,
+    #[serde(rename = "RangeNumIPs")]
+    pub range_num_ips: u64,
+    #[serde(rename = "ActiveIPs")]
+    pub active_ips: u64,
+    pub default_subnet: String,
+    /// The peers the ring was seeded with (empty until the ring exists).
+    pub seeds: Vec<String>,
+    pub entries: Vec<RingEntryReport>,
+    /// This node's allocations: container id -> addresses (CIDR form).
+    pub owned: Vec<OwnedReport>,
+    pub pending_allocates: u64,
+    pub pending_claims: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct RingEntryReport {
+    pub token: String,
+    pub size: u64,
+    pub peer: String,
+    pub nickname: String,
+    pub is_known_peer: bool,
+    /// Whether the owner currently has an established connection (or is this peer).
+    pub reachable: bool,
+    pub version: u32,
+    pub free: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct OwnedReport {
+    pub containerid: String,
+    pub addrs: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct DataplaneReport {
+    /// Destination ranges and where packets to them go.
+    pub routes: Vec<RouteReport>,
+    /// Per-peer traffic counters.
+    pub peers: Vec<PeerTrafficReport>,
+    /// Dropped packets by reason ("no_route", "malformed", "unknown_peer", ...).
+    pub drops: Vec<DropReport>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct RouteReport {
+    /// First and last address of the range, and its size.
+    pub start: String,
+    pub end: String,
+    pub size: u64,
+    pub peer: String,
+    pub nick_name: String,
+    /// "local" for this node's own ranges, else the peer's underlay `ip:port`, or
+    /// "unreachable" when the owner's underlay address is unknown.
+    pub via: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct PeerTrafficReport {
+    pub name: String,
+    pub nick_name: String,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct DropReport {
+    pub reason: String,
+    pub packets: u64,
+}
+
+/// Errors the IP endpoints map to HTTP status codes.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum IpApiError {
+    /// 503: IPAM not ready within the wait bound (consensus not reached, no space yet).
+    #[error("{0}")]
+    NotReady(String),
+    /// 503: this node's space is used up.
+    #[error("{0}")]
+    Exhausted(String),
+    /// 400: bad container id, address or prefix.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 409: the address is held by another container, or owned by another peer.
+    #[error("{0}")]
+    Conflict(String),
+    /// 404
+    #[error("{0}")]
+    NotFound(String),
+    /// 500
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What the HTTP layer needs from the router. The router implements it; the API's own
+/// tests use a fake.
+pub trait Control: Send + Sync + 'static {
+    fn report(&self) -> Report;
+    /// Allocates (or returns the existing) address for `container_id`, waiting up to
+    /// `wait` for IPAM to become ready. Returns the address with the range's prefix.
+    fn allocate(
+        &self,
+        container_id: String,
+        wait: Duration,
+    ) -> impl Future<Output = Result<ipnet::Ipv4Net, IpApiError>> + Send;
+    /// Allocates inside `subnet` (Weave's `POST /ip/{id}/{ip}/{prefix}`).
+    fn allocate_in(
+        &self,
+        container_id: String,
+        subnet: ipnet::Ipv4Net,
+        wait: Duration,
+    ) -> impl Future<Output = Result<ipnet::Ipv4Net, IpApiError>> + Send;
+    /// Claims a given address for `container_id` (Weave's `PUT /ip/{id}/{ip}/{prefix}`).
+    fn claim(
+        &self,
+        container_id: String,
+        addr: Ipv4Addr,
+        wait: Duration,
+    ) -> impl Future<Output = Result<ipnet::Ipv4Net, IpApiError>> + Send;
+    fn lookup(&self, container_id: &str) -> Result<Option<ipnet::Ipv4Net>, IpApiError>;
+    /// Frees the container's address; freeing an unknown id is not an error (`Ok(None)`).
+    fn free(&self, container_id: &str) -> Result<Option<Ipv4Addr>, IpApiError>;
+}

@@ -1,0 +1,370 @@
+//! The client side of `weft status`, `weft report` and `weft rmpeer`: small blocking HTTP
+//! calls to the router's local API, returning the text to print.
+
+use std::io::ErrorKind;
+use std::time::Duration;
+
+/// Where the router's API listens unless `WEAVE_HTTP_ADDR` or a flag says otherwise.
+pub const DEFAULT_API_ADDR: &str = "127.0.0.1:6784";
+
+/// The status sub-pages the router serves.
+pub const STATUS_PAGES: [&str; 5] = ["peers", "connections", "ipam", "targets", "routes"];
+
+/// The router answers from memory; anything slower than this means it is wedged.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// rmpeer changes the ring and gossips it, which may take a little longer.
+const RMPEER_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("weft router is not running (cannot reach {addr}): {reason}")]
+    NotRunning { addr: String, reason: String },
+    /// `/status` answered 503: the body is the full status page explaining why.
+    #[error("{0}")]
+    NotReady(String),
+    #[error("router at {addr} answered {code}: {body}")]
+    Server {
+        addr: String,
+        code: u16,
+        body: String,
+    },
+    #[error(
+        "unknown status page {0:?} (expected one of: peers, connections, ipam, targets, routes)"
+    )]
+    UnknownPage(String),
+    #[error("invalid peer name {0:?}")]
+    BadPeerName(String),
+    #[error("request to router at {addr} failed: {reason}")]
+    Transport { addr: String, reason: String },
+}
+
+/// The API address: an explicit flag wins, then `WEAVE_HTTP_ADDR`, then the default.
+pub fn api_addr(flag: Option<&str>) -> String {
+    choose_addr(flag, std::env::var("WEAVE_HTTP_ADDR").ok())
+}
+
+fn choose_addr(flag: Option<&str>, env: Option<String>) -> String {
+    flag.map(str::to_string)
+        .or(env.filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| DEFAULT_API_ADDR.to_string())
+}
+
+/// `weft status [page]`: the text of `/status` or `/status/<page>`.
+pub fn status(addr: &str, sub: Option<&str>) -> Result<String, CliError> {
+    let path = match sub {
+        None => "/status".to_string(),
+        Some(p) if STATUS_PAGES.contains(&p) => format!("/status/{p}"),
+        Some(p) => return Err(CliError::UnknownPage(p.to_string())),
+    };
+    let (code, body) = request(addr, Method::Get, &path, QUERY_TIMEOUT)?;
+    match code {
+        200 => Ok(body),
+        503 if sub.is_none() => Err(CliError::NotReady(body)),
+        _ => Err(server_error(addr, code, body)),
+    }
+}
+
+/// `weft report`: the router's full state as pretty JSON.
+pub fn report(addr: &str) -> Result<String, CliError> {
+    match request(addr, Method::Get, "/report", QUERY_TIMEOUT)? {
+        (200, body) => Ok(body),
+        (code, body) => Err(server_error(addr, code, body)),
+    }
+}
+
+/// `weft rmpeer NAME`: hands the IP ranges of a dead peer to this router; answers with the
+/// router's message (e.g. `65536 IPs taken over from 02:...`).
+pub fn rmpeer(addr: &str, name: &str) -> Result<String, CliError> {
+    if name.is_empty() || name.chars().any(|c| c.is_control()) {
+        return Err(CliError::BadPeerName(name.to_string()));
+    }
+    let path = format!("/peer/{}", encode_path_segment(name));
+    match request(addr, Method::Delete, &path, RMPEER_TIMEOUT)? {
+        (200 | 204, body) => Ok(body),
+        (code, body) => Err(server_error(addr, code, body)),
+    }
+}
+
+fn server_error(addr: &str, code: u16, body: String) -> CliError {
+    CliError::Server {
+        addr: addr.to_string(),
+        code,
+        body: body.trim_end().to_string(),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Method {
+    Get,
+    Delete,
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters and `:` (peer names are
+/// MAC-style `02:..`, which Weave also sent unescaped).
+fn encode_path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn base_url(addr: &str) -> String {
+    let addr = addr.trim_end_matches('/');
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// Sends one request; any HTTP status is returned to the caller together with the body.
+fn request(
+    addr: &str,
+    method: Method,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), CliError> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        // The API is local: a proxy from the environment must never see these requests.
+        .proxy(None)
+        .timeout_global(Some(timeout))
+        .build()
+        .into();
+    let url = format!("{}{path}", base_url(addr));
+    let sent = match method {
+        Method::Get => agent.get(&url).call(),
+        Method::Delete => agent.delete(&url).call(),
+    };
+    let mut resp = sent.map_err(|e| connect_error(addr, e))?;
+    let code = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| CliError::Transport {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+    Ok((code, body))
+}
+
+fn connect_error(addr: &str, e: ureq::Error) -> CliError {
+    let not_running = match &e {
+        ureq::Error::Io(io) => matches!(
+            io.kind(),
+            ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset | ErrorKind::NotFound
+        ),
+        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => true,
+        _ => false,
+    };
+    let reason = match &e {
+        ureq::Error::Io(io) if io.kind() == ErrorKind::ConnectionRefused => {
+            "connection refused".to_string()
+        }
+        _ => e.to_string(),
+    };
+    if not_running {
+        CliError::NotRunning {
+            addr: addr.to_string(),
+            reason,
+        }
+    } else {
+        CliError::Transport {
+            addr: addr.to_string(),
+            reason,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::http::{api_router, fake::FakeControl, serve};
+    use crate::api::report::Control;
+    use crate::api::status::{self as pages, tests::sample_report};
+    use axum::extract::Path;
+    use axum::routing::delete;
+    use std::sync::Arc;
+
+    /// A router serving `router` on 127.0.0.1:<ephemeral> from a background runtime.
+    struct Server {
+        addr: String,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        _rt: tokio::runtime::Runtime,
+    }
+
+    impl Server {
+        fn start(router: axum::Router) -> Server {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let listener = rt
+                .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                .unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            rt.spawn(serve(listener, router, async {
+                let _ = stopped.await;
+            }));
+            Server {
+                addr,
+                stop: Some(stop),
+                _rt: rt,
+            }
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+        }
+    }
+
+    fn fake(ready: bool) -> (Arc<FakeControl>, Server) {
+        let mut r = sample_report();
+        r.ready = ready;
+        let ctl = Arc::new(FakeControl::new(r));
+        let server = Server::start(api_router(ctl.clone()));
+        (ctl, server)
+    }
+
+    #[test]
+    fn status_and_its_pages_print_the_servers_text() {
+        let (ctl, server) = fake(true);
+        let r = ctl.report();
+        assert_eq!(
+            status(&server.addr, None).unwrap(),
+            pages::render_status(&r)
+        );
+        assert_eq!(
+            status(&server.addr, Some("ipam")).unwrap(),
+            pages::render_ipam(&r)
+        );
+        assert_eq!(
+            status(&server.addr, Some("routes")).unwrap(),
+            pages::render_routes(&r)
+        );
+        for p in STATUS_PAGES {
+            assert!(!status(&server.addr, Some(p)).unwrap().is_empty(), "{p}");
+        }
+        // The address may also be given as a URL.
+        let url = format!("http://{}/", server.addr);
+        assert_eq!(
+            status(&url, Some("targets")).unwrap(),
+            "10.200.0.2\n10.200.0.3\n"
+        );
+    }
+
+    #[test]
+    fn unknown_page_is_refused_before_any_request() {
+        let e = status("127.0.0.1:1", Some("dns")).unwrap_err();
+        assert!(
+            matches!(e, CliError::UnknownPage(ref p) if p == "dns"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unready_status_is_an_error_carrying_the_page() {
+        let (ctl, server) = fake(false);
+        match status(&server.addr, None) {
+            Err(CliError::NotReady(body)) => {
+                assert_eq!(body, pages::render_status(&ctl.report()))
+            }
+            other => panic!("expected NotReady, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn report_is_the_json_snapshot() {
+        let (ctl, server) = fake(true);
+        let text = report(&server.addr).unwrap();
+        let back: crate::api::report::Report = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, ctl.report());
+    }
+
+    #[test]
+    fn refused_connection_says_the_router_is_not_running() {
+        // Bind then drop to find a port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let e = status(&addr, None).unwrap_err();
+        assert!(matches!(e, CliError::NotRunning { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!("weft router is not running (cannot reach {addr}): connection refused")
+        );
+        assert!(matches!(report(&addr), Err(CliError::NotRunning { .. })));
+        assert!(matches!(
+            rmpeer(&addr, "02:00:00:00:00:01"),
+            Err(CliError::NotRunning { .. })
+        ));
+    }
+
+    #[test]
+    fn rmpeer_sends_delete_with_the_encoded_name() {
+        let router = axum::Router::new().route(
+            "/peer/{name}",
+            delete(|Path(name): Path<String>| async move {
+                format!("21845 IPs taken over from {name}\n")
+            }),
+        );
+        let server = Server::start(router);
+        assert_eq!(
+            rmpeer(&server.addr, "02:77:76:00:00:03").unwrap(),
+            "21845 IPs taken over from 02:77:76:00:00:03\n"
+        );
+        assert_eq!(
+            rmpeer(&server.addr, "node a/b").unwrap(),
+            "21845 IPs taken over from node a/b\n"
+        );
+        assert!(matches!(
+            rmpeer(&server.addr, ""),
+            Err(CliError::BadPeerName(_))
+        ));
+    }
+
+    #[test]
+    fn server_errors_carry_code_and_message() {
+        // The real API has no /peer route yet: the client must report the 404 clearly.
+        let (_ctl, server) = fake(true);
+        match rmpeer(&server.addr, "n3") {
+            Err(CliError::Server { code, body, .. }) => {
+                assert_eq!(code, 404);
+                assert_eq!(body, "404 page not found");
+            }
+            other => panic!("expected a 404, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn address_precedence() {
+        let env = || Some("127.0.0.2:7000".to_string());
+        assert_eq!(choose_addr(Some("127.0.0.1:9999"), env()), "127.0.0.1:9999");
+        assert_eq!(choose_addr(None, env()), "127.0.0.2:7000");
+        assert_eq!(choose_addr(None, Some(String::new())), DEFAULT_API_ADDR);
+        assert_eq!(choose_addr(None, None), DEFAULT_API_ADDR);
+    }
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(
+            encode_path_segment("02:77:76:00:00:01"),
+            "02:77:76:00:00:01"
+        );
+        assert_eq!(encode_path_segment("a b/c%é"), "a%20b%2Fc%25%C3%A9");
+    }
+}
