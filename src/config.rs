@@ -201,8 +201,12 @@ mod tests {
     #[test]
     fn rejects_bad_values() {
         assert!(parse(&["--mtu", "100"]).validate("h").is_err());
-        assert!(parse(&["--ipalloc-range", "192.168.1.0/31"]).validate("h").is_err());
-        assert!(parse(&["--ipalloc-range", "192.168.1.5/16"]).validate("h").is_err());
+        assert!(parse(&["--ipalloc-range", "192.168.1.0/31"])
+            .validate("h")
+            .is_err());
+        assert!(parse(&["--ipalloc-range", "192.168.1.5/16"])
+            .validate("h")
+            .is_err());
         assert!(parse(&["a:b:c"]).validate("h").is_err());
         assert!(parse(&["host:notaport"]).validate("h").is_err());
     }

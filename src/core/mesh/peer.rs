@@ -46,7 +46,10 @@ impl PeerName {
     pub fn from_machine_id(machine_id: &str) -> Self {
         // FNV-1a 64: stable across Rust versions, unlike `DefaultHasher`.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in b"weft-peer-name:".iter().chain(machine_id.trim().as_bytes()) {
+        for b in b"weft-peer-name:"
+            .iter()
+            .chain(machine_id.trim().as_bytes())
+        {
             h ^= u64::from(*b);
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
@@ -108,7 +111,13 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "02:77:66:00:00", "02:77:66:00:00:0g", "0277:66:00:00:01:02", "n1"] {
+        for bad in [
+            "",
+            "02:77:66:00:00",
+            "02:77:66:00:00:0g",
+            "0277:66:00:00:01:02",
+            "n1",
+        ] {
             assert!(PeerName::parse(bad).is_err(), "{bad}");
         }
     }

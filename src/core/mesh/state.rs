@@ -152,9 +152,11 @@ impl Node {
         };
         match (msg, &conn.peer) {
             (Message::Hello(h), None) => self.on_hello(id, &conn, h, &mut out),
-            (Message::Hello(_), Some(_)) => {
-                self.close(id, "protocol error: second Hello on one connection", &mut out)
-            }
+            (Message::Hello(_), Some(_)) => self.close(
+                id,
+                "protocol error: second Hello on one connection",
+                &mut out,
+            ),
             (_, None) => self.close(id, "protocol error: message before Hello", &mut out),
             (Message::Heartbeat, Some(_)) => {}
             (Message::Gossip { peers, ring }, Some((from, _))) => {
@@ -187,7 +189,7 @@ impl Node {
     pub fn on_tick(&mut self) -> Vec<Output> {
         self.ticks += 1;
         let mut out = Vec::new();
-        if self.ticks % GOSSIP_EVERY == 0 {
+        if self.ticks.is_multiple_of(GOSSIP_EVERY) {
             self.broadcast_gossip(&mut out);
         } else {
             for id in self.established_ids() {
@@ -639,7 +641,9 @@ impl Node {
                 name: name.to_string(),
                 nick_name: k.nickname.clone(),
                 uid: k.uid,
-                data_address: k.address.map(|a| SocketAddrV4::new(a, k.data_port).to_string()),
+                data_address: k
+                    .address
+                    .map(|a| SocketAddrV4::new(a, k.data_port).to_string()),
                 connections: k
                     .connections
                     .iter()
@@ -892,7 +896,10 @@ mod tests {
         assert!(net.nodes[0].is_reachable(&name(1)));
         let c = net.connect(2, 0);
         net.run();
-        assert!(net.closed.iter().any(|(_, id, why)| *id == c && why.contains("already used")));
+        assert!(net
+            .closed
+            .iter()
+            .any(|(_, id, why)| *id == c && why.contains("already used")));
         // The genuine peer keeps its connection.
         assert!(net.nodes[0].is_reachable(&name(1)));
     }
@@ -902,15 +909,23 @@ mod tests {
         let mut net = Net::new(vec![node(1, 1, 11), node(1, 1, 12)]);
         let c = net.connect(0, 1);
         net.run();
-        assert!(net.closed.iter().any(|(_, id, why)| *id == c && why.contains("own name")));
+        assert!(net
+            .closed
+            .iter()
+            .any(|(_, id, why)| *id == c && why.contains("own name")));
 
         let mut n = node(1, 2, 11);
         let outs = n.on_connected(1, Net::addr(0), true);
-        let Output::Send(_, hello) = &outs[0] else { panic!() };
+        let Output::Send(_, hello) = &outs[0] else {
+            panic!()
+        };
         let outs = n.on_message(1, hello.clone());
         assert!(outs.contains(&Output::ConnectedToSelf(1)));
         let outs = n.target_is_self();
-        assert!(outs.contains(&Output::Ready), "consensus 2 minus the self target");
+        assert!(
+            outs.contains(&Output::Ready),
+            "consensus 2 minus the self target"
+        );
     }
 
     #[test]
@@ -929,12 +944,18 @@ mod tests {
         let (r, outs) = net.nodes[0].allocate("c1");
         let addr = r.unwrap();
         assert!(outs.contains(&Output::Persist));
-        assert!(outs.iter().any(|o| matches!(o, Output::Send(_, Message::Gossip { .. }))));
+        assert!(outs
+            .iter()
+            .any(|o| matches!(o, Output::Send(_, Message::Gossip { .. }))));
         let (again, outs) = net.nodes[0].allocate("c1");
         assert_eq!(again.unwrap(), addr);
         assert!(outs.is_empty(), "repeating an allocation changes nothing");
         assert_eq!(
-            net.nodes[1].ipam().ring().unwrap().owner_of(u32::from(addr)),
+            net.nodes[1]
+                .ipam()
+                .ring()
+                .unwrap()
+                .owner_of(u32::from(addr)),
             Some(&name(1))
         );
     }

@@ -1,0 +1,8 @@
+//! Thin adapters between the pure core and the operating system.
+
+pub mod control;
+pub mod netlink;
+pub mod store;
+pub mod sysctl;
+pub mod tun;
+pub mod udp;

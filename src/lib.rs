@@ -1,0 +1,16 @@
+//! weft: a user-space overlay network for Kubernetes, compatible with Weave Net.
+//!
+//! Layout: `core` is pure (no sockets, no clock, no syscalls) and holds every decision;
+//! `io` holds thin adapters; `dataplane` runs the forwarding loops; `router` wires the
+//! daemon together; `api` serves HTTP and metrics; `testbed` and `demo` build local
+//! clusters in network namespaces.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod core;
+pub mod dataplane;
+pub mod demo;
+pub mod io;
+pub mod router;
+pub mod testbed;
