@@ -186,11 +186,20 @@ fn plumb(
         "1",
     )
     .map_err(io_error("cannot enable proxy ARP on the host veth"))?;
+    // The kernel delays proxy-ARP answers randomly by up to 0.8 s by default, which
+    // stalls every new pod's first connection.
+    link::write_sysctl(
+        &format!("/proc/sys/net/ipv4/neigh/{host_name}/proxy_delay"),
+        "0",
+    )
+    .map_err(io_error(
+        "cannot disable the proxy ARP delay on the host veth",
+    ))?;
     // The alias (IFALIASZ = 256) lets DEL and later ADDs tell a hash collision apart.
     let alias = (env.container_id.len() < 256).then_some(env.container_id.as_str());
     nl.set_up(host.index, alias)
         .map_err(io_error(format!("cannot bring up {host_name}")))?;
-    nl.add_host_route(host.index, address.addr, gateway)
+    nl.add_host_route(host.index, address.addr)
         .map_err(io_error(format!(
             "cannot route {} to {host_name}",
             address.addr

@@ -232,18 +232,15 @@ impl Netlink {
             .map_err(nl(format!("adding address {cidr} to interface {index}")))
     }
 
-    /// `dst/32 dev <index> scope link [src <src>]`
-    pub fn add_host_route(
-        &self,
-        index: u32,
-        dst: Ipv4Addr,
-        src: Ipv4Addr,
-    ) -> Result<(), LinkError> {
+    /// `dst/32 dev <index> scope link`. No preferred source: the kernel deletes every
+    /// route whose `src` address disappears, and the node's overlay address disappears
+    /// with the TUN device whenever the daemon restarts, which would cut the node off
+    /// from its own pods (and hide them from the daemon's re-claim scan).
+    pub fn add_host_route(&self, index: u32, dst: Ipv4Addr) -> Result<(), LinkError> {
         let msg = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst, 32)
             .output_interface(index)
             .scope(RouteScope::Link)
-            .pref_source(src)
             .build();
         self.rt
             .block_on(self.handle.route().add(msg).execute())
