@@ -393,7 +393,8 @@ impl Shared {
                 }
                 Output::Persist | Output::RoutesChanged => {}
                 Output::Ready => {
-                    let _ = self.ready.send(true);
+                    // send_replace: the value must stick even while nobody is subscribed.
+                    self.ready.send_replace(true);
                     self.overlay_wanted.notify_one();
                 }
                 Output::Warn(w) => warn!("{w}"),
@@ -428,6 +429,7 @@ async fn overlay_address_task(shared: Arc<Shared>, netlink: Netlink) {
                     Ok(()) => {
                         info!("overlay address {net} on {TUN_NAME}");
                         *lock(&shared.overlay) = Some(net);
+                        reclaim_pod_addresses(&shared, &netlink).await;
                         return;
                     }
                     Err(e) => error!("cannot put {net} on {TUN_NAME}: {e}; retrying"),
@@ -439,6 +441,37 @@ async fn overlay_address_task(shared: Arc<Shared>, netlink: Netlink) {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(3)) => {}
             _ = shared.overlay_wanted.notified() => {}
+        }
+    }
+}
+
+/// Re-claims the addresses that local pods still hold (found on their veths) for their
+/// containers: after a restart from lost or older state, none of them may be handed out
+/// again.
+async fn reclaim_pod_addresses(shared: &Arc<Shared>, netlink: &Netlink) {
+    let found = match netlink.pod_addresses().await {
+        Ok(f) => f,
+        Err(e) => {
+            error!("cannot list local pod interfaces to re-claim their addresses: {e}");
+            return;
+        }
+    };
+    for (id, addr) in found {
+        let known = lock(&shared.node).ipam().lookup(&id);
+        match known {
+            Some(a) if a == addr => {}
+            Some(a) => warn!(
+                "pod {id} holds {addr} on its interface but IPAM records {a} for it; keeping the record"
+            ),
+            None => {
+                let (r, outs, saved) = shared.with_node(|n| n.claim(&id, addr));
+                shared.apply(outs);
+                match (r, saved) {
+                    (Ok(()), Ok(())) => info!("re-claimed {addr} for running pod {id}"),
+                    (Err(e), _) => warn!("cannot re-claim {addr} for running pod {id}: {e}"),
+                    (_, Err(e)) => error!("re-claimed {addr} for {id} but cannot persist it: {e}"),
+                }
+            }
         }
     }
 }
@@ -776,6 +809,13 @@ impl Control for RouterControl {
             .ipam()
             .lookup(container_id)
             .map(|a| Ipv4Net::new(a, prefix).expect("valid prefix")))
+    }
+
+    fn rmpeer(&self, peer_name: &str) -> Result<u64, IpApiError> {
+        // Wired to Node::rmpeer once the ring supports membership changes.
+        Err(IpApiError::Internal(format!(
+            "cannot remove {peer_name}: peer removal is not available in this build"
+        )))
     }
 
     fn free(&self, container_id: &str) -> Result<Option<Ipv4Addr>, IpApiError> {

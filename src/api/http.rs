@@ -11,7 +11,7 @@ use super::status;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use serde::Serialize;
 use std::future::Future;
@@ -57,6 +57,7 @@ pub fn api_router_with_wait<C: Control>(ctl: Arc<C>, wait: Duration) -> Router {
             post(ip_allocate_in::<C>).put(ip_claim::<C>),
         )
         .route("/ipinfo/defaultsubnet", get(default_subnet::<C>))
+        .route("/peer/{name}", delete(peer_remove::<C>))
         .fallback(not_found)
         .with_state(api)
 }
@@ -276,6 +277,19 @@ async fn ip_free<C: Control>(State(api): St<C>, Path(id): Path<String>) -> Respo
     }
 }
 
+/// Weave's `DELETE /peer/{name}`: answers "N IPs taken over from NAME".
+async fn peer_remove<C: Control>(State(api): St<C>, Path(name): Path<String>) -> Response {
+    if crate::core::mesh::PeerName::parse(&name).is_err() {
+        return bad_request(format!(
+            "{name:?} is not a peer name (six hex octets like 02:77:66:00:00:01); see `weft status ipam`"
+        ));
+    }
+    match api.ctl.rmpeer(&name) {
+        Ok(n) => (StatusCode::OK, format!("{n} IPs taken over from {name}\n")).into_response(),
+        Err(e) => ip_error(e),
+    }
+}
+
 async fn metrics<C: Control>(State(ctl): State<Arc<C>>) -> Response {
     (
         [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
@@ -442,6 +456,16 @@ pub(crate) mod fake {
                 .unwrap()
                 .remove(container_id)
                 .map(|n| n.addr()))
+        }
+
+        fn rmpeer(&self, peer_name: &str) -> Result<u64, IpApiError> {
+            // The fake owns 16 addresses of every peer except 02:..:ff, which is "itself".
+            if peer_name == "02:00:00:00:00:ff" {
+                return Err(IpApiError::Conflict(
+                    "cannot remove this peer itself".into(),
+                ));
+            }
+            Ok(16)
         }
     }
 }
@@ -750,6 +774,19 @@ mod tests {
             call(&router, Method::POST, "/status").await.code,
             StatusCode::METHOD_NOT_ALLOWED
         );
+    }
+
+    #[tokio::test]
+    async fn rmpeer_route() {
+        let (_, router) = setup(true);
+        let a = call(&router, Method::DELETE, "/peer/02:00:00:00:00:01").await;
+        assert_eq!(a.code, StatusCode::OK);
+        assert_eq!(a.body, "16 IPs taken over from 02:00:00:00:00:01\n");
+        let a = call(&router, Method::DELETE, "/peer/02:00:00:00:00:ff").await;
+        assert_eq!(a.code, StatusCode::CONFLICT);
+        let a = call(&router, Method::DELETE, "/peer/n1").await;
+        assert_eq!(a.code, StatusCode::BAD_REQUEST);
+        assert!(a.body.contains("not a peer name"), "{}", a.body);
     }
 
     #[tokio::test]

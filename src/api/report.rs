@@ -218,4 +218,8 @@ pub trait Control: Send + Sync + 'static {
     fn lookup(&self, container_id: &str) -> Result<Option<ipnet::Ipv4Net>, IpApiError>;
     /// Frees the container's address; freeing an unknown id is not an error (`Ok(None)`).
     fn free(&self, container_id: &str) -> Result<Option<Ipv4Addr>, IpApiError>;
+    /// Takes over the address ranges of a peer that is gone for good (Weave's `rmpeer`):
+    /// returns how many addresses this node took over. Removing a peer that owns nothing
+    /// (or was already removed) takes over 0 and is not an error.
+    fn rmpeer(&self, peer_name: &str) -> Result<u64, IpApiError>;
 }

@@ -163,6 +163,61 @@ impl Netlink {
     }
 }
 
+impl Netlink {
+    /// Addresses held by local pods, as weft-cni left them: a host veth named
+    /// `vethwepl...` whose alias is the container id, and a /32 route to the pod through
+    /// it. After a restart that lost or predates some state, these are re-claimed so that
+    /// no running pod's address is handed out again.
+    pub async fn pod_addresses(&self) -> Result<Vec<(String, Ipv4Addr)>, NetlinkError> {
+        let links = self.links().await?;
+        let pods: Vec<(u32, String)> = links
+            .iter()
+            .filter(|l| link_name(l).is_some_and(|n| n.starts_with(POD_VETH_PREFIX)))
+            .filter_map(|l| {
+                let alias = l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfAlias(s) if !s.is_empty() => Some(s.clone()),
+                    _ => None,
+                })?;
+                Some((l.header.index, alias))
+            })
+            .collect();
+        if pods.is_empty() {
+            return Ok(Vec::new());
+        }
+        let routes: Vec<_> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await?;
+        let mut found = Vec::new();
+        for r in routes {
+            if r.header.destination_prefix_length != 32 {
+                continue;
+            }
+            let dst = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(*d),
+                _ => None,
+            });
+            let oif = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            if let (Some(dst), Some(oif)) = (dst, oif) {
+                if let Some((_, id)) = pods.iter().find(|(i, _)| *i == oif) {
+                    found.push((id.clone(), dst));
+                }
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+}
+
+/// Host-side veth names of pods attached by weft-cni (Weave's prefix).
+pub const POD_VETH_PREFIX: &str = "vethwepl";
+
 fn link_name(l: &LinkMessage) -> Option<&str> {
     l.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(n) => Some(n.as_str()),
