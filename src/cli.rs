@@ -339,14 +339,14 @@ mod tests {
 
     #[test]
     fn server_errors_carry_code_and_message() {
-        // The real API has no /peer route yet: the client must report the 404 clearly.
+        // A nickname is not a peer name: the server's 400 and its reason reach the user.
         let (_ctl, server) = fake(true);
         match rmpeer(&server.addr, "n3") {
             Err(CliError::Server { code, body, .. }) => {
-                assert_eq!(code, 404);
-                assert_eq!(body, "404 page not found");
+                assert_eq!(code, 400);
+                assert!(body.contains("not a peer name"), "{body}");
             }
-            other => panic!("expected a 404, got {other:?}"),
+            other => panic!("expected a 400, got {other:?}"),
         }
     }
 
