@@ -1,6 +1,7 @@
 //! Command-line flags and Weave's environment variables, validated into one
 //! [`RouterConfig`]. A flag wins over its environment variable.
 
+use crate::core::ipam::init::IpallocInit;
 use clap::Args;
 use ipnet::Ipv4Net;
 use std::net::SocketAddr;
@@ -41,10 +42,11 @@ pub struct RouterArgs {
     /// Where the ring, allocations and peer name are kept across restarts.
     #[arg(long, default_value = DEFAULT_DB_DIR)]
     pub db_dir: PathBuf,
-    /// Number of peers (this one included) that must be connected before the range is
-    /// first split. Default: the number of PEER arguments plus one.
-    #[arg(long)]
-    pub consensus: Option<usize>,
+    /// How the range is first divided: `consensus=N` (the default, N = number of PEERs
+    /// plus one; allocation waits until a quorum of N/2+1 agrees), `seed=NAME,NAME,...`
+    /// (exactly these peers), or `observer` (no space until it asks for some).
+    #[arg(long, env = "IPALLOC_INIT")]
+    pub ipalloc_init: Option<String>,
     /// Other nodes' control addresses: `host` or `host:port`.
     #[arg(value_name = "PEER")]
     pub peers: Vec<String>,
@@ -64,6 +66,8 @@ pub enum ConfigError {
     Port(u16),
     #[error("--nickname {0:?}: use at most 64 printable characters")]
     Nickname(String),
+    #[error("{0}")]
+    Init(#[from] crate::core::ipam::init::IpallocInitError),
 }
 
 /// A PEER argument split into host and control port.
@@ -109,7 +113,7 @@ pub struct RouterConfig {
     pub metrics_addr: SocketAddr,
     pub mtu: Option<u32>,
     pub db_dir: PathBuf,
-    pub consensus: usize,
+    pub init: IpallocInit,
     pub peers: Vec<PeerTarget>,
 }
 
@@ -150,6 +154,10 @@ impl RouterArgs {
                 }
             }
         }
+        let init = match self.ipalloc_init.as_deref().map(str::trim) {
+            Some(s) if !s.is_empty() => IpallocInit::parse(s)?,
+            _ => IpallocInit::Consensus(peers.len() + 1),
+        };
         Ok(RouterConfig {
             name: self.name,
             nickname,
@@ -160,7 +168,7 @@ impl RouterArgs {
             metrics_addr: self.metrics_addr,
             mtu: self.mtu,
             db_dir: self.db_dir,
-            consensus: self.consensus.unwrap_or(peers.len() + 1).max(1),
+            init,
             peers,
         })
     }
@@ -194,7 +202,11 @@ mod tests {
         assert_eq!(c.http_addr.to_string(), "127.0.0.1:6784");
         assert_eq!(c.peers.len(), 2);
         assert_eq!(c.peers[1].port, 7000);
-        assert_eq!(c.consensus, 3);
+        assert_eq!(c.init, IpallocInit::Consensus(3));
+        let seeded = parse(&["--ipalloc-init", "seed=02:77:66:00:00:01", "10.0.0.2"])
+            .validate("h")
+            .unwrap();
+        assert!(matches!(seeded.init, IpallocInit::Seed(ref s) if s.len() == 1));
         assert_eq!(c.nickname, "n1");
     }
 
@@ -209,5 +221,11 @@ mod tests {
             .is_err());
         assert!(parse(&["a:b:c"]).validate("h").is_err());
         assert!(parse(&["host:notaport"]).validate("h").is_err());
+        assert!(parse(&["--ipalloc-init", "consensus=zero"])
+            .validate("h")
+            .is_err());
+        assert!(parse(&["--ipalloc-init", "seed=n1,n2"])
+            .validate("h")
+            .is_err());
     }
 }

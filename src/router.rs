@@ -141,6 +141,7 @@ async fn run_async(cfg: RouterConfig) -> Result<(), RouterError> {
     let store = Store::open(&cfg.db_dir)?;
     let persisted = store.load()?;
     let name = choose_name(&cfg, persisted.as_ref())?;
+    let name_is_stored = persisted.as_ref().and_then(|p| p.peer_name.as_ref()) == Some(&name);
     let ipam = match persisted {
         Some(p) => {
             let ipam = Ipam::restore(name.clone(), cfg.range, p.ipam)?;
@@ -153,6 +154,11 @@ async fn run_async(cfg: RouterConfig) -> Result<(), RouterError> {
         }
         None => Ipam::new(name.clone(), cfg.range),
     };
+    if !name_is_stored {
+        // A random name (no machine id) must survive the next restart even if nothing
+        // else was stored yet.
+        store.save(&PersistedState::new(Some(name.clone()), ipam.state()))?;
+    }
     info!(
         "weft {} starting: name {name}({}), range {}, peers {:?}",
         env!("CARGO_PKG_VERSION"),
@@ -207,7 +213,7 @@ async fn run_async(cfg: RouterConfig) -> Result<(), RouterError> {
             control_port: cfg.port,
             data_port: cfg.data_port,
             range: cfg.range,
-            consensus: cfg.consensus,
+            init: cfg.init.clone(),
         },
         ipam,
     );
@@ -256,6 +262,8 @@ async fn run_async(cfg: RouterConfig) -> Result<(), RouterError> {
             source,
         })?;
 
+    // Before anything can allocate: addresses that running pods hold are not free.
+    reclaim_pod_addresses(&shared, &netlink).await;
     let outs = shared.with_node(|n| ((), n.start())).1;
     shared.apply(outs);
 
@@ -429,7 +437,6 @@ async fn overlay_address_task(shared: Arc<Shared>, netlink: Netlink) {
                     Ok(()) => {
                         info!("overlay address {net} on {TUN_NAME}");
                         *lock(&shared.overlay) = Some(net);
-                        reclaim_pod_addresses(&shared, &netlink).await;
                         return;
                     }
                     Err(e) => error!("cannot put {net} on {TUN_NAME}: {e}; retrying"),
@@ -447,7 +454,7 @@ async fn overlay_address_task(shared: Arc<Shared>, netlink: Netlink) {
 
 /// Re-claims the addresses that local pods still hold (found on their veths) for their
 /// containers: after a restart from lost or older state, none of them may be handed out
-/// again.
+/// again. Without a ring yet they stay pending (and are never handed out) until it comes.
 async fn reclaim_pod_addresses(shared: &Arc<Shared>, netlink: &Netlink) {
     let found = match netlink.pod_addresses().await {
         Ok(f) => f,
@@ -456,23 +463,20 @@ async fn reclaim_pod_addresses(shared: &Arc<Shared>, netlink: &Netlink) {
             return;
         }
     };
-    for (id, addr) in found {
-        let known = lock(&shared.node).ipam().lookup(&id);
-        match known {
-            Some(a) if a == addr => {}
-            Some(a) => warn!(
-                "pod {id} holds {addr} on its interface but IPAM records {a} for it; keeping the record"
-            ),
-            None => {
-                let (r, outs, saved) = shared.with_node(|n| n.claim(&id, addr));
-                shared.apply(outs);
-                match (r, saved) {
-                    (Ok(()), Ok(())) => info!("re-claimed {addr} for running pod {id}"),
-                    (Err(e), _) => warn!("cannot re-claim {addr} for running pod {id}: {e}"),
-                    (_, Err(e)) => error!("re-claimed {addr} for {id} but cannot persist it: {e}"),
-                }
-            }
-        }
+    if found.is_empty() {
+        return;
+    }
+    let n = found.len();
+    let (r, outs, saved) = shared.with_node(|node| node.reclaim(found));
+    shared.apply(outs);
+    info!(
+        "local pods hold {n} addresses: {} confirmed or re-claimed, {} pending until the ring arrives, {} conflicting",
+        r.claimed.len(),
+        r.pending,
+        r.conflicts.len()
+    );
+    if let Err(e) = saved {
+        error!("re-claimed pod addresses but cannot persist them: {e}");
     }
 }
 
@@ -554,6 +558,13 @@ async fn dial_loop(shared: Arc<Shared>, target: PeerTarget) {
                     run_connection(shared.clone(), stream, addr, true, Some(key.clone())).await;
                 if established {
                     backoff = Duration::from_secs(1);
+                }
+                if let SocketAddr::V4(v4) = addr {
+                    // Closed as the duplicate of the peer's own connection to us: not a
+                    // failure, nothing to retry.
+                    if shared.connected_to(*v4.ip()) {
+                        continue;
+                    }
                 }
                 set_dial_state(&shared, &key, "retrying", "connection closed".into());
                 sleep_backoff(&mut backoff).await;
@@ -656,7 +667,9 @@ fn map_ipam_error(e: IpamError) -> IpApiError {
     match e {
         E::NotReady => IpApiError::NotReady(e.to_string()),
         E::Exhausted { .. } => IpApiError::Exhausted(e.to_string()),
-        E::InUse { .. } | E::NotOwned { .. } => IpApiError::Conflict(e.to_string()),
+        E::InUse { .. } | E::NotOwned { .. } | E::RemoveSelf(_) | E::RemoveConnected(_) => {
+            IpApiError::Conflict(e.to_string())
+        }
         E::BadContainerId { .. } | E::OutOfRange { .. } => IpApiError::BadRequest(e.to_string()),
         other => IpApiError::Internal(other.to_string()),
     }
@@ -812,10 +825,17 @@ impl Control for RouterControl {
     }
 
     fn rmpeer(&self, peer_name: &str) -> Result<u64, IpApiError> {
-        // Wired to Node::rmpeer once the ring supports membership changes.
-        Err(IpApiError::Internal(format!(
-            "cannot remove {peer_name}: peer removal is not available in this build"
-        )))
+        let name = PeerName::parse(peer_name).map_err(|e| IpApiError::BadRequest(e.to_string()))?;
+        let (r, outs, saved) = self.0.with_node(|n| n.rmpeer(&name));
+        self.0.apply(outs);
+        let taken = r.map_err(|e| match e {
+            IpamError::RemoveSelf(_) | IpamError::RemoveConnected(_) => {
+                IpApiError::Conflict(e.to_string())
+            }
+            other => map_ipam_error(other),
+        })?;
+        saved.map_err(|e| IpApiError::Internal(format!("took over, but not persisted: {e}")))?;
+        Ok(taken)
     }
 
     fn free(&self, container_id: &str) -> Result<Option<Ipv4Addr>, IpApiError> {

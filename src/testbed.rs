@@ -931,6 +931,12 @@ impl Cluster {
 
     /// Starts `weft router` in node `i`'s namespace (0-based), logging to its log file.
     pub fn start_router(&mut self, i: usize) -> Result<()> {
+        self.start_router_with(i, &[])
+    }
+
+    /// As [`Cluster::start_router`], with extra flags for this node only (before the
+    /// PEER arguments).
+    pub fn start_router_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
         let peers = self.peers_of(i);
         let spec = self.spec.clone();
         let node = self
@@ -959,7 +965,7 @@ impl Cluster {
         if let Some(range) = &spec.ipalloc_range {
             cmd.args(["--ipalloc-range", range]);
         }
-        cmd.args(&spec.router_args).args(&peers);
+        cmd.args(&spec.router_args).args(extra).args(&peers);
         for var in ROUTER_ENV {
             cmd.env_remove(var);
         }

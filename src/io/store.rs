@@ -17,8 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const DEFAULT_DIR: &str = "/var/lib/weft";
 /// Name of the state file inside the directory.
 pub const FILE_NAME: &str = "weft.json";
-/// Current format version written by `save`.
-pub const FORMAT_VERSION: u32 = 1;
+/// Current format version written by `save`. Version 2 added the ring's peer records
+/// (tombstones, incarnations), entry eras, this peer's incarnation and its Paxos acceptor
+/// state; all default when absent, so version 1 files load unchanged.
+pub const FORMAT_VERSION: u32 = 2;
 
 const TMP_PREFIX: &str = ".weft.json.tmp-";
 
@@ -336,6 +338,44 @@ mod tests {
             Err(StoreError::UnsupportedVersion { found: 7, .. })
         ));
         assert!(s.path().exists(), "left in place");
+    }
+
+    #[test]
+    fn version_1_files_still_load() {
+        let t = TempDir::new("v1");
+        let s = Store::open(&t.0).unwrap();
+        let v1 = r#"{
+  "version": 1,
+  "peer_name": "02:77:76:00:00:01",
+  "ipam": {
+    "ring": {
+      "range": "10.32.0.0/24",
+      "seeds": ["02:77:76:00:00:01", "02:77:76:00:00:02"],
+      "entries": [
+        {"start": 169869312, "owner": "02:77:76:00:00:01", "version": 1, "free": 126},
+        {"start": 169869440, "owner": "02:77:76:00:00:02", "version": 0, "free": 127}
+      ]
+    },
+    "allocations": {"weave:expose": "10.32.0.1"}
+  }
+}"#;
+        fs::write(s.path(), v1).unwrap();
+        let st = s.load().unwrap().unwrap();
+        assert_eq!(st.version, 1);
+        assert_eq!(st.ipam.incarnation, 0);
+        let ring = st.ipam.ring.as_ref().unwrap();
+        assert!(ring.peers.is_empty());
+        assert_eq!(ring.entries[0].era, 0);
+        let me = st.peer_name.clone().unwrap();
+        let ipam = Ipam::restore(me, "10.32.0.0/24".parse().unwrap(), st.ipam).unwrap();
+        assert_eq!(
+            ipam.lookup("weave:expose"),
+            Some("10.32.0.1".parse().unwrap())
+        );
+        // Saved again, it is written in the current format.
+        s.save(&PersistedState::new(Some(ipam.me().clone()), ipam.state()))
+            .unwrap();
+        assert_eq!(s.load().unwrap().unwrap().version, FORMAT_VERSION);
     }
 
     #[test]

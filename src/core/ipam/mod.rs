@@ -2,8 +2,11 @@
 //! by one peer; only the owner changes its entries; rings merge as a CRDT.
 
 pub mod allocator;
+pub mod init;
+pub mod paxos;
 pub mod ring;
 pub mod space;
 
-pub use allocator::{Ipam, IpamError, IpamState};
-pub use ring::{Entry, Ring, RingError};
+pub use allocator::{Ipam, IpamError, IpamState, MergeOutcome, ReclaimOutcome};
+pub use init::{IpallocInit, IpallocInitError};
+pub use ring::{Entry, PeerRecord, Ring, RingError};

@@ -1,20 +1,43 @@
 //! The ring: Weave's CRDT describing who owns which part of the allocation range.
 //!
 //! The range is cut at sorted tokens; the entry at a token owns every address from its
-//! token up to the next token (the last entry up to the end of the range). Only an
-//! entry's owner changes it, bumping its version each time, so merging two rings is a
-//! per-token "higher version wins" union. Tokens are never removed.
+//! token up to the next token (the last entry up to the end of the range). Tokens are never
+//! removed. Two replicas of an entry are ordered by the key `(era, lower owner name,
+//! version, free)` and a merge keeps the greater one per token, so merging is a per-token
+//! join: commutative, associative and idempotent.
+//!
+//! - `version` is bumped by the owner on every change of its entry (free count, cut).
+//! - `era` is bumped whenever the entry changes hands as a whole: a peer taking over the
+//!   entries of a removed peer (`rmpeer`), or a removed peer surrendering them when it
+//!   comes back. A stale replica of the old owner, whatever its version, always loses to
+//!   the new era, so a removed peer that restarts with old state cannot resurrect its
+//!   ranges. Two peers that take over the same entry concurrently both produce era+1; the
+//!   lower owner name wins, the same tie-break as for the tombstone's heir below, so both
+//!   decide the same owner.
 //!
 //! Rule that makes splits checkable: an owner that cuts a new token into one of its
 //! entries bumps that entry's version in the same update. Any ring that knows the new
-//! token therefore holds the covering entry at a strictly newer version than any ring that
+//! token therefore holds the covering entry at a strictly greater key than any ring that
 //! does not; a merge where this fails means two peers cut the same addresses without
 //! seeing each other, and is refused rather than resolved by guessing.
+//!
+//! Tombstones and incarnations: `peers` holds a record per peer that was ever removed or
+//! came back: `(incarnation, removed_by)`. Records merge by the key `(incarnation,
+//! removed, lower heir name)`. `rmpeer` marks the peer's current incarnation removed with
+//! the caller as heir and hands its entries to the heir (era+1). Entries of a removed peer
+//! that reach the heir later (gossip it had not seen) are taken over on merge; if the heir
+//! is itself removed, its own heir inherits, transitively. A removed peer that sees its own
+//! tombstone at its current incarnation drops its allocations, surrenders any entry still
+//! in its name to its heir, and comes back as a fresh member at `incarnation + 1` (a record
+//! that outranks the tombstone). So a node re-created with the same name (same
+//! machine-id) rejoins as a new member owning nothing, and asks for space.
 
 use super::space::{self, Span};
 use crate::core::mesh::PeerName;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +49,45 @@ pub struct Entry {
     pub version: u32,
     /// Usable addresses of this entry that its owner has not handed out, as last reported.
     pub free: u32,
+    /// Bumped when the entry changes hands as a whole (takeover or surrender).
+    #[serde(default)]
+    pub era: u32,
+    /// The owner's incarnation when it got the entry: only entries of a tombstoned
+    /// incarnation are orphans, not space given to the peer after it came back.
+    #[serde(default)]
+    pub inc: u32,
+}
+
+impl Entry {
+    /// The merge order of two replicas of the entry at one token (module comment).
+    pub fn key(&self) -> (u32, Reverse<&PeerName>, u32, u32, u32) {
+        (
+            self.era,
+            Reverse(&self.owner),
+            self.version,
+            self.free,
+            self.inc,
+        )
+    }
+}
+
+/// What the ring knows about a peer that was removed or came back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRecord {
+    pub incarnation: u32,
+    /// Set when this incarnation was removed: the peer that inherits its entries.
+    #[serde(default)]
+    pub removed_by: Option<PeerName>,
+}
+
+impl PeerRecord {
+    fn key(&self) -> (u32, bool, Reverse<Option<&PeerName>>) {
+        (
+            self.incarnation,
+            self.removed_by.is_some(),
+            Reverse(self.removed_by.as_ref()),
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +97,9 @@ pub struct Ring {
     pub seeds: Vec<PeerName>,
     /// Sorted by `start`; the first entry starts at the range's network address.
     pub entries: Vec<Entry>,
+    /// Tombstones and incarnations (module comment). Absent peer: incarnation 0, alive.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub peers: BTreeMap<PeerName, PeerRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,15 +117,6 @@ pub enum RingError {
     },
     #[error("incompatible IP allocation ranges (received: {received}, ours: {ours})")]
     RangeMismatch { received: Ipv4Net, ours: Ipv4Net },
-    #[error(
-        "inconsistent entries for {token}: ours says owner {} v{} free {}, received says owner {} v{} free {}",
-        ours.owner, ours.version, ours.free, theirs.owner, theirs.version, theirs.free
-    )]
-    Conflict {
-        token: Ipv4Addr,
-        ours: Box<Entry>,
-        theirs: Box<Entry>,
-    },
     #[error(
         "entry {token} (owner {owner}) cuts into the entry at {cover}, but a ring without it has \
          that entry at an equal or newer version: two peers claim the same addresses"
@@ -97,6 +153,8 @@ pub enum RingError {
     BadSplit { at: Ipv4Addr, reason: &'static str },
     #[error("version of entry {0} is exhausted")]
     VersionExhausted(Ipv4Addr),
+    #[error("a peer cannot remove itself ({0})")]
+    RemoveSelf(PeerName),
 }
 
 /// Peers formatted as Weave prints them: `[a b c]`.
@@ -138,6 +196,8 @@ impl Ring {
                 owner: peer.clone(),
                 version: 0,
                 free: capacity_u32(range, span),
+                era: 0,
+                inc: 0,
             });
             cur += size;
         }
@@ -145,6 +205,7 @@ impl Ring {
             range,
             seeds,
             entries,
+            peers: BTreeMap::new(),
         };
         ring.validate()?;
         Ok(ring)
@@ -278,11 +339,18 @@ impl Ring {
         let left = Span::new(whole.start, u64::from(at));
         let right = Span::new(at, whole.end);
         let old_free = e.free;
+        let inc = if new_owner == me {
+            e.inc
+        } else {
+            self.record(new_owner).incarnation
+        };
         let new = Entry {
             start: at,
             owner: new_owner.clone(),
             version: 0,
             free: old_free.min(capacity_u32(self.range, right)),
+            era: e.era,
+            inc,
         };
         let e = &mut self.entries[i];
         e.version += 1;
@@ -347,12 +415,15 @@ impl Ring {
     }
 
     /// CRDT merge of a gossiped ring into this one: commutative, associative, idempotent.
-    /// Same token: the higher version wins; same version with different content is a
-    /// conflict. A token known to one side only is accepted if the other side's covering
-    /// entry is older there (see the module comment). On error `self` is unchanged.
-    /// Returns true if `self` changed.
+    /// Per token the greater entry key wins (module comment). A token known to one side
+    /// only is accepted if the other side's covering entry is older there. Peer records
+    /// merge per name by their key. On error `self` is unchanged. Returns true if `self`
+    /// changed.
     pub fn merge(&mut self, other: &Ring) -> Result<bool, RingError> {
-        let merged = self.merged_entries(other)?;
+        if self == other {
+            return Ok(false);
+        }
+        let merged = self.merged(other)?;
         Ok(self.commit(merged))
     }
 
@@ -366,22 +437,39 @@ impl Ring {
         other: &Ring,
         holds: impl Fn(u32, u32) -> bool,
     ) -> Result<bool, RingError> {
-        let merged = self.merged_entries(other)?;
-        let after = Ring {
-            range: self.range,
-            seeds: self.seeds.clone(),
-            entries: merged,
-        };
+        if self == other {
+            return Ok(false);
+        }
+        let after = self.merged(other)?;
+        if let Some(e) = self.loses_held(me, &after, holds) {
+            return Err(e);
+        }
+        Ok(self.commit(after))
+    }
+
+    /// The first range held by `me` in `self` that `after` gives to someone else.
+    fn loses_held(
+        &self,
+        me: &PeerName,
+        after: &Ring,
+        holds: impl Fn(u32, u32) -> bool,
+    ) -> Option<RingError> {
         for (first, last) in self.owned_by(me) {
             let mine = Span::inclusive(first, last);
-            for (f, l, e) in after.ranges() {
+            let from = after.index_of(first).unwrap_or(0);
+            for i in from..after.entries.len() {
+                let span = after.span_of(i);
+                if u64::from(span.start) > u64::from(last) {
+                    break;
+                }
+                let e = &after.entries[i];
                 if &e.owner == me {
                     continue;
                 }
-                let lost = mine.intersect(&Span::inclusive(f, l));
+                let lost = mine.intersect(&span);
                 if let Some(lost_last) = lost.last() {
                     if holds(lost.start, lost_last) {
-                        return Err(RingError::ClaimsMyAddresses {
+                        return Some(RingError::ClaimsMyAddresses {
                             me: me.clone(),
                             owner: e.owner.clone(),
                             first: space::addr(lost.start),
@@ -391,19 +479,20 @@ impl Ring {
                 }
             }
         }
-        Ok(self.commit(after.entries))
+        None
     }
 
-    fn commit(&mut self, merged: Vec<Entry>) -> bool {
-        if merged == self.entries {
+    fn commit(&mut self, merged: Ring) -> bool {
+        if merged.entries == self.entries && merged.peers == self.peers {
             false
         } else {
-            self.entries = merged;
+            self.entries = merged.entries;
+            self.peers = merged.peers;
             true
         }
     }
 
-    fn merged_entries(&self, other: &Ring) -> Result<Vec<Entry>, RingError> {
+    fn merged(&self, other: &Ring) -> Result<Ring, RingError> {
         if other.range != self.range {
             return Err(RingError::RangeMismatch {
                 received: other.range,
@@ -417,7 +506,7 @@ impl Ring {
             });
         }
         other.validate()?;
-        self.validate()?;
+        // `self` is valid: every constructor and update validates or preserves it.
         let (a, b) = (&self.entries, &other.entries);
         let mut out = Vec::with_capacity(a.len().max(b.len()));
         let (mut i, mut j) = (0, 0);
@@ -427,27 +516,31 @@ impl Ring {
             match (ta, tb) {
                 (Some(x), Some(y)) if x == y => {
                     let (ea, eb) = (&a[i], &b[j]);
-                    if ea.version == eb.version && ea != eb {
-                        return Err(RingError::Conflict {
-                            token: space::addr(x),
-                            ours: Box::new(ea.clone()),
-                            theirs: Box::new(eb.clone()),
-                        });
-                    }
-                    out.push(if eb.version > ea.version { eb } else { ea }.clone());
+                    out.push(if eb.key() > ea.key() { eb } else { ea }.clone());
                     i += 1;
                     j += 1;
                 }
                 (Some(x), y) if y.is_none_or(|y| x < y) => {
                     // Both rings start at the range start, so j >= 1 here.
-                    check_split(&a[i], a, &b[j - 1])?;
-                    out.push(a[i].clone());
+                    if check_split(&a[i], a, &b[j - 1])? {
+                        out.push(a[i].clone());
+                    }
                     i += 1;
                 }
                 _ => {
-                    check_split(&b[j], b, &a[i - 1])?;
-                    out.push(b[j].clone());
+                    if check_split(&b[j], b, &a[i - 1])? {
+                        out.push(b[j].clone());
+                    }
                     j += 1;
+                }
+            }
+        }
+        let mut peers = self.peers.clone();
+        for (name, rec) in &other.peers {
+            match peers.get(name) {
+                Some(have) if have.key() >= rec.key() => {}
+                _ => {
+                    peers.insert(name.clone(), rec.clone());
                 }
             }
         }
@@ -455,26 +548,231 @@ impl Ring {
             range: self.range,
             seeds: self.seeds.clone(),
             entries: out,
+            peers,
         };
         result.validate()?;
-        Ok(result.entries)
+        Ok(result)
+    }
+
+    /// The record of `peer` (incarnation 0 and alive if the ring has none).
+    pub fn record(&self, peer: &PeerName) -> PeerRecord {
+        self.peers.get(peer).cloned().unwrap_or(PeerRecord {
+            incarnation: 0,
+            removed_by: None,
+        })
+    }
+
+    pub fn is_removed(&self, peer: &PeerName) -> bool {
+        self.peers.get(peer).is_some_and(|r| r.removed_by.is_some())
+    }
+
+    /// The live peer that inherits the entries of `peer`: its heir, or the heir's heir if
+    /// that one was removed too. None for a live peer or a cycle of removed peers.
+    pub fn heir_of(&self, peer: &PeerName) -> Option<PeerName> {
+        let mut cur = self.peers.get(peer)?.removed_by.clone()?;
+        for _ in 0..=self.peers.len() {
+            match self.peers.get(&cur).and_then(|r| r.removed_by.clone()) {
+                Some(next) => cur = next,
+                None => return Some(cur),
+            }
+        }
+        None
+    }
+
+    /// Hands entry `i` as a whole to `to`: era+1, version 0, same free count. The same
+    /// change made by the heir and by the surrendering peer gives the same entry.
+    fn hand_over(&mut self, i: usize, to: &PeerName) -> Result<u64, RingError> {
+        let span = self.span_of(i);
+        let inc = self.record(to).incarnation;
+        let e = &mut self.entries[i];
+        if e.era == u32::MAX {
+            return Err(RingError::VersionExhausted(space::addr(e.start)));
+        }
+        e.era += 1;
+        e.version = 0;
+        e.owner = to.clone();
+        e.inc = inc;
+        Ok(span.len())
+    }
+
+    /// Owner-only: hands my entry at `token` as a whole to `to` (era+1).
+    pub fn give(&mut self, me: &PeerName, token: u32, to: &PeerName) -> Result<(), RingError> {
+        let i = self
+            .find_token(token)
+            .ok_or(RingError::UnknownToken(space::addr(token)))?;
+        let e = &self.entries[i];
+        if &e.owner != me {
+            return Err(RingError::NotOwner {
+                token: space::addr(token),
+                owner: e.owner.clone(),
+                me: me.clone(),
+            });
+        }
+        self.hand_over(i, to).map(|_| ())
+    }
+
+    /// `me` removes `dead`: its current incarnation is tombstoned with `me` as heir and
+    /// `me` takes over its entries. Idempotent. Returns the number of addresses taken over.
+    pub fn remove_peer(&mut self, me: &PeerName, dead: &PeerName) -> Result<u64, RingError> {
+        if me == dead {
+            return Err(RingError::RemoveSelf(me.clone()));
+        }
+        let rec = self.record(dead);
+        let tomb = PeerRecord {
+            incarnation: rec.incarnation,
+            removed_by: Some(me.clone()),
+        };
+        if rec.removed_by.is_none() || tomb.key() > rec.key() {
+            self.peers.insert(dead.clone(), tomb);
+        }
+        self.adopt_orphans(me)
+    }
+
+    /// Takes over every entry whose owner is removed and whose heir resolves to `me`.
+    /// Returns the number of addresses taken over.
+    pub fn adopt_orphans(&mut self, me: &PeerName) -> Result<u64, RingError> {
+        if self.peers.is_empty() {
+            return Ok(0);
+        }
+        let mut heirs: BTreeMap<PeerName, Option<PeerName>> = BTreeMap::new();
+        let mut total = 0;
+        for i in 0..self.entries.len() {
+            let owner = &self.entries[i].owner;
+            let rec = self.record(owner);
+            if rec.removed_by.is_none() || self.entries[i].inc > rec.incarnation {
+                continue;
+            }
+            let heir = heirs
+                .entry(owner.clone())
+                .or_insert_with(|| self.heir_of(owner))
+                .clone();
+            if heir.as_ref() == Some(me) {
+                total += self.hand_over(i, me)?;
+            }
+        }
+        Ok(total)
+    }
+
+    /// `me` saw itself removed: every entry still in its name goes to its heir, and it
+    /// comes back as `incarnation`, which must exceed the tombstoned one.
+    pub fn revive(&mut self, me: &PeerName, incarnation: u32) -> Result<(), RingError> {
+        if let Some(heir) = self.heir_of(me) {
+            for i in 0..self.entries.len() {
+                if &self.entries[i].owner == me && self.entries[i].inc < incarnation {
+                    self.hand_over(i, &heir)?;
+                }
+            }
+        }
+        let rec = PeerRecord {
+            incarnation,
+            removed_by: None,
+        };
+        if rec.key() > self.record(me).key() {
+            self.peers.insert(me.clone(), rec);
+        }
+        Ok(())
+    }
+
+    /// Notes that `peer` told us it lives as `incarnation` (it wrote the same record
+    /// in its own ring when it came back), so that space given to it is its new
+    /// incarnation's.
+    pub fn note_alive(&mut self, peer: &PeerName, incarnation: u32) {
+        let rec = PeerRecord {
+            incarnation,
+            removed_by: None,
+        };
+        if rec.key() > self.record(peer).key() {
+            self.peers.insert(peer.clone(), rec);
+        }
+    }
+
+    /// Sum of the free counts of all entries overlapping `window`, by owner.
+    pub fn free_by_owner(&self, window: Span) -> BTreeMap<&PeerName, u64> {
+        let mut m = BTreeMap::new();
+        for i in 0..self.entries.len() {
+            let span = self.span_of(i);
+            if span.intersect(&window).is_empty() {
+                continue;
+            }
+            let e = &self.entries[i];
+            if e.free > 0 {
+                *m.entry(&e.owner).or_insert(0) += u64::from(e.free);
+            }
+        }
+        m
+    }
+
+    /// A 64-bit digest of the whole ring (FNV-1a), for anti-entropy: equal rings have
+    /// equal digests; different rings practically never do.
+    pub fn digest(&self) -> u64 {
+        let mut h = Fnv::new();
+        h.word(
+            u64::from(u32::from(self.range.network())) << 8 | u64::from(self.range.prefix_len()),
+        );
+        for p in &self.seeds {
+            h.bytes(p.as_str().as_bytes());
+        }
+        for e in &self.entries {
+            h.word(u64::from(e.start) << 32 | u64::from(e.version));
+            h.word(u64::from(e.free) << 32 | u64::from(e.era));
+            h.word(u64::from(e.inc));
+            h.bytes(e.owner.as_str().as_bytes());
+        }
+        for (name, r) in &self.peers {
+            h.bytes(name.as_str().as_bytes());
+            h.word(u64::from(r.incarnation));
+            if let Some(by) = &r.removed_by {
+                h.bytes(by.as_str().as_bytes());
+            }
+        }
+        h.0
+    }
+}
+
+/// FNV-1a style over 64-bit words (bytes in 8-byte chunks): cheap enough to run on
+/// every anti-entropy message.
+struct Fnv(u64);
+impl Fnv {
+    fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn word(&mut self, w: u64) {
+        self.0 = (self.0 ^ w).wrapping_mul(0x0000_0100_0000_01b3);
+        self.0 ^= self.0 >> 29;
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        let mut chunks = b.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.word(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        let mut w = [0u8; 8];
+        w[..rest.len()].copy_from_slice(rest);
+        self.word(u64::from_le_bytes(w) ^ ((b.len() as u64) << 56));
     }
 }
 
 /// `new` is in ring `with` only; `cover` is the entry of the other ring holding its address.
-fn check_split(new: &Entry, with: &[Entry], cover: &Entry) -> Result<(), RingError> {
-    let newer = with
+/// True: keep the cut (the covering entry is newer in `with`). False: drop it, because the
+/// other ring's covering entry changed hands (era) after the era in which the cut was made,
+/// by a takeover that never saw the cut; the takeover supersedes it. (A peer holding
+/// addresses in a dropped cut refuses the merge through `merge_as`.) Anything else means
+/// two peers cut the same addresses without seeing each other: an error.
+fn check_split(new: &Entry, with: &[Entry], cover: &Entry) -> Result<bool, RingError> {
+    let ours = with
         .binary_search_by_key(&cover.start, |e| e.start)
         .ok()
-        .is_some_and(|k| with[k].version > cover.version);
-    if newer {
-        Ok(())
-    } else {
-        Err(RingError::InconsistentSplit {
+        .map(|k| &with[k]);
+    match ours {
+        Some(o) if o.key() > cover.key() => Ok(true),
+        Some(o) if cover.era > o.era && new.era <= o.era => Ok(false),
+        _ => Err(RingError::InconsistentSplit {
             token: space::addr(new.start),
             owner: new.owner.clone(),
             cover: space::addr(cover.start),
-        })
+        }),
     }
 }
 
@@ -698,15 +996,85 @@ mod tests {
     }
 
     #[test]
-    fn merge_refuses_conflicts() {
+    fn equal_versions_resolve_deterministically() {
+        // Diverged free counts at one version (an owner that lost its latest state): the
+        // order is total, both sides pick the same, and the owner re-reports later.
         let base = Ring::seeded(net("10.0.0.0/24"), &[p(1), p(2)]).unwrap();
         let mut a = base.clone();
         a.report_free(&p(1), &[(ip("10.0.0.0"), 10)]).unwrap();
         let mut b = base.clone();
         b.report_free(&p(1), &[(ip("10.0.0.0"), 11)]).unwrap();
-        let before = a.clone();
-        assert!(matches!(a.merge(&b), Err(RingError::Conflict { .. })));
-        assert_eq!(a, before);
+        assert_eq!(merged(&a, &b), merged(&b, &a));
+        assert_eq!(merged(&a, &b).entries[0].free, 11);
+    }
+
+    #[test]
+    fn rmpeer_tombstones_and_stale_owner_cannot_resurrect() {
+        let base = Ring::seeded(net("10.0.0.0/24"), &[p(1), p(2), p(3)]).unwrap();
+        let mut y = base.clone();
+        assert!(matches!(
+            y.remove_peer(&p(2), &p(2)),
+            Err(RingError::RemoveSelf(_))
+        ));
+        let n = y.remove_peer(&p(2), &p(3)).unwrap();
+        assert_eq!(n, 85);
+        assert_eq!(y.total_owned(&p(3)), 0);
+        assert_eq!(y.remove_peer(&p(2), &p(3)).unwrap(), 0, "idempotent");
+        assert!(y.is_removed(&p(3)));
+        // The dead peer's stale replica kept changing its entry: it still loses.
+        let mut zombie = base.clone();
+        for f in 0..20 {
+            zombie.report_free(&p(3), &[(ip("10.0.0.171"), f)]).unwrap();
+        }
+        let m = merged(&y, &zombie);
+        assert_eq!(m, merged(&zombie, &y));
+        assert_eq!(m.total_owned(&p(3)), 0);
+        assert_eq!(m.owner_of(ip("10.0.0.200")), Some(&p(2)));
+        // Concurrent rmpeer by p1: the lower name wins, for the entries and the heir.
+        let mut x = base.clone();
+        x.report_free(&p(1), &[(ip("10.0.0.0"), 5)]).unwrap();
+        x.remove_peer(&p(1), &p(3)).unwrap();
+        let m1 = merged(&m, &x);
+        assert_eq!(m1, merged(&x, &m));
+        assert_eq!(m1.owner_of(ip("10.0.0.200")), Some(&p(1)));
+        assert_eq!(m1.heir_of(&p(3)), Some(p(1)));
+        // p2 sees it lost: nothing of p3 is left for p2 to adopt.
+        let mut after = m1.clone();
+        assert_eq!(after.adopt_orphans(&p(2)).unwrap(), 0);
+        // The removed peer comes back as incarnation 1 and owns nothing.
+        let mut back = m1.clone();
+        back.revive(&p(3), 1).unwrap();
+        assert!(!back.is_removed(&p(3)));
+        assert_eq!(back.total_owned(&p(3)), 0);
+        let m2 = merged(&m1, &back);
+        assert_eq!(m2.record(&p(3)).incarnation, 1);
+        assert!(!m2.is_removed(&p(3)));
+        // Removing the heir hands on what it inherited.
+        let mut z = m2.clone();
+        z.remove_peer(&p(2), &p(1)).unwrap();
+        assert_eq!(z.total_owned(&p(1)), 0);
+        assert_eq!(z.heir_of(&p(3)), None);
+        assert_eq!(z.owner_of(ip("10.0.0.200")), Some(&p(2)));
+        z.validate().unwrap();
+        assert_ne!(z.digest(), m2.digest());
+    }
+
+    #[test]
+    fn heir_inherits_late_entries_of_a_removed_peer() {
+        let base = Ring::seeded(net("10.0.0.0/24"), &[p(1), p(2)]).unwrap();
+        // p1 donated to p3 just before p3 died; p2 removed p3 without having seen it.
+        let mut donor = base.clone();
+        donor.split(&p(1), ip("10.0.0.64"), &p(3)).unwrap();
+        let mut remover = base.clone();
+        remover.remove_peer(&p(2), &p(3)).unwrap();
+        let mut m = merged(&remover, &donor);
+        assert_eq!(m.owner_of(ip("10.0.0.70")), Some(&p(3)));
+        assert_eq!(m.adopt_orphans(&p(2)).unwrap(), 64);
+        assert_eq!(m.owner_of(ip("10.0.0.70")), Some(&p(2)));
+        // Any peer computing the takeover gets the same entry.
+        let mut other = merged(&donor, &remover);
+        assert_eq!(other.adopt_orphans(&p(1)).unwrap(), 0);
+        assert_eq!(merged(&m, &other), m);
     }
 
     #[test]
@@ -732,6 +1100,8 @@ mod tests {
                 owner: p(3),
                 version: 0,
                 free: 0,
+                era: 0,
+                inc: 0,
             },
         );
         c.validate().unwrap();
@@ -784,6 +1154,8 @@ mod tests {
                 owner: p(2),
                 version: 0,
                 free: 64,
+                era: 0,
+                inc: 0,
             },
         );
         rogue.validate().unwrap();

@@ -212,6 +212,14 @@ impl AddrSet {
         }
     }
 
+    /// The lowest member >= `a`, if any.
+    pub fn next_member_from(&self, a: u32) -> Option<u32> {
+        if self.contains(a) {
+            return Some(a);
+        }
+        self.runs.range(a..).next().map(|(&s, _)| s)
+    }
+
     /// How many members fall inside `span`.
     pub fn count_in(&self, span: Span) -> u64 {
         if span.is_empty() {

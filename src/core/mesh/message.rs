@@ -5,13 +5,15 @@
 //! is small and rare, so its cost does not matter. Decoding is incremental (sans-I/O): the
 //! adapter feeds whatever bytes arrived and takes out whole messages.
 
+use crate::core::ipam::paxos::{Accepted, Ballot};
 use crate::core::ipam::Ring;
 use crate::core::mesh::PeerName;
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 
 pub const PROTOCOL: &str = "weft";
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Large enough for a ring of thousands of entries; a peer announcing more is broken or
 /// hostile and is disconnected rather than buffered.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -29,9 +31,13 @@ pub struct Hello {
     pub control_port: u16,
     pub data_port: u16,
     pub range: String,
-    /// The sender's ring, so a node joining an existing cluster adopts it before it could
-    /// decide to seed one of its own.
-    pub ring: Option<Ring>,
+    /// Digest of the sender's ring (None without one): a side that sees a different
+    /// digest sends its ring, so a node joining a cluster adopts the existing ring at once.
+    pub digest: Option<u64>,
+    /// The sender restarted and has not yet heard a live peer's ring: its ring may be
+    /// stale, so it does not vouch for anything.
+    #[serde(default)]
+    pub gated: bool,
 }
 
 /// What one peer knows about another, gossiped so that every node learns every owner's
@@ -45,7 +51,9 @@ pub struct PeerSummary {
     pub address: Option<Ipv4Addr>,
     pub control_port: u16,
     pub data_port: u16,
-    /// Names of the peers it has established connections with.
+    /// Names of the peers it has established connections with (only in the sender's own
+    /// summary: what a peer says about others' connections would be second-hand).
+    #[serde(default)]
     pub connections: Vec<PeerName>,
 }
 
@@ -53,11 +61,48 @@ pub struct PeerSummary {
 #[serde(tag = "type")]
 pub enum Message {
     Hello(Hello),
+    /// First-hand peer summaries and/or the sender's whole ring.
     Gossip {
         peers: Vec<PeerSummary>,
         ring: Option<Ring>,
+        /// As in `Hello`.
+        #[serde(default)]
+        gated: bool,
+        /// Answer to a `Digest`: if the merged ring still differs, send it back (once;
+        /// that reply does not ask again, so exchanges cannot ping-pong).
+        #[serde(default)]
+        answer: bool,
     },
     Heartbeat,
+    /// Anti-entropy probe: the receiver answers with its ring if its digest differs.
+    Digest {
+        ring: Option<u64>,
+    },
+    /// The sender has no free space (in `subnet`, or anywhere): please donate some.
+    SpaceRequest {
+        subnet: Option<Ipv4Net>,
+        #[serde(default)]
+        incarnation: u32,
+    },
+    /// Paxos phase 1a/1b/2a/2b, and a refusal carrying the acceptor's promise.
+    Prepare {
+        ballot: Ballot,
+    },
+    Promise {
+        ballot: Ballot,
+        accepted: Option<Accepted>,
+    },
+    Accept {
+        ballot: Ballot,
+        value: Vec<PeerName>,
+    },
+    Accepted {
+        ballot: Ballot,
+    },
+    Nack {
+        ballot: Ballot,
+        promised: Ballot,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +168,8 @@ mod tests {
             control_port: 6783,
             data_port: 6784,
             range: "192.168.0.0/16".into(),
-            ring: None,
+            digest: Some(7),
+            gated: false,
         })
     }
 

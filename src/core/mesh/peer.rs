@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PeerNameError {
@@ -10,10 +11,11 @@ pub enum PeerNameError {
     Malformed(String),
 }
 
-/// A peer's stable name: six hex octets, lower case, colon separated.
+/// A peer's stable name: six hex octets, lower case, colon separated. Shared (`Arc`):
+/// rings hold one per entry and are cloned on every gossip exchange.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct PeerName(String);
+pub struct PeerName(Arc<str>);
 
 impl PeerName {
     /// Parses `02:77:66:00:00:01` (case-insensitive); anything else is an error.
@@ -24,7 +26,7 @@ impl PeerName {
                 .iter()
                 .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
         if well_formed {
-            Ok(PeerName(s.to_ascii_lowercase()))
+            Ok(PeerName(s.to_ascii_lowercase().into()))
         } else {
             Err(PeerNameError::Malformed(s.to_string()))
         }
@@ -35,10 +37,13 @@ impl PeerName {
     /// header.
     pub fn from_bytes(mut b: [u8; 6]) -> Self {
         b[0] = (b[0] | 0x02) & !0x01;
-        PeerName(format!(
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        ))
+        PeerName(
+            format!(
+                "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                b[0], b[1], b[2], b[3], b[4], b[5]
+            )
+            .into(),
+        )
     }
 
     /// A stable name derived from a machine id (the contents of /etc/machine-id): the same
@@ -81,7 +86,7 @@ impl TryFrom<String> for PeerName {
 
 impl From<PeerName> for String {
     fn from(p: PeerName) -> String {
-        p.0
+        p.0.to_string()
     }
 }
 

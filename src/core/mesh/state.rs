@@ -1,11 +1,28 @@
 //! The node's control state machine: connections, peers, gossip and IPAM, driven by
 //! events (connection up, message in, connection closed, tick, local IPAM call) and
-//! answering with outputs for the I/O layer to carry out. No sockets, no clock.
+//! answering with outputs for the I/O layer to carry out. No sockets, no clock: time is
+//! the tick count, randomness a generator seeded from the configuration.
+//!
+//! Gossip, linear per peer in the cluster size:
+//! - Anti-entropy: every tick, one random neighbour gets a `Digest` of the ring; a
+//!   neighbour whose ring differs answers with its whole ring, and a receiver whose merged
+//!   ring still differs from what it received answers back (push-pull), so two rings
+//!   converge in one exchange and a change reaches everyone in O(log N) ticks.
+//! - Ownership changes made here (seeding, donation, rmpeer, comeback) are pushed at once
+//!   to `FANOUT` random neighbours (and a donation to its recipient); free-count changes
+//!   ride on anti-entropy only.
+//! - Peer summaries are first-hand: this node's own connections, and the address it
+//!   observes for each neighbour. A new neighbour gets them at once; otherwise every
+//!   `PEERS_EVERY` ticks they go to the anti-entropy neighbour.
+//!
+//! Per tick a node thus sends one digest, at most one ring per digest received, and
+//! heartbeats: O(N) bytes, where Weave sent every topology change to every neighbour.
 
 use crate::api::report::{
     ConnectionReport, IpamReport, OwnedReport, PeerConnectionReport, PeerReport, RingEntryReport,
 };
-use crate::core::ipam::{Ipam, IpamError};
+use crate::core::ipam::paxos::{Accepted, Ballot, Proposal, Step};
+use crate::core::ipam::{IpallocInit, Ipam, IpamError, ReclaimOutcome, Ring};
 use crate::core::mesh::message::{Hello, Message, PeerSummary, PROTOCOL, PROTOCOL_VERSION};
 use crate::core::mesh::PeerName;
 use ipnet::Ipv4Net;
@@ -14,21 +31,29 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 pub type ConnId = u64;
 
-/// Every `GOSSIP_EVERY` ticks the full state is resent to every neighbour, so a peer that
-/// missed an update (or was partitioned) converges without waiting for the next change.
-pub const GOSSIP_EVERY: u64 = 6;
+/// Every `PEERS_EVERY` ticks the peer summaries go to the anti-entropy neighbour.
+pub const PEERS_EVERY: u64 = 6;
+/// Neighbours an ownership change is pushed to at once.
+pub const FANOUT: usize = 3;
+/// Ticks before a space request is sent to another donor.
+pub const SPACE_RETRY: u64 = 2;
+/// A restarted node that has heard only other restarted nodes' rings allocates again
+/// after this many ticks (a whole cluster restarting must not wait forever).
+pub const GATE_TICKS: u64 = 6;
+/// Ticks before an unfinished Paxos round is abandoned.
+pub const PAXOS_TIMEOUT: u64 = 4;
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub name: PeerName,
     pub nickname: String,
+    /// Random per process start; also seeds the node's random choices.
     pub uid: u64,
     pub control_port: u16,
     pub data_port: u16,
     pub range: Ipv4Net,
-    /// How many peers (this one included) must be connected before the range is split
-    /// among them when no ring exists yet.
-    pub consensus: usize,
+    /// How the range is first divided (`--ipalloc-init`).
+    pub init: IpallocInit,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -44,11 +69,27 @@ pub enum Output {
     Persist,
     /// Ring or peer addresses changed: rebuild the data plane's route table.
     RoutesChanged,
-    /// IPAM just became ready (a ring exists).
+    /// IPAM became ready (a ring exists), or space this node waited for arrived: retry
+    /// waiting allocations.
     Ready,
     /// Something an operator must see in the log.
     Warn(String),
     Info(String),
+}
+
+/// Event counts for the report and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeCounters {
+    /// Received rings that were malformed or could not be merged (connection closed).
+    pub bad_gossip: u64,
+    /// Whole rings sent (anti-entropy answers, pushes, Hello answers).
+    pub rings_sent: u64,
+    pub digests_sent: u64,
+    pub paxos_rounds: u64,
+    pub space_requests_sent: u64,
+    pub donations_given: u64,
+    /// Times this peer found itself removed and came back as a new incarnation.
+    pub comebacks: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -70,6 +111,22 @@ struct KnownPeer {
     connections: Vec<PeerName>,
 }
 
+/// What a received ring's sender said about it (see `Message::Gossip`).
+#[derive(Clone, Copy, Debug)]
+struct RingFlags {
+    gated: bool,
+    answer: bool,
+}
+
+/// A space request in flight.
+#[derive(Clone, Debug)]
+struct Want {
+    subnet: Ipv4Net,
+    asked: Option<PeerName>,
+    at: u64,
+    tried: BTreeSet<PeerName>,
+}
+
 pub struct Node {
     cfg: NodeConfig,
     ipam: Ipam,
@@ -81,12 +138,35 @@ pub struct Node {
     ring_error: Option<String>,
     terminations: u64,
     ticks: u64,
+    rng: u64,
+    /// Restored with a ring naming other peers: no fresh allocation until a peer has
+    /// told us its ring, in case this peer was removed while it was down.
+    gated: bool,
+    /// Tick at which a gated node first merged a (gated) peer's ring.
+    gate_heard: Option<u64>,
+    proposal: Option<Proposal>,
+    next_proposal: u64,
+    proposal_attempts: u64,
+    max_round: u64,
+    /// Tick since which a quorum is connected, and of the last Prepare/Accept heard from
+    /// another proposer: higher-named peers wait longer before proposing, so that one
+    /// proposer usually runs alone instead of all of them duelling.
+    eligible_since: Option<u64>,
+    last_foreign: u64,
+    want: Option<Want>,
+    counters: NodeCounters,
 }
 
 impl Node {
     /// `ipam` may come from persisted state; if it already has a ring the node is ready at
-    /// once. Call [`Node::start`] next.
+    /// once (but allocates only once it has heard from a peer, if the ring names others).
+    /// Call [`Node::start`] next.
     pub fn new(cfg: NodeConfig, ipam: Ipam) -> Node {
+        let gated = ipam.ring().is_some_and(|r| {
+            r.seeds.iter().any(|s| s != &cfg.name) || r.entries.iter().any(|e| e.owner != cfg.name)
+        });
+        let rng = cfg.uid ^ 0x9e37_79b9_7f4a_7c15;
+        let max_round = ipam.acceptor().max_round();
         Node {
             cfg,
             ipam,
@@ -97,6 +177,17 @@ impl Node {
             ring_error: None,
             terminations: 0,
             ticks: 0,
+            rng,
+            gated,
+            gate_heard: None,
+            proposal: None,
+            next_proposal: 0,
+            proposal_attempts: 0,
+            max_round,
+            eligible_since: None,
+            last_foreign: 0,
+            want: None,
+            counters: NodeCounters::default(),
         }
     }
 
@@ -108,14 +199,58 @@ impl Node {
         &self.ipam
     }
 
-    /// Outputs due at start-up: a lone node (consensus 1) seeds at once.
+    pub fn counters(&self) -> &NodeCounters {
+        &self.counters
+    }
+
+    pub fn ticks(&self) -> u64 {
+        self.ticks
+    }
+
+    /// True while a restarted node waits to hear a peer's ring before allocating.
+    pub fn is_gated(&self) -> bool {
+        self.gated
+    }
+
+    /// Whether allocation can proceed now (a ring exists and no restart gate).
+    pub fn can_allocate(&self) -> bool {
+        self.ipam.is_ready() && !self.gated
+    }
+
+    /// splitmix64: deterministic for a given `uid`.
+    fn next_rand(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Outputs due at start-up: a seed list or a lone consensus node seeds at once.
     pub fn start(&mut self) -> Vec<Output> {
         let mut out = Vec::new();
         if self.ipam.is_ready() {
             out.push(Output::RoutesChanged);
             out.push(Output::Ready);
+            return out;
         }
-        self.maybe_seed(&mut out);
+        if let IpallocInit::Seed(seeds) = self.cfg.init.clone() {
+            match self.ipam.seed_any(&seeds) {
+                Ok(_) => {
+                    out.push(Output::Info(format!(
+                        "IP range {} seeded with {} peers (ipalloc-init {})",
+                        self.cfg.range,
+                        seeds.len(),
+                        self.cfg.init
+                    )));
+                    out.push(Output::Persist);
+                    out.push(Output::RoutesChanged);
+                    out.push(Output::Ready);
+                }
+                Err(e) => out.push(Output::Warn(format!("cannot seed IP ring: {e}"))),
+            }
+        }
+        self.maybe_propose(&mut out);
         out
     }
 
@@ -129,7 +264,8 @@ impl Node {
             control_port: self.cfg.control_port,
             data_port: self.cfg.data_port,
             range: self.cfg.range.to_string(),
-            ring: self.ipam.ring().cloned(),
+            digest: self.ipam.ring_digest(),
+            gated: self.gated,
         })
     }
 
@@ -150,18 +286,72 @@ impl Node {
         let Some(conn) = self.conns.get(&id).cloned() else {
             return out;
         };
-        match (msg, &conn.peer) {
-            (Message::Hello(h), None) => self.on_hello(id, &conn, h, &mut out),
-            (Message::Hello(_), Some(_)) => self.close(
+        let from = match (&msg, &conn.peer) {
+            (Message::Hello(_), None) => None,
+            (Message::Hello(_), Some(_)) => {
+                self.close(
+                    id,
+                    "protocol error: second Hello on one connection",
+                    &mut out,
+                );
+                return out;
+            }
+            (_, None) => {
+                self.close(id, "protocol error: message before Hello", &mut out);
+                return out;
+            }
+            (_, Some((from, _))) => Some(from.clone()),
+        };
+        match (msg, from) {
+            (Message::Hello(h), _) => self.on_hello(id, &conn, h, &mut out),
+            (_, None) => {}
+            (Message::Heartbeat, Some(_)) => {}
+            (
+                Message::Gossip {
+                    peers,
+                    ring,
+                    gated,
+                    answer,
+                },
+                Some(from),
+            ) => self.on_gossip(
                 id,
-                "protocol error: second Hello on one connection",
+                &from,
+                peers,
+                ring,
+                RingFlags { gated, answer },
                 &mut out,
             ),
-            (_, None) => self.close(id, "protocol error: message before Hello", &mut out),
-            (Message::Heartbeat, Some(_)) => {}
-            (Message::Gossip { peers, ring }, Some((from, _))) => {
-                let from = from.clone();
-                self.on_gossip(id, &from, peers, ring, &mut out)
+            (Message::Digest { ring }, Some(_)) => {
+                let mine = self.ipam.ring_digest();
+                if ring != mine {
+                    if mine.is_some() {
+                        self.send_ring_as(id, true, &mut out);
+                    } else {
+                        out.push(Output::Send(id, Message::Digest { ring: None }));
+                    }
+                }
+            }
+            (
+                Message::SpaceRequest {
+                    subnet,
+                    incarnation,
+                },
+                Some(from),
+            ) => self.on_space_request(id, &from, incarnation, subnet, &mut out),
+            (Message::Prepare { ballot }, Some(_)) => self.on_prepare(id, ballot, &mut out),
+            (Message::Promise { ballot, accepted }, Some(from)) => {
+                self.on_promise(from, ballot, accepted, &mut out)
+            }
+            (Message::Accept { ballot, value }, Some(_)) => {
+                self.on_accept(id, ballot, value, &mut out)
+            }
+            (Message::Accepted { ballot }, Some(from)) => self.on_accepted(from, ballot, &mut out),
+            (Message::Nack { ballot, promised }, Some(_)) => {
+                self.max_round = self.max_round.max(promised.round);
+                if self.proposal.as_ref().is_some_and(|p| p.ballot == ballot) {
+                    self.abandon_proposal();
+                }
             }
         }
         out
@@ -179,7 +369,6 @@ impl Node {
                 )));
                 // The peer stays known: its address still routes data, since the data
                 // plane does not depend on the control connection.
-                self.broadcast_gossip(&mut out);
             }
         }
         out
@@ -189,13 +378,47 @@ impl Node {
     pub fn on_tick(&mut self) -> Vec<Output> {
         self.ticks += 1;
         let mut out = Vec::new();
-        if self.ticks.is_multiple_of(GOSSIP_EVERY) {
-            self.broadcast_gossip(&mut out);
+        let ids = self.established_ids();
+        let target = if ids.is_empty() {
+            None
         } else {
-            for id in self.established_ids() {
+            Some(ids[(self.next_rand() % ids.len() as u64) as usize])
+        };
+        for &id in &ids {
+            if Some(id) != target {
                 out.push(Output::Send(id, Message::Heartbeat));
             }
         }
+        if let Some(t) = target {
+            self.counters.digests_sent += 1;
+            out.push(Output::Send(
+                t,
+                Message::Digest {
+                    ring: self.ipam.ring_digest(),
+                },
+            ));
+            if self.ticks.is_multiple_of(PEERS_EVERY) {
+                out.push(Output::Send(
+                    t,
+                    Message::Gossip {
+                        peers: self.summaries(),
+                        ring: None,
+                        gated: self.gated,
+
+                        answer: false,
+                    },
+                ));
+            }
+        }
+        if self.gated
+            && self
+                .gate_heard
+                .is_some_and(|t| self.ticks >= t + GATE_TICKS)
+        {
+            self.open_gate(&mut out);
+        }
+        self.maybe_propose(&mut out);
+        self.retry_space(&mut out);
         out
     }
 
@@ -268,11 +491,6 @@ impl Node {
                 return self.close(id, &why, out);
             }
         }
-        if let Some(ring) = &h.ring {
-            if !self.merge_ring(id, ring, &h.name, out) {
-                return;
-            }
-        }
         if let Some(c) = self.conns.get_mut(&id) {
             c.peer = Some((h.name.clone(), h.uid));
         }
@@ -299,34 +517,139 @@ impl Node {
             h.name, h.nickname, conn.remote
         )));
         out.push(Output::RoutesChanged);
-        self.maybe_seed(out);
-        // Our own connection set changed: everyone (the new peer included) hears of it.
-        self.broadcast_gossip(out);
+        // The new neighbour learns whom we know at once, and our ring if it differs.
+        out.push(Output::Send(
+            id,
+            Message::Gossip {
+                peers: self.summaries(),
+                ring: None,
+                gated: self.gated,
+
+                answer: false,
+            },
+        ));
+        let mine = self.ipam.ring_digest();
+        if h.digest != mine {
+            if mine.is_some() {
+                self.send_ring(id, out);
+            }
+        } else if mine.is_some() && !h.gated {
+            self.open_gate(out);
+        }
+        self.maybe_propose(out);
     }
 
-    /// Merges a ring received from `from`; on a conflict the connection is closed and the
+    fn send_ring(&mut self, id: ConnId, out: &mut Vec<Output>) {
+        self.send_ring_as(id, false, out)
+    }
+
+    fn send_ring_as(&mut self, id: ConnId, answer: bool, out: &mut Vec<Output>) {
+        if let Some(ring) = self.ipam.ring() {
+            self.counters.rings_sent += 1;
+            out.push(Output::Send(
+                id,
+                Message::Gossip {
+                    peers: Vec::new(),
+                    ring: Some(ring.clone()),
+                    gated: self.gated,
+                    answer,
+                },
+            ));
+        }
+    }
+
+    /// Pushes the ring to `FANOUT` random neighbours (ownership changed here).
+    fn push_ring(&mut self, out: &mut Vec<Output>, also: Option<ConnId>) {
+        let mut ids = self.established_ids();
+        let mut chosen = Vec::new();
+        if let Some(a) = also {
+            chosen.push(a);
+            ids.retain(|&i| i != a);
+        }
+        while chosen.len() < FANOUT + usize::from(also.is_some()) && !ids.is_empty() {
+            let k = (self.next_rand() % ids.len() as u64) as usize;
+            chosen.push(ids.swap_remove(k));
+        }
+        for id in chosen {
+            self.send_ring(id, out);
+        }
+    }
+
+    fn open_gate(&mut self, out: &mut Vec<Output>) {
+        if self.gated {
+            self.gated = false;
+            out.push(Output::Info(
+                "heard the ring from a peer after restart: allocating again".into(),
+            ));
+            out.push(Output::Ready);
+        }
+    }
+
+    /// Merges a ring received from `from`; on a failure the connection is closed and the
     /// error kept for `/status`. Returns whether the connection may continue.
     fn merge_ring(
         &mut self,
         id: ConnId,
-        ring: &crate::core::ipam::Ring,
+        ring: &Ring,
         from: &PeerName,
+        flags: RingFlags,
         out: &mut Vec<Output>,
     ) -> bool {
+        let RingFlags {
+            gated: from_gated,
+            answer,
+        } = flags;
         let was_ready = self.ipam.is_ready();
         match self.ipam.merge_ring(ring) {
-            Ok(changed) => {
-                if changed {
+            Ok(o) => {
+                if let Some((inc, dropped)) = &o.revived {
+                    self.counters.comebacks += 1;
+                    out.push(Output::Warn(format!(
+                        "this peer ({}) was removed from the ring (rmpeer) while it was away: \
+                         dropped {} stale allocations and rejoined as incarnation {inc}",
+                        self.cfg.name,
+                        dropped.len()
+                    )));
+                }
+                if o.adopted > 0 {
+                    out.push(Output::Info(format!(
+                        "inherited {} addresses of removed peers",
+                        o.adopted
+                    )));
+                }
+                for c in &o.reclaim.conflicts {
+                    out.push(Output::Warn(c.clone()));
+                }
+                if o.changed {
                     out.push(Output::Persist);
                     out.push(Output::RoutesChanged);
                     if !was_ready {
                         out.push(Output::Ready);
                     }
-                    self.broadcast_gossip(out);
+                    if self.ring_error.is_some() {
+                        self.ring_error = None;
+                    }
                 }
+                if !was_ready {
+                    self.proposal = None;
+                }
+                if !from_gated {
+                    self.open_gate(out);
+                } else if self.gated {
+                    self.gate_heard.get_or_insert(self.ticks);
+                }
+                if o.revived.is_some() || o.adopted > 0 {
+                    self.push_ring(out, None);
+                }
+                // Push-pull: if the sender lacks something we have, tell it.
+                if answer && self.ipam.ring() != Some(ring) {
+                    self.send_ring(id, out);
+                }
+                self.check_want(out);
                 true
             }
             Err(e) => {
+                self.counters.bad_gossip += 1;
                 let why = format!("cannot merge IP ring from {from}: {e}");
                 self.ring_error = Some(why.clone());
                 out.push(Output::Warn(why.clone()));
@@ -341,13 +664,17 @@ impl Node {
         id: ConnId,
         from: &PeerName,
         peers: Vec<PeerSummary>,
-        ring: Option<crate::core::ipam::Ring>,
+        ring: Option<Ring>,
+        flags: RingFlags,
         out: &mut Vec<Output>,
     ) {
         if let Some(ring) = ring {
-            if !self.merge_ring(id, &ring, from, out) {
+            if !self.merge_ring(id, &ring, from, flags, out) {
                 return;
             }
+        }
+        if peers.is_empty() {
+            return;
         }
         let direct: BTreeSet<PeerName> = self.established_peers().into_iter().collect();
         for p in peers {
@@ -364,6 +691,10 @@ impl Node {
             if direct.contains(&p.name) {
                 continue;
             }
+            // A peer removed from the ring stays forgotten until it connects again.
+            if self.ipam.ring().is_some_and(|r| r.is_removed(&p.name)) {
+                continue;
+            }
             let changed = match self.peers.get(&p.name) {
                 None => true,
                 Some(k) => k.uid != p.uid || k.address != p.address || k.data_port != p.data_port,
@@ -377,7 +708,7 @@ impl Node {
                         address: p.address,
                         control_port: p.control_port,
                         data_port: p.data_port,
-                        connections: p.connections.clone(),
+                        connections: Vec::new(),
                     },
                 );
                 out.push(Output::RoutesChanged);
@@ -397,47 +728,320 @@ impl Node {
         self.dialled.insert(target);
     }
 
-    /// Splits the range among the connected peers once enough of them are here. Every node
-    /// of a fully connected set computes the same split, so their rings are identical.
-    fn maybe_seed(&mut self, out: &mut Vec<Output>) {
-        if self.ipam.is_ready() {
-            return;
-        }
-        let mut members = self.established_peers();
-        members.push(self.cfg.name.clone());
-        members.sort();
-        members.dedup();
-        if members.len() < self.quorum() {
-            return;
-        }
-        match self.ipam.seed(&members) {
-            Ok(true) => {
-                out.push(Output::Info(format!(
-                    "IP range {} split among {} peers",
-                    self.cfg.range,
-                    members.len()
-                )));
-                out.push(Output::Persist);
-                out.push(Output::RoutesChanged);
-                out.push(Output::Ready);
-                self.broadcast_gossip(out);
-            }
-            Ok(false) => {}
-            Err(e) => out.push(Output::Warn(format!("cannot seed IP ring: {e}"))),
+    // ---- consensus ----
+
+    /// Acceptors needed: a majority of `consensus=N` (PEER targets that turned out to be
+    /// this node do not count towards N).
+    fn quorum(&self) -> usize {
+        match self.cfg.init {
+            IpallocInit::Consensus(n) => n.saturating_sub(self.self_targets).max(1) / 2 + 1,
+            _ => 1,
         }
     }
 
-    fn quorum(&self) -> usize {
-        self.cfg.consensus.saturating_sub(self.self_targets).max(1)
+    fn is_acceptor(&self) -> bool {
+        matches!(self.cfg.init, IpallocInit::Consensus(_))
+    }
+
+    fn maybe_propose(&mut self, out: &mut Vec<Output>) {
+        if self.ipam.is_ready() || !self.is_acceptor() {
+            return;
+        }
+        if let Some(p) = &self.proposal {
+            if self.ticks < p.started + PAXOS_TIMEOUT {
+                return;
+            }
+            self.abandon_proposal();
+        }
+        let mut members = self.established_peers();
+        if members.len() + 1 < self.quorum() {
+            self.eligible_since = None;
+            return;
+        }
+        let since = *self.eligible_since.get_or_insert(self.ticks);
+        let rank = members.iter().filter(|p| **p < self.cfg.name).count() as u64;
+        if rank > 0 && self.ticks < since.max(self.last_foreign) + rank * PAXOS_TIMEOUT {
+            return;
+        }
+        if self.ticks < self.next_proposal {
+            return;
+        }
+        members.push(self.cfg.name.clone());
+        self.max_round = self.max_round.max(self.ipam.acceptor().max_round()) + 1;
+        let ballot = Ballot {
+            round: self.max_round,
+            proposer: self.cfg.name.clone(),
+        };
+        self.counters.paxos_rounds += 1;
+        self.proposal = Some(Proposal::new(
+            ballot.clone(),
+            self.quorum(),
+            members,
+            self.ticks,
+        ));
+        out.push(Output::Info(format!(
+            "proposing the initial IP ring members (round {}, quorum {})",
+            ballot.round,
+            self.quorum()
+        )));
+        for id in self.established_ids() {
+            out.push(Output::Send(
+                id,
+                Message::Prepare {
+                    ballot: ballot.clone(),
+                },
+            ));
+        }
+        // This node is an acceptor too.
+        let (r, changed) = self.ipam.acceptor_mut().prepare(&ballot);
+        if changed {
+            out.push(Output::Persist);
+        }
+        if let Ok(acc) = r {
+            let me = self.cfg.name.clone();
+            self.on_promise(me, ballot, acc, out);
+        }
+    }
+
+    fn abandon_proposal(&mut self) {
+        self.proposal = None;
+        self.proposal_attempts += 1;
+        // Deterministic per-peer backoff of 1 to 3 ticks breaks duelling proposers.
+        let jitter = 1 + self.next_rand() % 3;
+        self.next_proposal = self.ticks + jitter;
+    }
+
+    fn on_prepare(&mut self, id: ConnId, ballot: Ballot, out: &mut Vec<Output>) {
+        self.max_round = self.max_round.max(ballot.round);
+        self.last_foreign = self.ticks;
+        if self.ipam.is_ready() {
+            // Already decided: the ring is the answer.
+            return self.send_ring(id, out);
+        }
+        if !self.is_acceptor() {
+            return;
+        }
+        let (r, changed) = self.ipam.acceptor_mut().prepare(&ballot);
+        if changed {
+            out.push(Output::Persist);
+        }
+        let msg = match r {
+            Ok(accepted) => Message::Promise { ballot, accepted },
+            Err(promised) => Message::Nack { ballot, promised },
+        };
+        out.push(Output::Send(id, msg));
+    }
+
+    fn on_promise(
+        &mut self,
+        from: PeerName,
+        ballot: Ballot,
+        accepted: Option<Accepted>,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(p) = self.proposal.as_mut().filter(|p| p.ballot == ballot) else {
+            return;
+        };
+        if let Step::SendAccept(value) = p.on_promise(from, accepted) {
+            let promisers: Vec<PeerName> = p.promises.keys().cloned().collect();
+            for id in self.established_ids() {
+                let to = self
+                    .conns
+                    .get(&id)
+                    .and_then(|c| c.peer.as_ref())
+                    .map(|p| &p.0);
+                if to.is_some_and(|n| promisers.contains(n)) {
+                    out.push(Output::Send(
+                        id,
+                        Message::Accept {
+                            ballot: ballot.clone(),
+                            value: value.clone(),
+                        },
+                    ));
+                }
+            }
+            let (r, changed) = self.ipam.acceptor_mut().accept(&ballot, &value);
+            if changed {
+                out.push(Output::Persist);
+            }
+            if r.is_ok() {
+                let me = self.cfg.name.clone();
+                self.on_accepted(me, ballot, out);
+            }
+        }
+    }
+
+    fn on_accept(
+        &mut self,
+        id: ConnId,
+        ballot: Ballot,
+        value: Vec<PeerName>,
+        out: &mut Vec<Output>,
+    ) {
+        self.max_round = self.max_round.max(ballot.round);
+        self.last_foreign = self.ticks;
+        if self.ipam.is_ready() {
+            return self.send_ring(id, out);
+        }
+        if !self.is_acceptor() {
+            return;
+        }
+        let (r, changed) = self.ipam.acceptor_mut().accept(&ballot, &value);
+        if changed {
+            out.push(Output::Persist);
+        }
+        let msg = match r {
+            Ok(()) => Message::Accepted { ballot },
+            Err(promised) => Message::Nack { ballot, promised },
+        };
+        out.push(Output::Send(id, msg));
+    }
+
+    fn on_accepted(&mut self, from: PeerName, ballot: Ballot, out: &mut Vec<Output>) {
+        let Some(p) = self.proposal.as_mut().filter(|p| p.ballot == ballot) else {
+            return;
+        };
+        if let Step::Decided(value) = p.on_accepted(from) {
+            self.proposal = None;
+            if self.ipam.is_ready() {
+                return;
+            }
+            match self.ipam.seed_any(&value) {
+                Ok(_) => {
+                    let names: Vec<&str> = value.iter().map(PeerName::as_str).collect();
+                    out.push(Output::Info(format!(
+                        "consensus reached: IP range {} split among [{}]",
+                        self.cfg.range,
+                        names.join(" ")
+                    )));
+                    out.push(Output::Persist);
+                    out.push(Output::RoutesChanged);
+                    out.push(Output::Ready);
+                    // The decision goes to every neighbour once.
+                    for id in self.established_ids() {
+                        self.send_ring(id, out);
+                    }
+                }
+                Err(e) => out.push(Output::Warn(format!("cannot seed IP ring: {e}"))),
+            }
+        }
     }
 
     /// A target turned out to be this node: it no longer counts towards consensus.
     pub fn target_is_self(&mut self) -> Vec<Output> {
         self.self_targets += 1;
         let mut out = Vec::new();
-        self.maybe_seed(&mut out);
+        self.maybe_propose(&mut out);
         out
     }
+
+    // ---- space on demand ----
+
+    /// Asks the connected peer with the most free space in the wanted subnet (skipping
+    /// those already tried, until all were) to donate some.
+    fn ask_space(&mut self, out: &mut Vec<Output>) {
+        let Some(want) = &self.want else {
+            return;
+        };
+        let Some(ring) = self.ipam.ring() else {
+            return;
+        };
+        let window = self.ipam.window(want.subnet);
+        let free = ring.free_by_owner(window);
+        let connected: BTreeMap<PeerName, ConnId> = self
+            .conns
+            .iter()
+            .filter_map(|(&id, c)| c.peer.as_ref().map(|p| (p.0.clone(), id)))
+            .collect();
+        let pick = |tried: &BTreeSet<PeerName>| {
+            free.iter()
+                .filter(|(o, f)| **f > 0 && connected.contains_key(**o) && !tried.contains(**o))
+                .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
+                .map(|(o, _)| (*o).clone())
+        };
+        let mut donor = pick(&want.tried);
+        if donor.is_none() && !want.tried.is_empty() {
+            donor = pick(&BTreeSet::new());
+            if let Some(w) = self.want.as_mut() {
+                w.tried.clear();
+            }
+        }
+        let Some(want) = self.want.as_mut() else {
+            return;
+        };
+        want.at = self.ticks;
+        want.asked = donor.clone();
+        let Some(donor) = donor else {
+            return;
+        };
+        want.tried.insert(donor.clone());
+        let subnet = (want.subnet != self.cfg.range).then_some(want.subnet);
+        self.counters.space_requests_sent += 1;
+        out.push(Output::Send(
+            connected[&donor],
+            Message::SpaceRequest {
+                subnet,
+                incarnation: self.ipam.incarnation(),
+            },
+        ));
+    }
+
+    fn retry_space(&mut self, out: &mut Vec<Output>) {
+        if self
+            .want
+            .as_ref()
+            .is_some_and(|w| self.ticks >= w.at + SPACE_RETRY)
+        {
+            self.ask_space(out);
+        }
+    }
+
+    /// Space arrived for a waiting allocation: wake the waiters.
+    fn check_want(&mut self, out: &mut Vec<Output>) {
+        let Some(want) = &self.want else {
+            return;
+        };
+        let Some(ring) = self.ipam.ring() else {
+            return;
+        };
+        let window = self.ipam.window(want.subnet);
+        let mine = ring
+            .free_by_owner(window)
+            .get(&self.cfg.name)
+            .copied()
+            .unwrap_or(0);
+        if mine > 0 {
+            self.want = None;
+            out.push(Output::Ready);
+        }
+    }
+
+    fn on_space_request(
+        &mut self,
+        id: ConnId,
+        from: &PeerName,
+        incarnation: u32,
+        subnet: Option<Ipv4Net>,
+        out: &mut Vec<Output>,
+    ) {
+        match self.ipam.donate(from, incarnation, subnet) {
+            Ok(Some(block)) => {
+                self.counters.donations_given += 1;
+                out.push(Output::Info(format!("gave {block} to {from}")));
+                out.push(Output::Persist);
+                out.push(Output::RoutesChanged);
+                self.push_ring(out, Some(id));
+            }
+            // Nothing to give: our ring at least shows the requester who has space.
+            Ok(None) => self.send_ring(id, out),
+            Err(e) => {
+                out.push(Output::Warn(format!("cannot give space to {from}: {e}")));
+                self.send_ring(id, out);
+            }
+        }
+    }
+
+    // ---- helpers ----
 
     fn established_ids(&self) -> Vec<ConnId> {
         self.conns
@@ -454,6 +1058,8 @@ impl Node {
             .collect()
     }
 
+    /// First-hand: this node with its connections, and each neighbour at the address this
+    /// node observes (without the neighbour's own connections, which would be hearsay).
     fn summaries(&self) -> Vec<PeerSummary> {
         let direct = self.established_peers();
         let mut v = vec![PeerSummary {
@@ -474,21 +1080,11 @@ impl Node {
                     address: k.address,
                     control_port: k.control_port,
                     data_port: k.data_port,
-                    connections: k.connections.clone(),
+                    connections: Vec::new(),
                 });
             }
         }
         v
-    }
-
-    fn broadcast_gossip(&self, out: &mut Vec<Output>) {
-        let msg = Message::Gossip {
-            peers: self.summaries(),
-            ring: self.ipam.ring().cloned(),
-        };
-        for id in self.established_ids() {
-            out.push(Output::Send(id, msg.clone()));
-        }
     }
 
     fn nickname_of(&self, name: &PeerName) -> String {
@@ -501,19 +1097,42 @@ impl Node {
             .unwrap_or_default()
     }
 
-    fn after_ipam_change(&self, out: &mut Vec<Output>) {
-        out.push(Output::Persist);
-        self.broadcast_gossip(out);
+    // ---- local IPAM calls ----
+
+    /// Runs an allocation; on `NotReady` with a ring (no free space of ours) asks a donor.
+    fn allocating(
+        &mut self,
+        id: &str,
+        subnet: Ipv4Net,
+    ) -> (Result<Ipv4Addr, IpamError>, Vec<Output>) {
+        let mut out = Vec::new();
+        if self.gated && self.ipam.lookup(id).is_none() {
+            return (Err(IpamError::NotReady), out);
+        }
+        let before = self.ipam.lookup(id);
+        let r = self.ipam.allocate_in(id, subnet);
+        match &r {
+            Ok(_) if before.is_none() => out.push(Output::Persist),
+            Err(IpamError::NotReady) if self.ipam.is_ready() => {
+                let subnet = subnet.trunc();
+                let fresh = self.want.as_ref().is_none_or(|w| w.subnet != subnet);
+                if fresh {
+                    self.want = Some(Want {
+                        subnet,
+                        asked: None,
+                        at: self.ticks,
+                        tried: BTreeSet::new(),
+                    });
+                    self.ask_space(&mut out);
+                }
+            }
+            _ => {}
+        }
+        (r, out)
     }
 
     pub fn allocate(&mut self, id: &str) -> (Result<Ipv4Addr, IpamError>, Vec<Output>) {
-        let before = self.ipam.lookup(id);
-        let r = self.ipam.allocate(id);
-        let mut out = Vec::new();
-        if r.is_ok() && before.is_none() {
-            self.after_ipam_change(&mut out);
-        }
-        (r, out)
+        self.allocating(id, self.cfg.range)
     }
 
     pub fn allocate_in(
@@ -521,13 +1140,7 @@ impl Node {
         id: &str,
         subnet: Ipv4Net,
     ) -> (Result<Ipv4Addr, IpamError>, Vec<Output>) {
-        let before = self.ipam.lookup(id);
-        let r = self.ipam.allocate_in(id, subnet);
-        let mut out = Vec::new();
-        if r.is_ok() && before.is_none() {
-            self.after_ipam_change(&mut out);
-        }
-        (r, out)
+        self.allocating(id, subnet)
     }
 
     pub fn claim(&mut self, id: &str, addr: Ipv4Addr) -> (Result<(), IpamError>, Vec<Output>) {
@@ -535,7 +1148,7 @@ impl Node {
         let r = self.ipam.claim(id, addr);
         let mut out = Vec::new();
         if r.is_ok() && before != Some(addr) {
-            self.after_ipam_change(&mut out);
+            out.push(Output::Persist);
         }
         (r, out)
     }
@@ -544,7 +1157,50 @@ impl Node {
         let r = self.ipam.free(id);
         let mut out = Vec::new();
         if r.is_some() {
-            self.after_ipam_change(&mut out);
+            out.push(Output::Persist);
+        }
+        (r, out)
+    }
+
+    /// `weft rmpeer NAME` / `DELETE /peer/{name}`, and what automatic reclaim in
+    /// Kubernetes calls on a Node deletion: hands every range of the dead peer to this one
+    /// and tombstones it so that it cannot resurrect them. Refused for this peer itself and
+    /// for a peer currently connected. Idempotent; two nodes removing the same peer
+    /// concurrently end with one owner (the lower name) once their rings merge.
+    pub fn rmpeer(&mut self, name: &PeerName) -> (Result<u64, IpamError>, Vec<Output>) {
+        let mut out = Vec::new();
+        if name == &self.cfg.name {
+            return (Err(IpamError::RemoveSelf(name.clone())), out);
+        }
+        if self.established_peers().contains(name) {
+            return (Err(IpamError::RemoveConnected(name.clone())), out);
+        }
+        let r = self.ipam.rmpeer(name);
+        if let Ok(n) = &r {
+            out.push(Output::Info(format!(
+                "removed peer {name}: took over {n} addresses"
+            )));
+            self.peers.remove(name);
+            out.push(Output::Persist);
+            out.push(Output::RoutesChanged);
+            self.push_ring(&mut out, None);
+            self.check_want(&mut out);
+        }
+        (r, out)
+    }
+
+    /// After a restart: re-claims `(container id, address)` pairs found on local pod
+    /// interfaces. Addresses in our space are claimed now; without a ring they stay pending
+    /// (never handed out meanwhile) until it arrives; one owned by another peer is reported
+    /// as a conflict, never taken.
+    pub fn reclaim(&mut self, claims: Vec<(String, Ipv4Addr)>) -> (ReclaimOutcome, Vec<Output>) {
+        let mut out = Vec::new();
+        let r = self.ipam.reclaim(claims);
+        for c in &r.conflicts {
+            out.push(Output::Warn(c.clone()));
+        }
+        if !r.claimed.is_empty() {
+            out.push(Output::Persist);
         }
         (r, out)
     }
@@ -597,11 +1253,23 @@ impl Node {
             }
         }
         if !self.ipam.is_ready() {
-            let known = self.established_peers().len() + 1;
-            return format!(
-                "awaiting consensus (quorum: {}, known: {known})",
-                self.quorum()
-            );
+            return match &self.cfg.init {
+                IpallocInit::Observer => "observer: waiting for the ring from a peer".into(),
+                IpallocInit::Seed(_) => "waiting for the ring".into(),
+                IpallocInit::Consensus(_) => {
+                    let known = self.established_peers().len() + 1;
+                    format!(
+                        "awaiting consensus (quorum: {}, known: {known})",
+                        self.quorum()
+                    )
+                }
+            };
+        }
+        if self.gated {
+            return "restarted: waiting to hear the ring from a peer before allocating".into();
+        }
+        if self.want.is_some() {
+            return "waiting for IP range grant from peers".into();
         }
         let Some(ring) = self.ipam.ring() else {
             return "idle".into();
@@ -729,7 +1397,7 @@ impl Node {
             entries,
             owned,
             pending_allocates: 0,
-            pending_claims: 0,
+            pending_claims: self.ipam.pending_count(),
         }
     }
 }
@@ -763,7 +1431,7 @@ mod tests {
             control_port: 6783,
             data_port: 6784,
             range: range(),
-            consensus,
+            init: IpallocInit::Consensus(consensus),
         };
         Node::new(cfg, Ipam::new(name(i), range()))
     }
@@ -834,6 +1502,16 @@ mod tests {
             }
         }
 
+        fn tick_all(&mut self) {
+            for _ in 0..3 {
+                for i in 0..self.nodes.len() {
+                    let o = self.nodes[i].on_tick();
+                    self.absorb(i, o);
+                }
+                self.run();
+            }
+        }
+
         fn run(&mut self) {
             let mut steps = 0;
             while let Some((to, id, m)) = self.queue.pop_front() {
@@ -852,20 +1530,20 @@ mod tests {
     fn three_nodes_agree_on_one_ring_in_any_connection_order() {
         for order in [[(0, 1), (1, 2), (0, 2)], [(2, 0), (0, 1), (2, 1)]] {
             let mut net = Net::new(vec![node(1, 3, 11), node(2, 3, 12), node(3, 3, 13)]);
-            for (step, (a, b)) in order.into_iter().enumerate() {
+            assert!(
+                net.nodes.iter().all(|n| !n.ipam().is_ready()),
+                "alone: no quorum"
+            );
+            for (a, b) in order {
                 net.connect(a, b);
                 net.run();
-                if step == 0 {
-                    // Two of three: no quorum for consensus=3 yet.
-                    assert!(net.nodes.iter().all(|n| !n.ipam().is_ready()));
-                }
             }
             let rings: Vec<_> = net.nodes.iter().map(|n| n.ipam().ring().cloned()).collect();
             assert!(rings[0].is_some());
             assert!(rings.iter().all(|r| r == &rings[0]));
-            for n in &net.nodes {
-                assert!(n.ipam().ring().unwrap().total_owned(&n.config().name) > 0);
-            }
+            // The first two connected decided (quorum 2 of 3); the third owns nothing yet.
+            assert_eq!(rings[0].as_ref().unwrap().seeds.len(), 2);
+            assert!(net.closed.is_empty(), "{:?}", net.closed);
         }
     }
 
@@ -885,11 +1563,11 @@ mod tests {
 
     #[test]
     fn a_second_node_with_the_same_name_is_refused() {
-        let mut a = node(1, 1, 11);
-        let mut impostor = node(2, 1, 99);
+        let mut a = node(1, 2, 11);
+        let mut impostor = node(2, 2, 99);
         impostor.cfg.name = name(1);
-        let mut net = Net::new(vec![node(3, 1, 13)]);
-        net.nodes.push(std::mem::replace(&mut a, node(9, 1, 0)));
+        let mut net = Net::new(vec![node(3, 2, 13)]);
+        net.nodes.push(std::mem::replace(&mut a, node(9, 2, 0)));
         net.nodes.push(impostor);
         net.connect(0, 1);
         net.run();
@@ -944,12 +1622,13 @@ mod tests {
         let (r, outs) = net.nodes[0].allocate("c1");
         let addr = r.unwrap();
         assert!(outs.contains(&Output::Persist));
-        assert!(outs
-            .iter()
-            .any(|o| matches!(o, Output::Send(_, Message::Gossip { .. }))));
         let (again, outs) = net.nodes[0].allocate("c1");
         assert_eq!(again.unwrap(), addr);
         assert!(outs.is_empty(), "repeating an allocation changes nothing");
+        // Anti-entropy carries the new free count within a tick.
+        assert_ne!(net.nodes[0].ipam().ring(), net.nodes[1].ipam().ring());
+        net.tick_all();
+        assert_eq!(net.nodes[0].ipam().ring(), net.nodes[1].ipam().ring());
         assert_eq!(
             net.nodes[1]
                 .ipam()
@@ -958,5 +1637,89 @@ mod tests {
                 .owner_of(u32::from(addr)),
             Some(&name(1))
         );
+    }
+
+    #[test]
+    fn rmpeer_rules() {
+        let mut net = Net::new(vec![node(1, 3, 11), node(2, 3, 12), node(3, 3, 13)]);
+        net.connect(0, 1);
+        net.connect(1, 2);
+        net.connect(0, 2);
+        net.run();
+        let (r, _) = net.nodes[0].rmpeer(&name(1));
+        assert!(matches!(r, Err(IpamError::RemoveSelf(_))));
+        let (r, _) = net.nodes[0].rmpeer(&name(2));
+        assert!(matches!(r, Err(IpamError::RemoveConnected(_))));
+        let owned = net.nodes[0].ipam().ring().unwrap().total_owned(&name(2));
+        assert!(owned > 0);
+        // Node 2 dies: its connections close; node 1 removes it and gets its space.
+        let ids: Vec<ConnId> = net
+            .links
+            .iter()
+            .filter(|(_, &(a, b))| a == 1 || b == 1)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            let (a, b) = net.links.remove(&id).unwrap();
+            let other = if a == 1 { b } else { a };
+            let o = net.nodes[other].on_closed(id, "reset");
+            net.absorb(other, o);
+        }
+        let (r, outs) = net.nodes[0].rmpeer(&name(2));
+        assert_eq!(r.unwrap(), owned);
+        assert!(outs.contains(&Output::Persist));
+        let (again, _) = net.nodes[0].rmpeer(&name(2));
+        assert_eq!(again.unwrap(), 0, "idempotent");
+        net.run();
+        net.tick_all();
+        let ring = net.nodes[2].ipam().ring().unwrap();
+        assert_eq!(ring.total_owned(&name(2)), 0);
+        assert!(ring.is_removed(&name(2)));
+    }
+
+    #[test]
+    fn reclaim_waits_for_the_ring_and_never_hands_out_pending_addresses() {
+        let mut n = node(1, 2, 11);
+        let mine: Ipv4Addr = "192.168.0.1".parse().unwrap();
+        let theirs: Ipv4Addr = "192.168.200.1".parse().unwrap();
+        let (r, _) = n.reclaim(vec![("pod-a".into(), mine), ("pod-b".into(), theirs)]);
+        assert_eq!(r.pending, 2);
+        assert_eq!(n.ipam_report().pending_claims, 2);
+        let mut net = Net::new(vec![n, node(2, 2, 12)]);
+        net.connect(0, 1);
+        net.run();
+        let ipam = net.nodes[0].ipam();
+        assert_eq!(ipam.lookup("pod-a"), Some(mine));
+        assert_eq!(
+            ipam.lookup("pod-b"),
+            None,
+            "owned by the other peer: not stolen"
+        );
+        assert_eq!(ipam.pending_count(), 0);
+        let (a, _) = net.nodes[0].allocate("new");
+        assert_ne!(a.unwrap(), mine);
+    }
+
+    #[test]
+    fn bad_gossip_is_counted_and_does_not_touch_the_ring() {
+        let mut net = Net::new(vec![node(1, 2, 11), node(2, 2, 12)]);
+        let c = net.connect(0, 1);
+        net.run();
+        let before = net.nodes[0].ipam().ring().cloned();
+        let mut bad = before.clone().unwrap();
+        bad.entries.swap(0, 1);
+        let outs = net.nodes[0].on_message(
+            c,
+            Message::Gossip {
+                peers: Vec::new(),
+                ring: Some(bad),
+                gated: false,
+
+                answer: false,
+            },
+        );
+        assert!(outs.iter().any(|o| matches!(o, Output::Close(..))));
+        assert_eq!(net.nodes[0].counters().bad_gossip, 1);
+        assert_eq!(net.nodes[0].ipam().ring().cloned(), before);
     }
 }

@@ -1,0 +1,943 @@
+//! Deterministic simulation of a cluster of [`Node`]s: the proof that IPAM never loses or
+//! duplicates an address. Pure like the rest of `core`: time is a step counter, randomness
+//! a seeded generator, the network an in-memory queue that drops, delays, reorders,
+//! duplicates and partitions messages. Used by `tests/ipam_sim.rs` and `benches/ipam.rs`.
+//!
+//! Connections are modelled as in the daemon: a handshake (Hello both ways) happens when
+//! two live nodes are linked; afterwards every message goes through the faulty network.
+//! Persisted state is what the node last asked to persist (`Output::Persist`); a restart
+//! goes through the JSON of `PersistedState`, as the daemon's does.
+
+use crate::core::ipam::{IpallocInit, Ipam, IpamError, Ring};
+use crate::core::mesh::message::{encode, Message};
+use crate::core::mesh::state::{ConnId, Node, NodeConfig, Output};
+use crate::core::mesh::PeerName;
+use crate::io::store::PersistedState;
+use ipnet::Ipv4Net;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+
+/// Steps between two ticks of a node.
+pub const TICK: u64 = 8;
+
+/// splitmix64.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    /// True with probability `per_mille / 1000`.
+    pub fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Faults {
+    /// Per-mille probabilities of dropping and duplicating a message.
+    pub drop: u64,
+    pub dup: u64,
+    /// Delivery delay is uniform in `1..=max_delay` steps (so messages reorder).
+    pub max_delay: u64,
+}
+
+impl Faults {
+    pub fn none() -> Faults {
+        Faults {
+            drop: 0,
+            dup: 0,
+            max_delay: 1,
+        }
+    }
+}
+
+/// Lifecycle of a simulated machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Life {
+    Up,
+    /// The daemon is down; its pods keep running (their addresses stay in the model).
+    Down,
+    /// The machine died with its pods; may be removed (rmpeer) and may come back.
+    Dead,
+}
+
+pub struct SimNode {
+    pub name: PeerName,
+    pub init: IpallocInit,
+    pub node: Option<Node>,
+    pub life: Life,
+    /// What the node last asked to persist.
+    pub saved: Option<PersistedState>,
+    /// Removed with rmpeer while dead.
+    pub removed: bool,
+    pub group: u32,
+    tick_offset: u64,
+}
+
+struct Flight {
+    to: usize,
+    conn: ConnId,
+    msg: Message,
+}
+
+pub struct Sim {
+    pub range: Ipv4Net,
+    pub nodes: Vec<SimNode>,
+    pub faults: Faults,
+    pub rng: Rng,
+    pub now: u64,
+    links: BTreeMap<ConnId, (usize, usize)>,
+    next_conn: ConnId,
+    flights: BTreeMap<(u64, u64), Flight>,
+    seq: u64,
+    /// Model of the pods: container id -> (node, address), and its reverse.
+    pub containers: BTreeMap<String, (usize, Ipv4Addr)>,
+    pub holders: BTreeMap<Ipv4Addr, String>,
+    next_container: u64,
+    /// When set, bytes each node sends (framed as on the wire) are counted.
+    pub measure_bytes: bool,
+    pub bytes_sent: Vec<u64>,
+    pub stats: SimStats,
+    /// Nodes that handled an event since the last check: only they can break an invariant.
+    dirty: BTreeSet<usize>,
+    /// Per node, the spans it owns in its own view (empty when down or gated).
+    owned_cache: Vec<Vec<(u64, u64)>>,
+    pods_by_node: Vec<BTreeSet<String>>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SimStats {
+    pub allocated: u64,
+    pub freed: u64,
+    pub not_ready: u64,
+    pub exhausted: u64,
+    pub delivered: u64,
+    pub dropped: u64,
+    pub restarts: u64,
+    pub deaths: u64,
+    pub removals: u64,
+    pub comebacks: u64,
+    pub joins: u64,
+    pub partitions: u64,
+    /// Messages sent, by kind.
+    pub sent: BTreeMap<&'static str, u64>,
+}
+
+impl Sim {
+    pub fn new(seed: u64, range: Ipv4Net, faults: Faults) -> Sim {
+        Sim {
+            range,
+            nodes: Vec::new(),
+            faults,
+            rng: Rng::new(seed),
+            now: 0,
+            links: BTreeMap::new(),
+            next_conn: 1,
+            flights: BTreeMap::new(),
+            seq: 0,
+            containers: BTreeMap::new(),
+            holders: BTreeMap::new(),
+            next_container: 0,
+            measure_bytes: false,
+            bytes_sent: Vec::new(),
+            stats: SimStats::default(),
+            dirty: BTreeSet::new(),
+            owned_cache: Vec::new(),
+            pods_by_node: Vec::new(),
+        }
+    }
+
+    pub fn name_of(i: usize) -> PeerName {
+        PeerName::from_bytes([2, 0x5e, 0, 0, (i >> 8) as u8, i as u8])
+    }
+
+    fn addr_of(i: usize) -> SocketAddr {
+        SocketAddr::from(([10, 9, (i >> 8) as u8, i as u8], 6783))
+    }
+
+    /// Adds a machine and starts its daemon, linked to every live node.
+    pub fn add_node(&mut self, init: IpallocInit) -> usize {
+        self.add_node_linked(init, usize::MAX)
+    }
+
+    /// Adds a machine linked to at most `degree` random live nodes.
+    pub fn add_node_linked(&mut self, init: IpallocInit, degree: usize) -> usize {
+        let i = self.nodes.len();
+        let tick_offset = self.rng.below(TICK);
+        self.nodes.push(SimNode {
+            name: Self::name_of(i),
+            init,
+            node: None,
+            life: Life::Down,
+            saved: None,
+            removed: false,
+            group: 0,
+            tick_offset,
+        });
+        self.bytes_sent.push(0);
+        self.owned_cache.push(Vec::new());
+        self.pods_by_node.push(BTreeSet::new());
+        self.boot(i, None, degree);
+        i
+    }
+
+    /// Starts the daemon of machine `i` from `state` (None: a fresh disk), linked to at
+    /// most `degree` random live nodes.
+    fn boot(&mut self, i: usize, state: Option<PersistedState>, degree: usize) {
+        let name = self.nodes[i].name.clone();
+        let ipam = match state {
+            Some(st) => {
+                // Through JSON, as the daemon's store does.
+                let json = serde_json::to_string(&st).expect("state serialises");
+                let back: PersistedState = serde_json::from_str(&json).expect("state parses");
+                Ipam::restore(name.clone(), self.range, back.ipam).expect("saved state restores")
+            }
+            None => Ipam::new(name.clone(), self.range),
+        };
+        let cfg = NodeConfig {
+            name,
+            nickname: format!("sim{i}"),
+            uid: self.rng.next_u64(),
+            control_port: 6783,
+            data_port: 6784,
+            range: self.range,
+            init: self.nodes[i].init.clone(),
+        };
+        let mut node = Node::new(cfg, ipam);
+        let outs = node.start();
+        self.nodes[i].node = Some(node);
+        self.nodes[i].life = Life::Up;
+        self.absorb(i, outs);
+        let mut peers: Vec<usize> = (0..self.nodes.len())
+            .filter(|&j| j != i && self.nodes[j].life == Life::Up)
+            .collect();
+        while peers.len() > degree {
+            let k = self.rng.below(peers.len() as u64) as usize;
+            peers.swap_remove(k);
+        }
+        for j in peers {
+            self.link(i, j);
+        }
+        // Pods still running here are re-claimed from their interfaces.
+        let claims: Vec<(String, Ipv4Addr)> = self.pods_by_node[i]
+            .iter()
+            .map(|id| (id.clone(), self.containers[id].1))
+            .collect();
+        if !claims.is_empty() {
+            let (_, outs) = self.node_mut(i).reclaim(claims);
+            self.absorb(i, outs);
+        }
+    }
+
+    pub fn node(&self, i: usize) -> &Node {
+        self.nodes[i].node.as_ref().expect("node is up")
+    }
+
+    fn node_mut(&mut self, i: usize) -> &mut Node {
+        self.nodes[i].node.as_mut().expect("node is up")
+    }
+
+    pub fn up(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].life == Life::Up)
+            .collect()
+    }
+
+    /// Connects two live nodes: both Hellos are exchanged at once (a TCP handshake does
+    /// not lose them); everything after goes through the faulty network.
+    pub fn link(&mut self, a: usize, b: usize) {
+        if self.nodes[a].group != self.nodes[b].group {
+            return;
+        }
+        let id = self.next_conn;
+        self.next_conn += 1;
+        self.links.insert(id, (a, b));
+        let oa = self.node_mut(a).on_connected(id, Self::addr_of(b), true);
+        let ob = self.node_mut(b).on_connected(id, Self::addr_of(a), false);
+        let (ha, rest_a) = split_hello(oa);
+        let (hb, rest_b) = split_hello(ob);
+        self.absorb(a, rest_a);
+        self.absorb(b, rest_b);
+        for (from, to, h) in [(a, b, ha), (b, a, hb)] {
+            if let Some(h) = h {
+                if self.links.contains_key(&id) {
+                    self.count_bytes(from, &h);
+                    let outs = self.node_mut(to).on_message(id, h);
+                    self.absorb(to, outs);
+                }
+            }
+        }
+    }
+
+    fn count_bytes(&mut self, from: usize, msg: &Message) {
+        if self.measure_bytes {
+            let mut buf = Vec::new();
+            encode(msg, &mut buf);
+            self.bytes_sent[from] += buf.len() as u64;
+        }
+    }
+
+    fn absorb(&mut self, from: usize, outs: Vec<Output>) {
+        self.dirty.insert(from);
+        let mut persist = false;
+        for o in outs {
+            match o {
+                Output::Send(id, msg) => {
+                    let Some(&(a, b)) = self.links.get(&id) else {
+                        continue;
+                    };
+                    self.count_bytes(from, &msg);
+                    *self.stats.sent.entry(kind(&msg)).or_insert(0) += 1;
+                    // Heartbeats only keep TCP connections alive; they carry no state.
+                    if matches!(msg, Message::Heartbeat) {
+                        continue;
+                    }
+                    let to = if from == a { b } else { a };
+                    if self.rng.chance(self.faults.drop) {
+                        self.stats.dropped += 1;
+                        continue;
+                    }
+                    let copies = if self.rng.chance(self.faults.dup) {
+                        2
+                    } else {
+                        1
+                    };
+                    for _ in 0..copies {
+                        let at = self.now + 1 + self.rng.below(self.faults.max_delay);
+                        self.seq += 1;
+                        self.flights.insert(
+                            (at, self.seq),
+                            Flight {
+                                to,
+                                conn: id,
+                                msg: msg.clone(),
+                            },
+                        );
+                    }
+                }
+                Output::Close(id, why) => self.close(id, &why),
+                Output::Persist => persist = true,
+                _ => {}
+            }
+        }
+        if persist {
+            if let Some(n) = &self.nodes[from].node {
+                self.nodes[from].saved = Some(PersistedState::new(
+                    Some(self.nodes[from].name.clone()),
+                    n.ipam().state(),
+                ));
+            }
+        }
+    }
+
+    fn close(&mut self, id: ConnId, why: &str) {
+        if let Some((a, b)) = self.links.remove(&id) {
+            for (x, reason) in [(a, why), (b, "closed by peer")] {
+                if self.nodes[x].life == Life::Up {
+                    let outs = self.node_mut(x).on_closed(id, reason);
+                    self.absorb(x, outs);
+                }
+            }
+        }
+    }
+
+    /// One step of time: due messages are delivered, due nodes tick.
+    pub fn step(&mut self) {
+        self.now += 1;
+        while let Some((&(at, seq), _)) = self.flights.iter().next() {
+            if at > self.now {
+                break;
+            }
+            let f = self.flights.remove(&(at, seq)).expect("present");
+            let Some(&(a, b)) = self.links.get(&f.conn) else {
+                continue;
+            };
+            let from = if f.to == a { b } else { a };
+            if self.nodes[from].group != self.nodes[f.to].group {
+                self.stats.dropped += 1;
+                continue;
+            }
+            self.stats.delivered += 1;
+            let outs = self.node_mut(f.to).on_message(f.conn, f.msg);
+            self.absorb(f.to, outs);
+        }
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].life == Life::Up
+                && (self.now + self.nodes[i].tick_offset).is_multiple_of(TICK)
+            {
+                let outs = self.node_mut(i).on_tick();
+                self.absorb(i, outs);
+            }
+        }
+    }
+
+    pub fn run(&mut self, steps: u64) {
+        for _ in 0..steps {
+            self.step();
+        }
+    }
+
+    /// Allocates for a new container on node `i`.
+    pub fn allocate(&mut self, i: usize) -> Result<Ipv4Addr, String> {
+        let id = format!("c{}", self.next_container);
+        self.next_container += 1;
+        let (r, outs) = self.node_mut(i).allocate(&id);
+        self.absorb(i, outs);
+        match r {
+            Ok(addr) => {
+                if let Some(other) = self.holders.get(&addr) {
+                    return Err(format!(
+                        "address {addr} handed to {id} on node {i} is held by {other} on node {}",
+                        self.containers[other].0
+                    ));
+                }
+                self.holders.insert(addr, id.clone());
+                self.pods_by_node[i].insert(id.clone());
+                self.containers.insert(id, (i, addr));
+                self.stats.allocated += 1;
+                Ok(addr)
+            }
+            Err(IpamError::NotReady) => {
+                self.stats.not_ready += 1;
+                Ok(Ipv4Addr::UNSPECIFIED)
+            }
+            Err(IpamError::Exhausted { .. }) => {
+                self.stats.exhausted += 1;
+                Ok(Ipv4Addr::UNSPECIFIED)
+            }
+            Err(e) => Err(format!("allocate on node {i}: {e}")),
+        }
+    }
+
+    /// Frees a container whose node is up.
+    pub fn free(&mut self, id: &str) -> Result<(), String> {
+        let Some(&(i, addr)) = self.containers.get(id) else {
+            return Ok(());
+        };
+        let (r, outs) = self.node_mut(i).free(id);
+        self.absorb(i, outs);
+        if r != Some(addr) {
+            return Err(format!(
+                "free {id} on node {i}: got {r:?}, model has {addr}"
+            ));
+        }
+        self.containers.remove(id);
+        self.holders.remove(&addr);
+        self.pods_by_node[i].remove(id);
+        self.stats.freed += 1;
+        Ok(())
+    }
+
+    fn drop_links_of(&mut self, i: usize) {
+        let ids: Vec<ConnId> = self
+            .links
+            .iter()
+            .filter(|(_, &(a, b))| a == i || b == i)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            if let Some((a, b)) = self.links.remove(&id) {
+                let other = if a == i { b } else { a };
+                if self.nodes[other].life == Life::Up {
+                    let outs = self.node_mut(other).on_closed(id, "connection reset");
+                    self.absorb(other, outs);
+                }
+            }
+        }
+        self.flights.retain(|_, f| f.to != i);
+    }
+
+    /// The daemon of `i` stops; with `pods_die` the machine dies with its pods.
+    /// Checks that everything the node would need after a restart was persisted.
+    pub fn kill(&mut self, i: usize, pods_die: bool) -> Result<(), String> {
+        let node = self.nodes[i].node.take().expect("node is up");
+        let saved = self.nodes[i].saved.as_ref().map(|s| &s.ipam);
+        let now = node.ipam().state();
+        if saved != Some(&now) && (now.ring.is_some() || saved.is_some()) {
+            return Err(format!(
+                "node {i} changed its IPAM state without asking to persist it"
+            ));
+        }
+        self.nodes[i].life = if pods_die { Life::Dead } else { Life::Down };
+        self.dirty.insert(i);
+        self.drop_links_of(i);
+        if pods_die {
+            self.stats.deaths += 1;
+            let gone = std::mem::take(&mut self.pods_by_node[i]);
+            for id in gone {
+                if let Some((_, a)) = self.containers.remove(&id) {
+                    self.holders.remove(&a);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Restarts the daemon of `i` from its persisted state (a dead machine comes back with
+    /// its old disk; after rmpeer it must rejoin as a fresh member).
+    pub fn restart(&mut self, i: usize) {
+        self.stats.restarts += 1;
+        if self.nodes[i].removed {
+            // It will find its tombstone and rejoin as a new incarnation.
+            self.stats.comebacks += 1;
+            self.nodes[i].removed = false;
+        }
+        let saved = self.nodes[i].saved.clone();
+        self.boot(i, saved, usize::MAX);
+    }
+
+    /// `by` removes dead machine `dead`.
+    pub fn rmpeer(&mut self, by: usize, dead: usize) -> Result<u64, String> {
+        let name = self.nodes[dead].name.clone();
+        let (r, outs) = self.node_mut(by).rmpeer(&name);
+        self.absorb(by, outs);
+        match r {
+            Ok(n) => {
+                self.nodes[dead].removed = true;
+                self.stats.removals += 1;
+                Ok(n)
+            }
+            Err(e) => Err(format!("rmpeer {dead} by {by}: {e}")),
+        }
+    }
+
+    /// Splits live nodes into two groups; messages between groups are lost.
+    pub fn partition(&mut self) {
+        self.stats.partitions += 1;
+        for i in 0..self.nodes.len() {
+            self.nodes[i].group = u32::from(self.rng.chance(400));
+        }
+    }
+
+    pub fn heal(&mut self) {
+        for n in &mut self.nodes {
+            n.group = 0;
+        }
+        self.relink();
+    }
+
+    /// Re-links live nodes whose connection was closed (as the daemon's diallers do).
+    pub fn relink(&mut self) {
+        let up = self.up();
+        let linked: BTreeSet<(usize, usize)> = self
+            .links
+            .values()
+            .map(|&(a, b)| (a.min(b), a.max(b)))
+            .collect();
+        for (k, &a) in up.iter().enumerate() {
+            for &b in &up[k + 1..] {
+                if !linked.contains(&(a.min(b), a.max(b))) {
+                    self.link(a, b);
+                }
+            }
+        }
+    }
+
+    /// Delivers everything in flight without faults until the network is quiet and every
+    /// live ring is identical; returns the steps it took.
+    pub fn quiesce(&mut self, max_steps: u64) -> Result<u64, String> {
+        let saved = std::mem::replace(&mut self.faults, Faults::none());
+        self.heal();
+        let mut steps = 0;
+        let result = loop {
+            self.step();
+            steps += 1;
+            if steps % TICK == 0 && self.converged() {
+                break Ok(steps);
+            }
+            if steps >= max_steps {
+                break Err(format!(
+                    "rings did not converge within {max_steps} steps: {} distinct digests",
+                    self.digests().len()
+                ));
+            }
+        };
+        self.faults = saved;
+        result
+    }
+
+    fn digests(&self) -> BTreeSet<Option<u64>> {
+        self.up()
+            .into_iter()
+            .map(|i| self.node(i).ipam().ring().map(Ring::digest))
+            .collect()
+    }
+
+    /// Every live node holds the same ring.
+    pub fn converged(&self) -> bool {
+        let d = self.digests();
+        d.len() == 1 && d.iter().all(Option::is_some)
+    }
+
+    /// All invariants: `check_cheap` and, over the union of the live rings (each token at
+    /// its greatest version), that the rings merge without conflict, tile the range, and
+    /// give every held address to the node holding it.
+    pub fn check(&mut self) -> Result<(), String> {
+        self.check_with(true)
+    }
+
+    /// Invariants cheap enough for after every operation: no address is owned by two live
+    /// nodes (each in its own view); each ring is valid (exactly covers the range); every
+    /// allocation lies in its node's own space; every live pod's address is held by its
+    /// node (or pending re-claim). Uniqueness of pod addresses across nodes is checked by
+    /// `allocate` as each address is handed out.
+    pub fn check_cheap(&mut self) -> Result<(), String> {
+        self.check_with(false)
+    }
+
+    fn check_with(&mut self, full: bool) -> Result<(), String> {
+        let up = self.up();
+        let dirty: Vec<usize> = if full {
+            (0..self.nodes.len()).collect()
+        } else {
+            std::mem::take(&mut self.dirty).into_iter().collect()
+        };
+        if full {
+            self.dirty.clear();
+        }
+        for &i in &dirty {
+            self.owned_cache[i].clear();
+            if self.nodes[i].life != Life::Up {
+                continue;
+            }
+            let node = self.node(i);
+            let me = &self.nodes[i].name;
+            let Some(ring) = node.ipam().ring() else {
+                if node.ipam().active_count() > 0 {
+                    return Err(format!("node {i} holds allocations without a ring"));
+                }
+                continue;
+            };
+            if full {
+                ring.validate()
+                    .map_err(|e| format!("node {i} ring invalid: {e}"))?;
+            }
+            // A restarted node that has not heard a live peer yet may hold a stale ring
+            // (e.g. it was removed while away); it allocates nothing meanwhile.
+            if node.is_gated() {
+                continue;
+            }
+            let owned: Vec<(u64, u64)> = ring
+                .owned_by(me)
+                .into_iter()
+                .map(|(f, l)| (u64::from(f), u64::from(l)))
+                .collect();
+            for (id, a) in node.ipam().allocations() {
+                let own = ring.owner_of(u32::from(a));
+                if own != Some(me) {
+                    return Err(format!(
+                        "node {i} holds {a} for {id} outside its own space (owner {own:?})"
+                    ));
+                }
+            }
+            // Every live pod's address is still held by its node (or pending re-claim).
+            for id in &self.pods_by_node[i] {
+                let a = self.containers[id].1;
+                let held = node.ipam().lookup(id);
+                let pending = node
+                    .ipam()
+                    .pending_claims()
+                    .any(|(p, pa)| p == id && pa == a);
+                if held != Some(a) && !pending {
+                    return Err(format!(
+                        "pod {id} on node {i} has {a}, but the node holds {held:?} for it"
+                    ));
+                }
+            }
+            self.owned_cache[i] = owned;
+        }
+        // No address is owned by two live nodes, each in its own view.
+        let mut claims: Vec<(u64, u64, usize)> = Vec::new();
+        for (i, spans) in self.owned_cache.iter().enumerate() {
+            claims.extend(spans.iter().map(|&(f, l)| (f, l, i)));
+        }
+        claims.sort_unstable();
+        let mut reach: Option<(u64, usize)> = None;
+        for &(first, last, i) in &claims {
+            if let Some((end, j)) = reach {
+                if first <= end && j != i {
+                    let show = |k: usize| {
+                        let n = self.node(k);
+                        let r = n.ipam().ring().expect("has a ring");
+                        let e = r.entry_of(first as u32).map(|(_, e)| e.clone());
+                        format!(
+                            "node {k} ({}) inc {} entry {e:?} records {:?}",
+                            self.nodes[k].name,
+                            n.ipam().incarnation(),
+                            r.peers
+                        )
+                    };
+                    return Err(format!(
+                        "nodes {j} and {i} both believe they own {}: {}; {}",
+                        Ipv4Addr::from(first as u32),
+                        show(j),
+                        show(i)
+                    ));
+                }
+            }
+            if reach.is_none_or(|(end, _)| last > end) {
+                reach = Some((last, i));
+            }
+        }
+        if !full {
+            return Ok(());
+        }
+        // The union of the live rings, each token at its greatest version: the rings merge
+        // without conflict, tile the range, and give each held address to its holder.
+        let mut merged: Option<Ring> = None;
+        for &i in &up {
+            let node = self.node(i);
+            let Some(ring) = node.ipam().ring() else {
+                continue;
+            };
+            if node.is_gated() {
+                continue;
+            }
+            match &mut merged {
+                None => merged = Some(ring.clone()),
+                Some(m) => {
+                    m.merge(ring)
+                        .map_err(|e| format!("rings of live nodes do not merge (node {i}): {e}"))?;
+                }
+            }
+        }
+        let Some(m) = merged else {
+            return Ok(());
+        };
+        m.validate()
+            .map_err(|e| format!("merged ring invalid: {e}"))?;
+        for &i in &up {
+            let node = self.node(i);
+            if node.is_gated() {
+                continue;
+            }
+            let me = &self.nodes[i].name;
+            for (id, a) in node.ipam().allocations() {
+                let x = u32::from(a);
+                if m.owner_of(x) != Some(me) {
+                    let views: Vec<String> = up
+                        .iter()
+                        .filter_map(|&k| {
+                            let r = self.node(k).ipam().ring()?;
+                            let (span, e) = r.entry_of(x)?;
+                            (k == i || &e.owner != me).then(|| {
+                                format!(
+                                    "node {k} (gated {}): {}-{} {e:?}",
+                                    self.node(k).is_gated(),
+                                    Ipv4Addr::from(span.start),
+                                    span.end
+                                )
+                            })
+                        })
+                        .collect();
+                    return Err(format!(
+                        "node {i} ({me}) holds {a} for {id}, but the merged ring gives it \
+                         to {:?}; views: {}",
+                        m.owner_of(x),
+                        views.join("; ")
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Address count owned by each live node, for reports.
+    pub fn ownership(&self) -> Vec<(usize, u64)> {
+        self.up()
+            .into_iter()
+            .filter_map(|i| {
+                let r = self.node(i).ipam().ring()?;
+                Some((i, r.total_owned(&self.nodes[i].name)))
+            })
+            .collect()
+    }
+}
+
+fn kind(m: &Message) -> &'static str {
+    match m {
+        Message::Hello(_) => "hello",
+        Message::Gossip { ring: Some(_), .. } => "ring",
+        Message::Gossip { .. } => "peers",
+        Message::Heartbeat => "heartbeat",
+        Message::Digest { .. } => "digest",
+        Message::SpaceRequest { .. } => "space-request",
+        Message::Prepare { .. } => "prepare",
+        Message::Promise { .. } => "promise",
+        Message::Accept { .. } => "accept",
+        Message::Accepted { .. } => "accepted",
+        Message::Nack { .. } => "nack",
+    }
+}
+
+fn split_hello(outs: Vec<Output>) -> (Option<Message>, Vec<Output>) {
+    let mut hello = None;
+    let mut rest = Vec::new();
+    for o in outs {
+        match o {
+            Output::Send(_, m @ Message::Hello(_)) => hello = Some(m),
+            o => rest.push(o),
+        }
+    }
+    (hello, rest)
+}
+
+/// Parameters of a random run.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub seed: u64,
+    pub range: Ipv4Net,
+    /// Nodes started one at a time (all with `consensus=initial`), then joiners.
+    pub initial: usize,
+    pub max_nodes: usize,
+    pub ops: u64,
+    pub faults: Faults,
+    /// Check the invariants every `check_every` operations (1 = after every step).
+    pub check_every: u64,
+    /// Also check the merged-ring invariants every `full_check_every` operations.
+    pub full_check_every: u64,
+}
+
+/// Runs a random scenario; Err carries the failing invariant with the step.
+pub fn run_scenario(sc: &Scenario) -> Result<Sim, String> {
+    let mut sim = Sim::new(sc.seed, sc.range, sc.faults.clone());
+    let init = IpallocInit::Consensus(sc.initial);
+    // Start one at a time with pauses: they must agree on one ring.
+    for _ in 0..sc.initial {
+        sim.add_node(init.clone());
+        let pause = sim.rng.below(3 * TICK);
+        sim.run(pause);
+        sim.check().map_err(|e| format!("at start-up: {e}"))?;
+    }
+    let mut steps = 0;
+    while !sim.up().iter().all(|&i| sim.node(i).can_allocate()) {
+        sim.step();
+        steps += 1;
+        if steps > 2000 * TICK {
+            return Err("consensus not reached".into());
+        }
+        if steps % (4 * TICK) == 0 {
+            sim.relink();
+        }
+    }
+    let seeds = sim.node(0).ipam().ring().map(|r| r.seeds.clone());
+    for i in sim.up() {
+        if sim.node(i).ipam().ring().map(|r| r.seeds.clone()) != seeds {
+            return Err("nodes seeded different rings".into());
+        }
+    }
+    let mut partitioned = false;
+    let mut dead_since: BTreeMap<usize, u64> = BTreeMap::new();
+    for op in 0..sc.ops {
+        let now = sim.now;
+        let fail = |e: String| format!("op {op} (step {now}): {e}");
+        let up = sim.up();
+        let r = sim.rng.below(1000);
+        if r < 480 && !up.is_empty() {
+            let i = up[sim.rng.below(up.len() as u64) as usize];
+            sim.allocate(i).map_err(fail)?;
+        } else if r < 900 {
+            if !sim.containers.is_empty() {
+                let k = sim.rng.below(sim.containers.len() as u64) as usize;
+                let (id, &(i, _)) = sim.containers.iter().nth(k).expect("k < len");
+                let id = id.clone();
+                if sim.nodes[i].life == Life::Up {
+                    sim.free(&id).map_err(fail)?;
+                }
+            }
+        } else if r < 960 {
+            sim.step();
+        } else if r < 990 {
+            // A lookup: the node answers for a pod exactly what the model says.
+            if !sim.containers.is_empty() {
+                let k = sim.rng.below(sim.containers.len() as u64) as usize;
+                let (id, &(i, a)) = sim.containers.iter().nth(k).expect("k < len");
+                if sim.nodes[i].life == Life::Up && !sim.node(i).is_gated() {
+                    let got = sim.node(i).ipam().lookup(id);
+                    if got != Some(a) {
+                        return Err(fail(format!("lookup {id} on node {i}: {got:?}, want {a}")));
+                    }
+                }
+            }
+        } else {
+            // Rare events.
+            let e = sim.rng.below(100);
+            let dead: Vec<usize> = (0..sim.nodes.len())
+                .filter(|&i| sim.nodes[i].life != Life::Up)
+                .collect();
+            if e < 8 && !partitioned {
+                sim.partition();
+                partitioned = true;
+            } else if e < 30 && partitioned {
+                sim.heal();
+                partitioned = false;
+            } else if e < 36 && up.len() > (sc.initial * 4 / 5).max(3) {
+                let i = up[sim.rng.below(up.len() as u64) as usize];
+                let pods_die = sim.rng.chance(500);
+                sim.kill(i, pods_die).map_err(fail)?;
+                dead_since.insert(i, sim.now);
+            } else if e < 60 && !dead.is_empty() {
+                let i = dead[sim.rng.below(dead.len() as u64) as usize];
+                let long_dead = dead_since.get(&i).is_some_and(|&t| sim.now > t + 20 * TICK);
+                if sim.nodes[i].life == Life::Dead && !sim.nodes[i].removed && long_dead {
+                    // Kubernetes deleted the Node: one live node reclaims (the
+                    // reclaim daemon's lock makes it one), once the dead node's
+                    // last gossip has spread.
+                    sim.quiesce(4000 * TICK).map_err(fail)?;
+                    partitioned = false;
+                    let up = sim.up();
+                    let by = up[sim.rng.below(up.len() as u64) as usize];
+                    sim.rmpeer(by, i).map_err(fail)?;
+                    // The machine is re-created (if ever) minutes later: the tombstone
+                    // has reached everyone by then.
+                    sim.quiesce(4000 * TICK).map_err(fail)?;
+                } else if sim.nodes[i].life == Life::Down || sim.rng.chance(300) {
+                    sim.restart(i);
+                    dead_since.remove(&i);
+                }
+            } else if e < 64 && sim.nodes.len() < sc.max_nodes {
+                sim.add_node(init.clone());
+                sim.stats.joins += 1;
+            } else if e < 80 {
+                sim.relink();
+            }
+        }
+        if op % sc.full_check_every == 0 {
+            sim.check().map_err(fail)?;
+        } else if op % sc.check_every == 0 {
+            sim.check_cheap().map_err(fail)?;
+        }
+    }
+    sim.quiesce(4000 * TICK)
+        .map_err(|e| format!("after the run: {e}"))?;
+    sim.check().map_err(|e| format!("after healing: {e}"))?;
+    for i in sim.up() {
+        let n = sim.node(i);
+        if n.counters().bad_gossip > 0 {
+            return Err(format!(
+                "node {i} refused {} rings",
+                n.counters().bad_gossip
+            ));
+        }
+        if n.is_gated() {
+            return Err(format!("node {i} still waits to hear a peer"));
+        }
+        if n.ipam().pending_count() > 0 {
+            return Err(format!("node {i} has unsettled pending claims"));
+        }
+    }
+    Ok(sim)
+}
