@@ -1,30 +1,36 @@
-//! The forwarding loops: TUN -> VXLAN/UDP ("weft-tx") and UDP -> TUN ("weft-rx"), each
-//! on a dedicated std thread.
+//! The forwarding loops between the TUN device and the VXLAN-format UDP socket.
 //!
-//! Each loop drains its non-blocking source into a batch of reused buffers until it is
-//! empty or the batch is full, loads the route table once for the batch (an `arc_swap`
-//! load, not a lock), then handles every packet with the pure [`plan_tx`]/[`plan_rx`] and
-//! the `core::wire` functions. Only when the source is empty does it sleep in `poll`,
-//! together with a stop pipe. No per-packet allocation, lock or log line: drops are
-//! counted by reason in [`DataplaneCounters`], and I/O errors are logged at most once per
-//! [`LOG_INTERVAL`] per loop.
+//! Transmit: the TUN device runs with offloads, so one read returns a TCP or UDP
+//! super-packet of up to 64 KiB. [`gso::split`] cuts it into MTU-sized segments (own
+//! headers and checksums, payload left in place), each gets the 22-byte VXLAN + Ethernet
+//! prefix for its peer, and segments of one peer and size are grouped into UDP GSO
+//! messages (at most 64 datagrams, 65,507 bytes); one `sendmmsg` sends the whole batch.
+//! Packets over the MTU with DF set are answered with ICMP "fragmentation needed"
+//! written back into the TUN device.
 //!
-//! The batch shape is where the later performance work plugs in: recvmmsg/sendmmsg, UDP
-//! GSO/GRO and TUN offloads fill and drain the same batches and call the same per-packet
-//! functions.
+//! Receive: one `recvmmsg` returns up to [`RX_MSGS`] messages, each holding many
+//! datagrams of one sender (UDP GRO). Every datagram is validated and decapsulated in
+//! place; [`Gro`] coalesces consecutive segments of a TCP flow, and each result is one
+//! `writev` (header + payload slices) into the TUN device.
 //!
-//! Packets over the MTU with DF set are dropped and counted as `too_big`; weft does not
-//! send ICMP "fragmentation needed" back yet (a later issue adds it), so until then path
-//! MTU discovery through weft relies on the overlay MTU rule (underlay MTU - 50) being
-//! applied to every interface that feeds the overlay.
+//! Each worker thread serves a TUN queue and, for worker 0, the socket; it drains its
+//! sources in batches, loads the route table once per batch (an `arc_swap` load, not a
+//! lock) and sleeps in `poll` only when both are empty. Nothing on this path allocates,
+//! locks or logs per packet: drops are counted by reason in per-thread arrays that are
+//! added to [`DataplaneCounters`] once per batch, per-peer counters once per message,
+//! and I/O errors are logged at most once per [`LOG_INTERVAL`].
 
 use crate::api::report::DropReport;
-use crate::core::route::{Lookup, PeerRoute, RouteTable};
-use crate::core::wire::{self, ipv4, DecapError, WireError, VXLAN_OVERHEAD_INNER};
+use crate::core::route::{Lookup, PeerCounters, PeerRoute, RouteTable};
+use crate::core::wire::gro::{self, Gro};
+use crate::core::wire::gso::{self, GsoError};
+use crate::core::wire::virtio::{self, VnetHdr};
+use crate::core::wire::{self, icmp, ipv4, DecapError, WireError, VXLAN_OVERHEAD_INNER};
 use crate::io::tun::Tun;
+use crate::io::udp::{GsoMsg, Receiver, Sender, MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
 use arc_swap::ArcSwap;
-use std::io::{self, ErrorKind, Write};
-use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::io::{self, ErrorKind, IoSlice, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,12 +38,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Packets read per batch before the route table is consulted.
-pub const BATCH: usize = 32;
-/// Buffer per packet: the largest IPv4 packet behind the VXLAN and Ethernet headers.
-/// Pages are only touched as far as packets reach, so at a 1450 MTU each buffer costs
-/// one page of memory.
-const SLOT_LEN: usize = VXLAN_OVERHEAD_INNER + 65_535;
 /// Minimum spacing of repeated error log lines from one loop.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Pause after an I/O error that left a batch empty, so a persistent error (device gone)
@@ -69,10 +69,17 @@ pub enum DropReason {
     UdpSend,
     TunRead,
     UdpRecv,
+    /// The data socket's send buffer stayed full (after a short wait).
+    SocketFull,
+    /// The TUN device refused a write for lack of room.
+    TunFull,
+    /// Datagrams the kernel dropped because the data socket's receive buffer was full
+    /// (`SO_RXQ_OVFL`).
+    RxBufferFull,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::NoRoute,
         DropReason::Unreachable,
         DropReason::TooBig,
@@ -84,6 +91,9 @@ impl DropReason {
         DropReason::UdpSend,
         DropReason::TunRead,
         DropReason::UdpRecv,
+        DropReason::SocketFull,
+        DropReason::TunFull,
+        DropReason::RxBufferFull,
     ];
     const COUNT: usize = Self::ALL.len();
 
@@ -100,6 +110,9 @@ impl DropReason {
             DropReason::UdpSend => "udp_send",
             DropReason::TunRead => "tun_read",
             DropReason::UdpRecv => "udp_recv",
+            DropReason::SocketFull => "udp_send_buffer_full",
+            DropReason::TunFull => "tun_queue_full",
+            DropReason::RxBufferFull => "udp_receive_buffer_full",
         }
     }
 
@@ -113,6 +126,24 @@ impl DropReason {
 pub struct DataplaneCounters {
     drops: [AtomicU64; DropReason::COUNT],
     malformed: [AtomicU64; DecapError::KINDS],
+    tun_reads: AtomicU64,
+    tun_writes: AtomicU64,
+    udp_sends: AtomicU64,
+    udp_recvs: AtomicU64,
+}
+
+/// How much batching the offloads achieved: compare with the per-peer packet counts
+/// (one TUN read can carry 40+ packets, one UDP message 64 datagrams).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Reads from the TUN device (each a packet or a super-packet).
+    pub tun_reads: u64,
+    /// Writes to the TUN device (each a packet or a coalesced super-packet).
+    pub tun_writes: u64,
+    /// UDP messages sent (each up to 64 datagrams with GSO).
+    pub udp_sends: u64,
+    /// UDP messages received (each up to 64 datagrams with GRO).
+    pub udp_recvs: u64,
 }
 
 impl DataplaneCounters {
@@ -125,6 +156,15 @@ impl DataplaneCounters {
         self.count(DropReason::Malformed);
         if let Some(c) = self.malformed.get(err.index()) {
             c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn batches(&self) -> BatchStats {
+        BatchStats {
+            tun_reads: self.tun_reads.load(Ordering::Relaxed),
+            tun_writes: self.tun_writes.load(Ordering::Relaxed),
+            udp_sends: self.udp_sends.load(Ordering::Relaxed),
+            udp_recvs: self.udp_recvs.load(Ordering::Relaxed),
         }
     }
 
@@ -280,8 +320,39 @@ impl std::fmt::Debug for Dataplane {
     }
 }
 
-/// Starts the two forwarding threads. The TUN device and the socket are switched to
-/// non-blocking mode. `vni` must fit in 24 bits.
+/// Tuning of [`start_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataplaneConfig {
+    /// Worker threads, each reading its own TUN queue (the kernel keeps a flow on one
+    /// queue, so flows are not reordered). Worker 0 also serves the data socket: every
+    /// peer sends from the one data port, so extra `SO_REUSEPORT` sockets would all
+    /// hash a peer's traffic to the same socket anyway, and one reader keeps each
+    /// peer's datagrams in order.
+    pub tx_workers: usize,
+    /// How long a worker keeps polling after its last packet before it sleeps.
+    pub spin: Duration,
+    /// Run the workers under `SCHED_FIFO` with this priority (1..=99): a woken worker
+    /// then preempts ordinary tasks at once, as the kernel's own softirq forwarding
+    /// would. Off by default: a saturated worker then competes with everything else.
+    pub realtime_priority: Option<i32>,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        DataplaneConfig {
+            tx_workers: 1,
+            spin: DEFAULT_SPIN,
+            realtime_priority: None,
+        }
+    }
+}
+
+/// See [`DataplaneConfig::spin`].
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(0);
+
+/// Starts the forwarding threads with the default configuration, except that the
+/// environment variables `WEFT_DP_TX_WORKERS` (1..=8), `WEFT_DP_SPIN_US` (0..=10000) and
+/// `WEFT_DP_RT_PRIO` (1..=99) may override [`DataplaneConfig`], for measurements.
 pub fn start(
     tun: Tun,
     socket: UdpSocket,
@@ -289,21 +360,61 @@ pub fn start(
     vni: u32,
     counters: Arc<DataplaneCounters>,
 ) -> io::Result<Dataplane> {
+    let mut cfg = DataplaneConfig::default();
+    if let Some(n) = std::env::var("WEFT_DP_TX_WORKERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| (1..=8).contains(n))
+    {
+        cfg.tx_workers = n;
+    }
+    if let Some(us) = std::env::var("WEFT_DP_SPIN_US")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|us| *us <= 10_000)
+    {
+        cfg.spin = Duration::from_micros(us);
+    }
+    cfg.realtime_priority = std::env::var("WEFT_DP_RT_PRIO")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .filter(|p| (1..=99).contains(p));
+    start_with(tun, socket, routes, vni, counters, &cfg)
+}
+
+/// Starts the forwarding threads. The TUN device and the socket are switched to
+/// non-blocking mode. `vni` must fit in 24 bits. Extra TUN queues are opened by name, so
+/// this must run in the device's network namespace.
+pub fn start_with(
+    tun: Tun,
+    socket: UdpSocket,
+    routes: Arc<ArcSwap<RouteTable>>,
+    vni: u32,
+    counters: Arc<DataplaneCounters>,
+    cfg: &DataplaneConfig,
+) -> io::Result<Dataplane> {
     if vni > wire::vxlan::MAX_VNI {
         return Err(io::Error::new(
             ErrorKind::InvalidInput,
             format!("VNI {vni:#x} does not fit in 24 bits"),
         ));
     }
-    tun.set_nonblocking(true)?;
+    let mut queues = vec![tun.clone()];
+    for _ in 1..cfg.tx_workers.max(1) {
+        queues.push(tun.add_queue()?);
+    }
+    for q in &queues {
+        q.set_nonblocking(true)?;
+    }
     socket.set_nonblocking(true)?;
+    let gso = crate::io::udp::gso_supported(&socket);
     let (reader, writer) = io::pipe()?;
     let stop_fd = Arc::new(reader);
     let socket = Arc::new(socket);
     let mut dp = Dataplane {
         stop: Arc::new(AtomicBool::new(false)),
         waker: Some(writer),
-        threads: Vec::with_capacity(2),
+        threads: Vec::with_capacity(queues.len() + 1),
     };
     let shared = Shared {
         tun,
@@ -313,19 +424,26 @@ pub fn start(
         counters,
         stop: dp.stop.clone(),
         stop_fd,
+        gso: Arc::new(AtomicBool::new(gso)),
     };
-    let tx = shared.clone();
-    dp.threads.push(
-        std::thread::Builder::new()
-            .name("weft-tx".into())
-            .spawn(move || tx_loop(&tx))?,
-    );
-    // On failure here, dropping `dp` stops the thread already started.
-    dp.threads.push(
-        std::thread::Builder::new()
-            .name("weft-rx".into())
-            .spawn(move || rx_loop(&shared))?,
-    );
+    let spin = cfg.spin;
+    let rt = cfg.realtime_priority;
+    for (i, q) in queues.into_iter().enumerate() {
+        let mut w = shared.clone();
+        w.tun = q;
+        // On failure, dropping `dp` stops the threads already started.
+        dp.threads.push(
+            std::thread::Builder::new()
+                .name(format!("weft-dp{i}"))
+                .spawn(move || {
+                    if let Some(p) = rt {
+                        set_realtime(p);
+                    }
+                    let rx = (i == 0).then(|| RxWorker::new(&w));
+                    run_worker(TxWorker::new(&w), rx, &w, spin)
+                })?,
+        );
+    }
     Ok(dp)
 }
 
@@ -338,6 +456,9 @@ struct Shared {
     counters: Arc<DataplaneCounters>,
     stop: Arc<AtomicBool>,
     stop_fd: Arc<io::PipeReader>,
+    /// Cleared if the kernel rejects a GSO send (e.g. an underlay device without
+    /// checksum offload): from then on every datagram is its own message.
+    gso: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -365,6 +486,23 @@ impl Shared {
         let _ = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         // Errors (EINTR) and timeouts simply return to the loop, which retries.
         !self.stopping() && fds[1].revents == 0
+    }
+
+    /// Sleeps until one of `fds` is readable or the stop pipe fires. Returns false when
+    /// stopping.
+    fn wait_readable(&self, fds: &[RawFd]) -> bool {
+        let mut p = [libc::pollfd {
+            fd: self.stop_fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }; 3];
+        let n = fds.len().min(2);
+        for (slot, fd) in p[1..].iter_mut().zip(&fds[..n]) {
+            slot.fd = *fd;
+        }
+        // SAFETY: `p` is a live array of initialised pollfd structs, n + 1 <= 3.
+        let _ = unsafe { libc::poll(p.as_mut_ptr(), (n + 1) as libc::nfds_t, -1) };
+        !self.stopping() && p[0].revents == 0
     }
 
     /// Pause after an error, interruptible by stop.
@@ -405,153 +543,618 @@ impl RateLimitedLog {
     }
 }
 
-/// Reused packet buffers of one loop.
-struct Batch {
-    bufs: Vec<Box<[u8]>>,
-    lens: [usize; BATCH],
-    srcs: [Option<SocketAddr>; BATCH],
-    n: usize,
+/// Drop counts of one loop, added to the shared atomics once per batch.
+struct LocalCounts {
+    drops: [u64; DropReason::COUNT],
+    malformed: [u64; DecapError::KINDS],
+    batches: BatchStats,
 }
 
-impl Batch {
+impl LocalCounts {
     fn new() -> Self {
-        Batch {
-            bufs: (0..BATCH)
-                .map(|_| vec![0u8; SLOT_LEN].into_boxed_slice())
+        LocalCounts {
+            drops: [0; DropReason::COUNT],
+            malformed: [0; DecapError::KINDS],
+            batches: BatchStats::default(),
+        }
+    }
+
+    fn add(&mut self, r: DropReason, n: u64) {
+        self.drops[r.index()] += n;
+    }
+
+    fn malformed(&mut self, e: DecapError) {
+        self.drops[DropReason::Malformed.index()] += 1;
+        if let Some(c) = self.malformed.get_mut(e.index()) {
+            *c += 1;
+        }
+    }
+
+    fn flush(&mut self, to: &DataplaneCounters) {
+        for (i, n) in self.drops.iter_mut().enumerate() {
+            if *n != 0 {
+                to.drops[i].fetch_add(*n, Ordering::Relaxed);
+                *n = 0;
+            }
+        }
+        for (i, n) in self.malformed.iter_mut().enumerate() {
+            if *n != 0 {
+                to.malformed[i].fetch_add(*n, Ordering::Relaxed);
+                *n = 0;
+            }
+        }
+        let b = std::mem::take(&mut self.batches);
+        for (n, c) in [
+            (b.tun_reads, &to.tun_reads),
+            (b.tun_writes, &to.tun_writes),
+            (b.udp_sends, &to.udp_sends),
+            (b.udp_recvs, &to.udp_recvs),
+        ] {
+            if n != 0 {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn is_full(e: &io::Error) -> bool {
+    e.kind() == ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOBUFS)
+}
+
+/// TUN reads per transmit batch.
+const TX_READS: usize = 8;
+/// Datagrams per transmit batch (headers in the arena, two iovecs each).
+const TX_SEGMENTS: usize = 1024;
+/// Messages per `sendmmsg`: one per datagram at worst (GSO off), so a batch never
+/// runs out of messages before it runs out of segments.
+const TX_MSGS: usize = TX_SEGMENTS;
+/// Arena bytes per segment header: encapsulation + IPv4 + TCP with options.
+const TX_HDR_BYTES: usize = VXLAN_OVERHEAD_INNER + 120;
+/// `recvmmsg` messages per receive batch (each up to 64 KiB of GRO datagrams).
+pub const RX_MSGS: usize = 8;
+/// Inner packets per receive batch: 8 messages of at most 64 KiB / 50 bytes each would
+/// be more, but datagrams that small are never coalesced by the kernel in such numbers;
+/// the GRO table grows (once) if they are.
+const RX_PACKETS: usize = 1024;
+
+/// Switches the calling thread to `SCHED_FIFO` at priority `p`; logs if refused.
+fn set_realtime(p: i32) {
+    let param = libc::sched_param { sched_priority: p };
+    // SAFETY: a valid sched_param; pid 0 is the calling thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        tracing::warn!(
+            "cannot run the data plane at real-time priority {p}: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// What one pass over a source found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Busy,
+    Idle,
+    Failed,
+}
+
+/// One worker thread: a TUN queue's transmit side and, for worker 0, the socket's
+/// receive side. Serving both directions from one thread means that a reply the kernel
+/// produces while weft writes a request into the TUN device is picked up without waking
+/// another thread; the short spin before sleeping catches replies from the peer the
+/// same way. Both matter for latency on VMs, where a wake-up costs tens of microseconds.
+fn run_worker(mut tx: TxWorker, mut rx: Option<RxWorker>, s: &Shared, spin: Duration) {
+    let mut fds = vec![s.tun.as_raw_fd()];
+    if rx.is_some() {
+        fds.push(s.socket.as_raw_fd());
+    }
+    let mut idle_since: Option<Instant> = None;
+    while !s.stopping() {
+        let t = tx.step(s);
+        let r = rx.as_mut().map_or(Step::Idle, |rx| rx.step(s));
+        if t == Step::Busy || r == Step::Busy {
+            idle_since = None;
+            continue;
+        }
+        if t == Step::Failed || r == Step::Failed {
+            if !s.backoff() {
+                return;
+            }
+            continue;
+        }
+        let now = Instant::now();
+        if now.duration_since(*idle_since.get_or_insert(now)) < spin {
+            std::thread::yield_now();
+            continue;
+        }
+        idle_since = None;
+        if !s.wait_readable(&fds) {
+            return;
+        }
+    }
+}
+
+/// One open GSO message being assembled.
+struct TxMsg {
+    to: SocketAddrV4,
+    seg_size: usize,
+    segments: usize,
+    bytes: usize,
+    /// Segments `first..first + segments` of the batch.
+    first: usize,
+    closed: bool,
+    peer: Arc<PeerCounters>,
+    inner_bytes: usize,
+}
+
+/// The transmit loop: TUN super-packets -> segments -> UDP GSO messages.
+struct TxWorker {
+    reads: Vec<Box<[u8]>>,
+    /// Read length of each used buffer.
+    used: usize,
+    arena: gso::Arena,
+    segs: Vec<gso::Segment>,
+    seg_buf: Vec<usize>,
+    msgs: Vec<TxMsg>,
+    gso_msgs: Vec<GsoMsg>,
+    sender: Sender,
+    local: LocalCounts,
+    icmp: [u8; icmp::MAX_LEN],
+    log: RateLimitedLog,
+    send_log: RateLimitedLog,
+    vnet: bool,
+    mtu: usize,
+}
+
+impl TxWorker {
+    fn new(s: &Shared) -> Self {
+        let vnet = s.tun.vnet_hdr();
+        let read_len = if vnet { virtio::LEN } else { 0 } + 65_535;
+        TxWorker {
+            reads: (0..TX_READS)
+                .map(|_| vec![0u8; read_len].into_boxed_slice())
                 .collect(),
-            lens: [0; BATCH],
-            srcs: [None; BATCH],
-            n: 0,
+            used: 0,
+            arena: gso::Arena::new(TX_SEGMENTS * TX_HDR_BYTES),
+            segs: Vec::with_capacity(TX_SEGMENTS),
+            seg_buf: Vec::with_capacity(TX_SEGMENTS),
+            msgs: Vec::with_capacity(TX_MSGS),
+            gso_msgs: Vec::with_capacity(TX_MSGS),
+            sender: Sender::new(TX_MSGS),
+            local: LocalCounts::new(),
+            icmp: [0; icmp::MAX_LEN],
+            log: RateLimitedLog::new("reading from the TUN device"),
+            send_log: RateLimitedLog::new("sending to a peer"),
+            vnet,
+            mtu: usize::from(s.tun.mtu()),
         }
     }
-}
 
-fn tx_loop(s: &Shared) {
-    let mut batch = Batch::new();
-    let mut log = RateLimitedLog::new("reading from the TUN device");
-    let mut send_log = RateLimitedLog::new("sending to a peer");
-    let mtu = usize::from(s.tun.mtu());
-    let tun_fd = s.tun.as_raw_fd();
-    while !s.stopping() {
-        batch.n = 0;
-        let mut failed = false;
-        while batch.n < BATCH {
-            let i = batch.n;
-            match s.tun.recv(&mut batch.bufs[i][VXLAN_OVERHEAD_INNER..]) {
+    /// Reads and forwards one batch from the TUN queue.
+    fn step(&mut self, s: &Shared) -> Step {
+        let mut step = Step::Idle;
+        let table = s.routes.load();
+        while self.used < TX_READS {
+            let i = self.used;
+            match s.tun.read_raw(&mut self.reads[i]) {
                 Ok(len) => {
-                    batch.lens[i] = len;
-                    batch.n += 1;
+                    step = Step::Busy;
+                    self.local.batches.tun_reads += 1;
+                    self.handle(s, &table, i, len);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    s.counters.count(DropReason::TunRead);
-                    log.error(&e);
-                    failed = true;
-                    break;
-                }
-            }
-        }
-        if batch.n == 0 {
-            let go_on = if failed {
-                s.backoff()
-            } else {
-                s.wait(tun_fd, libc::POLLIN, None)
-            };
-            if !go_on {
-                return;
-            }
-            continue;
-        }
-        let table = s.routes.load();
-        for i in 0..batch.n {
-            let buf = &mut batch.bufs[i][..];
-            match plan_tx(&table, s.vni, mtu, buf, batch.lens[i]) {
-                Ok(plan) => match send(s, &buf[..plan.len], plan.to) {
-                    Ok(()) => plan.peer.counters.count_tx(plan.len - VXLAN_OVERHEAD_INNER),
-                    Err(e) => {
-                        s.counters.count(DropReason::UdpSend);
-                        send_log.error(&e);
+                    self.local.add(DropReason::TunRead, 1);
+                    self.log.error(&e);
+                    if step == Step::Idle {
+                        step = Step::Failed;
                     }
-                },
-                Err(reason) => s.counters.count(reason),
-            }
-        }
-    }
-}
-
-/// Sends one datagram; when the socket buffer is full, waits briefly for room once.
-fn send(s: &Shared, datagram: &[u8], to: SocketAddrV4) -> io::Result<()> {
-    let mut waited = false;
-    loop {
-        match s.socket.send_to(datagram, to) {
-            Ok(_) => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == ErrorKind::WouldBlock && !waited => {
-                waited = true;
-                if !s.wait(s.socket.as_raw_fd(), libc::POLLOUT, Some(SEND_WAIT)) {
-                    return Err(e);
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn rx_loop(s: &Shared) {
-    let mut batch = Batch::new();
-    let mut log = RateLimitedLog::new("receiving from the data socket");
-    let mut tun_log = RateLimitedLog::new("writing to the TUN device");
-    let sock_fd = s.socket.as_raw_fd();
-    while !s.stopping() {
-        batch.n = 0;
-        let mut failed = false;
-        while batch.n < BATCH {
-            let i = batch.n;
-            match s.socket.recv_from(&mut batch.bufs[i]) {
-                Ok((len, src)) => {
-                    batch.lens[i] = len;
-                    batch.srcs[i] = Some(src);
-                    batch.n += 1;
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    s.counters.count(DropReason::UdpRecv);
-                    log.error(&e);
-                    failed = true;
                     break;
                 }
             }
         }
-        if batch.n == 0 {
-            let go_on = if failed {
-                s.backoff()
-            } else {
-                s.wait(sock_fd, libc::POLLIN, None)
-            };
-            if !go_on {
+        self.flush(s);
+        self.local.flush(&s.counters);
+        step
+    }
+
+    /// Routes and segments the packet read into buffer `i`.
+    fn handle(&mut self, s: &Shared, table: &RouteTable, i: usize, len: usize) {
+        let off = if self.vnet { virtio::LEN } else { 0 };
+        let vnet = if self.vnet {
+            match VnetHdr::parse(&self.reads[i][..len]) {
+                Some(h) if len > off => h,
+                _ => {
+                    self.local.add(DropReason::Malformed, 1);
+                    return;
+                }
+            }
+        } else {
+            VnetHdr::default()
+        };
+        let (peer, to, dont_frag) = match route_packet(table, &self.reads[i][off..len]) {
+            Ok(r) => r,
+            Err(reason) => {
+                self.local.add(reason, 1);
                 return;
             }
-            continue;
+        };
+        let counters = peer.counters.clone();
+        let template = match wire::encap::header(s.vni, table.local_mac(), peer.mac) {
+            Ok(h) => h,
+            Err(_) => {
+                self.local.add(DropReason::Malformed, 1);
+                return;
+            }
+        };
+        let (arena_mark, seg_mark) = (self.arena.used(), self.segs.len());
+        let mut split = gso::split(
+            &vnet,
+            &mut self.reads[i][off..len],
+            &mut self.arena,
+            VXLAN_OVERHEAD_INNER,
+            &mut self.segs,
+            TX_SEGMENTS,
+        );
+        if split == Err(GsoError::NoRoom) && seg_mark > 0 {
+            // Send what is queued, then retry with empty buffers; keep this packet's
+            // buffer by moving it to slot 0.
+            self.flush(s);
+            self.reads.swap(0, i);
+            split = gso::split(
+                &vnet,
+                &mut self.reads[0][off..len],
+                &mut self.arena,
+                VXLAN_OVERHEAD_INNER,
+                &mut self.segs,
+                TX_SEGMENTS,
+            );
+            return self.after_split(s, split, 0, len, (0, 0), &template, to, counters, dont_frag);
         }
-        let table = s.routes.load();
-        for i in 0..batch.n {
-            let Some(src) = batch.srcs[i] else { continue };
-            let datagram = &batch.bufs[i][..batch.lens[i]];
-            match plan_rx(&table, s.vni, src, datagram) {
-                Ok(plan) => {
-                    let inner = &datagram[plan.inner];
-                    match s.tun.send(inner) {
-                        Ok(_) => plan.peer.counters.count_rx(inner.len()),
-                        Err(e) => {
-                            s.counters.count(DropReason::TunWrite);
-                            tun_log.error(&e);
+        self.after_split(
+            s,
+            split,
+            i,
+            len,
+            (arena_mark, seg_mark),
+            &template,
+            to,
+            counters,
+            dont_frag,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn after_split(
+        &mut self,
+        s: &Shared,
+        split: Result<gso::Split, GsoError>,
+        i: usize,
+        len: usize,
+        (arena_mark, seg_mark): (usize, usize),
+        template: &[u8; VXLAN_OVERHEAD_INNER],
+        to: SocketAddrV4,
+        counters: Arc<PeerCounters>,
+        dont_frag: bool,
+    ) {
+        let off = if self.vnet { virtio::LEN } else { 0 };
+        let split = match split {
+            Ok(sp) => sp,
+            Err(GsoError::NotIpv4) => return self.local.add(DropReason::NotIpv4, 1),
+            Err(_) => return self.local.add(DropReason::Malformed, 1),
+        };
+        // Without DF an oversize packet is sent anyway: the kernel fragments the outer
+        // datagram (the socket does not set DF), as Linux's VXLAN does.
+        if split.max_ip_len > self.mtu && dont_frag {
+            self.arena.rewind(arena_mark);
+            self.segs.truncate(seg_mark);
+            self.local.add(DropReason::TooBig, 1);
+            self.frag_needed(s, i, off, len);
+            return;
+        }
+        let max_segs = if s.gso.load(Ordering::Relaxed) {
+            MAX_GSO_SEGMENTS
+        } else {
+            1
+        };
+        self.used = self.used.max(i + 1);
+        for k in seg_mark..self.segs.len() {
+            let seg = self.segs[k].clone();
+            self.arena
+                .get_mut(seg.hdr.start..seg.hdr.start + VXLAN_OVERHEAD_INNER)
+                .copy_from_slice(template);
+            self.seg_buf.push(i);
+            let seg_len = seg.len();
+            let inner = seg_len - VXLAN_OVERHEAD_INNER;
+            // A datagram beyond the underlay MTU (no DF: the kernel fragments it) cannot
+            // be part of a GSO message.
+            let oversize = inner > self.mtu;
+            let append = match self.msgs.last() {
+                Some(m) => {
+                    m.to == to
+                        && !m.closed
+                        && !oversize
+                        && seg_len <= m.seg_size
+                        && m.segments < max_segs
+                        && m.bytes + seg_len <= MAX_GSO_BYTES
+                }
+                None => false,
+            };
+            if append {
+                if let Some(m) = self.msgs.last_mut() {
+                    m.segments += 1;
+                    m.bytes += seg_len;
+                    m.inner_bytes += inner;
+                    m.closed = seg_len < m.seg_size;
+                }
+            } else {
+                // At most one message per segment, and segments are capped at TX_MSGS.
+                debug_assert!(self.msgs.len() < TX_MSGS);
+                self.msgs.push(TxMsg {
+                    to,
+                    seg_size: seg_len,
+                    segments: 1,
+                    bytes: seg_len,
+                    first: k,
+                    closed: oversize,
+                    peer: counters.clone(),
+                    inner_bytes: inner,
+                });
+            }
+        }
+    }
+
+    /// Writes ICMP "fragmentation needed" for the packet in buffer `i` back to the TUN.
+    fn frag_needed(&mut self, s: &Shared, i: usize, off: usize, len: usize) {
+        let mtu = u16::try_from(self.mtu).unwrap_or(u16::MAX);
+        if let Some(n) = icmp::frag_needed(&self.reads[i][off..len], mtu, &mut self.icmp) {
+            if let Err(e) = s.tun.send_packet(&self.icmp[..n]) {
+                self.local.add(DropReason::TunWrite, 1);
+                self.log.error(&e);
+            }
+        }
+    }
+
+    /// Sends every assembled message, then frees the batch's buffers.
+    fn flush(&mut self, s: &Shared) {
+        if !self.msgs.is_empty() {
+            self.send_all(s);
+        }
+        self.msgs.clear();
+        self.segs.clear();
+        self.seg_buf.clear();
+        self.arena.reset();
+        self.used = 0;
+    }
+
+    fn send_all(&mut self, s: &Shared) {
+        let off = if self.vnet { virtio::LEN } else { 0 };
+        let mut iovs: [IoSlice<'_>; 2 * TX_SEGMENTS] = [IoSlice::new(&[]); 2 * TX_SEGMENTS];
+        self.gso_msgs.clear();
+        let mut n_iov = 0;
+        for m in &self.msgs {
+            let start = n_iov;
+            for k in m.first..m.first + m.segments {
+                let seg = &self.segs[k];
+                let buf = &self.reads[self.seg_buf[k]];
+                iovs[n_iov] = IoSlice::new(self.arena.get(seg.hdr.clone()));
+                iovs[n_iov + 1] =
+                    IoSlice::new(&buf[off + seg.payload.start..off + seg.payload.end]);
+                n_iov += 2;
+            }
+            self.gso_msgs.push(GsoMsg {
+                to: m.to,
+                seg_size: m.seg_size,
+                segments: m.segments,
+                iov: start..n_iov,
+            });
+        }
+        let mut done = 0;
+        let mut waited = false;
+        while done < self.gso_msgs.len() {
+            match self
+                .sender
+                .send(&s.socket, &self.gso_msgs[done..], &iovs[..n_iov])
+            {
+                Ok(n) => {
+                    self.local.batches.udp_sends += n as u64;
+                    for m in &self.msgs[done..done + n] {
+                        m.peer
+                            .tx_packets
+                            .fetch_add(m.segments as u64, Ordering::Relaxed);
+                        m.peer
+                            .tx_bytes
+                            .fetch_add(m.inner_bytes as u64, Ordering::Relaxed);
+                    }
+                    done += n;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if is_full(&e) && !waited => {
+                    waited = true;
+                    if !s.wait(s.socket.as_raw_fd(), libc::POLLOUT, Some(SEND_WAIT)) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let m = &self.msgs[done];
+                    if is_full(&e) {
+                        self.local.add(DropReason::SocketFull, m.segments as u64);
+                    } else {
+                        if e.raw_os_error() == Some(libc::EIO) && m.segments > 1 {
+                            // The route's device cannot checksum GSO sends: stop using GSO.
+                            s.gso.store(false, Ordering::Relaxed);
                         }
+                        self.local.add(DropReason::UdpSend, m.segments as u64);
+                        self.send_log.error(&e);
                     }
+                    done += 1;
                 }
-                Err(RxDrop::Reason(r)) => s.counters.count(r),
-                Err(RxDrop::Malformed(e)) => s.counters.count_malformed(e),
+            }
+        }
+    }
+}
+
+/// Finds the peer for a TUN packet; `Ok` carries its route, address and the DF bit.
+fn route_packet<'t>(
+    table: &'t RouteTable,
+    packet: &[u8],
+) -> Result<(&'t PeerRoute, SocketAddrV4, bool), DropReason> {
+    let first = *packet.first().ok_or(DropReason::Malformed)?;
+    if first >> 4 != 4 {
+        return Err(DropReason::NotIpv4);
+    }
+    if packet.len() < ipv4::MIN_HEADER_LEN {
+        return Err(DropReason::Malformed);
+    }
+    let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+    let dont_frag = packet[6] & 0x40 != 0;
+    match table.lookup(dst) {
+        Lookup::Remote(p) => match p.data_addr {
+            Some(a) => Ok((p, a, dont_frag)),
+            None => Err(DropReason::Unreachable),
+        },
+        Lookup::Unreachable(_) => Err(DropReason::Unreachable),
+        Lookup::Local | Lookup::NoRoute => Err(DropReason::NoRoute),
+    }
+}
+
+/// Where a decapsulated inner packet lies: message index and offset in its buffer.
+type InnerRef = (usize, usize);
+
+/// The receive loop: GRO messages -> datagrams -> inner packets -> coalesced TUN writes.
+struct RxWorker {
+    receiver: Receiver,
+    gro: Gro<InnerRef>,
+    local: LocalCounts,
+    log: RateLimitedLog,
+    tun_log: RateLimitedLog,
+    vnet: bool,
+    overflows_seen: Option<u32>,
+}
+
+impl RxWorker {
+    fn new(s: &Shared) -> Self {
+        RxWorker {
+            receiver: Receiver::new(RX_MSGS),
+            gro: Gro::with_capacity(RX_PACKETS),
+            local: LocalCounts::new(),
+            log: RateLimitedLog::new("receiving from the data socket"),
+            tun_log: RateLimitedLog::new("writing to the TUN device"),
+            vnet: s.tun.vnet_hdr(),
+            overflows_seen: None,
+        }
+    }
+
+    /// Receives and forwards one batch from the data socket.
+    fn step(&mut self, s: &Shared) -> Step {
+        loop {
+            match self.receiver.recv(&s.socket) {
+                Ok(n) => {
+                    self.handle(s, n);
+                    self.local.flush(&s.counters);
+                    return Step::Busy;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Step::Idle,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.local.add(DropReason::UdpRecv, 1);
+                    self.local.flush(&s.counters);
+                    self.log.error(&e);
+                    return Step::Failed;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, s: &Shared, n: usize) {
+        self.local.batches.udp_recvs += n as u64;
+        let table = s.routes.load();
+        self.gro.clear();
+        for i in 0..n {
+            let meta = self.receiver.meta(i);
+            let buf = self.receiver.buf(i);
+            let datagrams = buf.len().div_ceil(meta.stride).max(1) as u64;
+            let peer = meta.src.and_then(|src| match src {
+                SocketAddr::V4(a) => table.peer_by_endpoint(a),
+                SocketAddr::V6(a) => a
+                    .ip()
+                    .to_ipv4_mapped()
+                    .and_then(|ip| table.peer_by_endpoint(SocketAddrV4::new(ip, a.port()))),
+            });
+            let Some(peer) = peer else {
+                self.local.add(DropReason::UnknownPeer, datagrams);
+                continue;
+            };
+            let (mut packets, mut bytes) = (0u64, 0u64);
+            let mut at = 0;
+            let mut local_cache: Option<(Ipv4Addr, bool)> = None;
+            // `loop`, not `while`: an empty datagram is a datagram too (and malformed).
+            loop {
+                let end = (at + meta.stride).min(buf.len());
+                let d = &buf[at..end];
+                match wire::decapsulate(d, s.vni) {
+                    // Datagrams of one message mostly share a destination: one lookup.
+                    Ok(dec)
+                        if local_cache.filter(|c| c.0 == dec.dst).map_or_else(
+                            || {
+                                let l = table.is_local(dec.dst);
+                                local_cache = Some((dec.dst, l));
+                                l
+                            },
+                            |c| c.1,
+                        ) =>
+                    {
+                        let inner = &d[dec.inner_ip.clone()];
+                        packets += 1;
+                        bytes += inner.len() as u64;
+                        self.gro.push((i, at + dec.inner_ip.start), inner);
+                    }
+                    Ok(_) => self.local.add(DropReason::NotLocal, 1),
+                    Err(e) => self.local.malformed(e),
+                }
+                at = end;
+                if at >= buf.len() {
+                    break;
+                }
+            }
+            if packets > 0 {
+                peer.counters
+                    .rx_packets
+                    .fetch_add(packets, Ordering::Relaxed);
+                peer.counters.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+            }
+        }
+        if let Some(o) = self.receiver.overflows() {
+            let prev = self.overflows_seen.unwrap_or(0);
+            self.local
+                .add(DropReason::RxBufferFull, u64::from(o.wrapping_sub(prev)));
+            self.overflows_seen = Some(o);
+        }
+        self.gro.finish();
+        let mut iov: [IoSlice<'_>; 2 + gro::MAX_SEGMENTS] =
+            [IoSlice::new(&[]); 2 + gro::MAX_SEGMENTS];
+        for j in 0..self.gro.len() {
+            let mut k = 0;
+            let hdr = self.gro.header(j);
+            let hdr = if self.vnet { hdr } else { &hdr[virtio::LEN..] };
+            if !hdr.is_empty() {
+                iov[k] = IoSlice::new(hdr);
+                k += 1;
+            }
+            for (r, range) in self.gro.parts(j) {
+                let b = self.receiver.buf(r.0);
+                iov[k] = IoSlice::new(&b[r.1 + range.start..r.1 + range.end]);
+                k += 1;
+            }
+            self.local.batches.tun_writes += 1;
+            if let Err(e) = s.tun.write_vectored(&iov[..k]) {
+                let segs = self.gro.segments(j) as u64;
+                if is_full(&e) {
+                    self.local.add(DropReason::TunFull, segs);
+                } else {
+                    self.local.add(DropReason::TunWrite, segs);
+                    self.tun_log.error(&e);
+                }
             }
         }
     }
@@ -563,7 +1166,10 @@ mod tests {
     use crate::core::mesh::peer::PeerName;
     use crate::core::route::PeerCounters;
     use crate::core::wire::WEFT_VNI;
-    use std::net::Ipv4Addr;
+
+    /// Buffer per packet in the tests: the largest IPv4 packet behind the VXLAN and
+    /// Ethernet headers.
+    const SLOT_LEN: usize = VXLAN_OVERHEAD_INNER + 65_535;
 
     fn name(i: u8) -> PeerName {
         PeerName::from_bytes([0x02, 0x77, 0x66, 0, 0, i])

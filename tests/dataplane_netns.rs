@@ -1,7 +1,11 @@
 //! The real forwarding loops between two network namespaces joined by a veth "underlay":
-//! each namespace gets a `weave` TUN device, a data socket and `dataplane::start`, and TCP
-//! runs across the overlay. Needs root (skips otherwise); all traffic stays inside the
-//! namespaces this test creates, which are deleted on exit, also on panic.
+//! each namespace gets a `weave` TUN device (offloads on), a data socket and
+//! `dataplane::start`, and TCP runs across the overlay: a bulk transfer that must travel
+//! as super-packets (TSO reads, UDP GSO/GRO, coalesced TUN writes) without checksum
+//! errors at the receiver, an oversize DF packet that must come back as ICMP
+//! "fragmentation needed", and malformed datagrams that must be counted. Needs root
+//! (skips otherwise); all traffic stays inside the namespaces this test creates, which
+//! are deleted on exit, also on panic.
 
 use arc_swap::ArcSwap;
 use std::io::{Read, Write};
@@ -107,6 +111,7 @@ fn start_node(ns: &str, me: u8) -> (Node, [Arc<PeerCounters>; 2]) {
         let tun = weft::io::tun::create("weave", 1400).expect("create TUN");
         assert_eq!(tun.name(), "weave");
         assert_eq!(tun.mtu(), 1400);
+        assert!(tun.vnet_hdr(), "TUN offloads (IFF_VNET_HDR) not enabled");
         let sock = weft::io::udp::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, DATA_PORT)))
             .expect("bind data socket");
         dataplane::start(tun, sock, routes.clone(), WEFT_VNI, counters.clone())
@@ -126,6 +131,40 @@ fn start_node(ns: &str, me: u8) -> (Node, [Arc<PeerCounters>; 2]) {
 
 fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+/// `InCsumErrors` of TCP and UDP in the calling thread's namespace.
+fn csum_errors() -> (u64, u64) {
+    // thread-self: /proc/self/net would show the namespace of the main thread.
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("read snmp");
+    let lines: Vec<&str> = snmp.lines().collect();
+    let field = |proto: &str| -> u64 {
+        let mut rows = lines.iter().filter(|l| l.starts_with(&format!("{proto}:")));
+        let names: Vec<&str> = rows.next().unwrap().split_whitespace().collect();
+        let vals: Vec<&str> = rows.next().unwrap().split_whitespace().collect();
+        let i = names.iter().position(|n| *n == "InCsumErrors").unwrap();
+        vals[i].parse().unwrap()
+    };
+    (field("Tcp"), field("Udp"))
+}
+
+/// The path MTU the kernel has learnt for a connected socket (`IP_MTU`).
+fn path_mtu(s: &UdpSocket) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid fd, and a pointer/length pair describing a live c_int.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "IP_MTU: {}", std::io::Error::last_os_error());
+    v
 }
 
 #[test]
@@ -173,7 +212,8 @@ fn tcp_across_the_overlay_between_two_namespaces() {
     ip(&["-n", &na, "addr", "add", "192.168.0.1/16", "dev", "weave"]);
     ip(&["-n", &nb, "addr", "add", "192.168.128.1/16", "dev", "weave"]);
 
-    // An echo server in B, a client in A moving 2 MB each way through the overlay.
+    let csum_before = [in_ns(&na, csum_errors), in_ns(&nb, csum_errors)];
+    // An echo server in B, a client in A moving 16 MB each way through the overlay.
     let listener = in_ns(&nb, || {
         TcpListener::bind("192.168.128.1:5001").expect("listen")
     });
@@ -194,7 +234,7 @@ fn tcp_across_the_overlay_between_two_namespaces() {
     client
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let data = pattern(2 << 20);
+    let data = pattern(16 << 20);
     let mut writer = client.try_clone().unwrap();
     let to_send = data.clone();
     let sender = std::thread::spawn(move || {
@@ -220,15 +260,86 @@ fn tcp_across_the_overlay_between_two_namespaces() {
         rx(&b.peer_counters)
     );
     assert!(tx(&b.peer_counters) > 0 && rx(&a.peer_counters) > 0);
+    // Offloads at work: TCP handed the TUN super-packets (fewer reads than segments
+    // sent), UDP GSO sent many datagrams per message, and the receiver coalesced
+    // segments into fewer TUN writes than datagrams received.
+    let (ab, bb) = (a.counters.batches(), b.counters.batches());
+    eprintln!(
+        "A: {ab:?} tx {}; B: {bb:?} rx {}",
+        tx(&a.peer_counters),
+        rx(&b.peer_counters)
+    );
+    assert!(
+        ab.tun_reads * 2 < tx(&a.peer_counters),
+        "A: no TSO super-packets: {ab:?}"
+    );
+    assert!(
+        ab.udp_sends * 2 < tx(&a.peer_counters),
+        "A: no UDP GSO: {ab:?}"
+    );
+    assert!(
+        bb.udp_recvs * 2 < rx(&b.peer_counters),
+        "B: no UDP GRO: {bb:?}"
+    );
+    assert!(
+        bb.tun_writes * 2 < rx(&b.peer_counters),
+        "B: no coalescing: {bb:?}"
+    );
+    // Every segment and coalesced super-packet had valid checksums.
+    assert_eq!(
+        in_ns(&na, csum_errors),
+        csum_before[0],
+        "checksum errors in A"
+    );
+    assert_eq!(
+        in_ns(&nb, csum_errors),
+        csum_before[1],
+        "checksum errors in B"
+    );
     for n in [&a, &b] {
         for r in [
             DropReason::Malformed,
             DropReason::UnknownPeer,
             DropReason::TooBig,
+            DropReason::SocketFull,
+            DropReason::TunFull,
+            DropReason::TunWrite,
+            DropReason::UdpSend,
         ] {
             assert_eq!(n.counters.get(r), 0, "{}", r.as_str());
         }
     }
+
+    // An oversize packet with DF: A's interface claims MTU 9000 while the data plane
+    // forwards at most 1400, so a 2000-byte DF datagram reaches the data plane, which
+    // answers with ICMP "fragmentation needed" (next-hop MTU 1400): the kernel learns
+    // the path MTU for the destination.
+    ip(&["-n", &na, "link", "set", "weave", "mtu", "9000"]);
+    let big = in_ns(&na, || {
+        let s = UdpSocket::bind("192.168.0.1:0").unwrap();
+        s.connect("192.168.128.1:9").unwrap();
+        let v: libc::c_int = libc::IP_PMTUDISC_DO;
+        use std::os::fd::AsRawFd;
+        // SAFETY: valid fd, and a pointer/length pair describing a live c_int.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        assert_eq!(path_mtu(&s), 9000);
+        s.send(&[0x55; 2000]).expect("send oversize datagram");
+        s
+    });
+    eventually("too_big at A", || a.counters.get(DropReason::TooBig) == 1);
+    eventually("path MTU 1400 learnt from weft's ICMP", || {
+        path_mtu(&big) == 1400
+    });
+    ip(&["-n", &na, "link", "set", "weave", "mtu", "1400"]);
 
     // A datagram from an underlay address that is no peer's: unknown_peer at B.
     in_ns(&na, || {
@@ -244,13 +355,14 @@ fn tcp_across_the_overlay_between_two_namespaces() {
         let s = UdpSocket::bind("10.77.7.1:0").unwrap();
         s.send_to(&[0u8; 60], "10.77.7.2:6784").unwrap();
         s.send_to(&[1u8; 10], "10.77.7.2:6784").unwrap();
+        s.send_to(&[], "10.77.7.2:6784").unwrap();
     });
     eventually("malformed at B", || {
-        b.counters.get(DropReason::Malformed) == 2
+        b.counters.get(DropReason::Malformed) == 3
     });
     let kinds = b.counters.malformed_kinds();
     let kind = |k: &str| kinds.iter().find(|d| d.reason == k).unwrap().packets;
-    assert_eq!((kind("no_vni_flag"), kind("truncated")), (1, 1));
+    assert_eq!((kind("no_vni_flag"), kind("truncated")), (1, 2));
 
     // A local-range address with no pod behind it: no_route at A.
     let probe = in_ns(&na, || UdpSocket::bind("192.168.0.1:0").unwrap());

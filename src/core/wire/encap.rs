@@ -137,6 +137,26 @@ pub fn encapsulate(
     Ok(datagram_len)
 }
 
+/// The 22 bytes (VXLAN + inner Ethernet header) that precede every inner packet sent to
+/// one peer: built once per peer and batch, then copied in front of each segment.
+pub fn header(
+    vni: u32,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+) -> Result<[u8; VXLAN_OVERHEAD_INNER], EncapError> {
+    if vni > vxlan::MAX_VNI {
+        return Err(EncapError::BadVni(vni));
+    }
+    let mut h = [0u8; VXLAN_OVERHEAD_INNER];
+    let (vx, eth) = h.split_at_mut(vxlan::HEADER_LEN);
+    vxlan::Packet::new_unchecked(vx).set_header(vni);
+    let mut frame = ethernet::Frame::new_unchecked(eth);
+    frame.set_dst_addr(dst_mac);
+    frame.set_src_addr(src_mac);
+    frame.set_ethertype(ethernet::ETHERTYPE_IPV4);
+    Ok(h)
+}
+
 /// Validates a received datagram and locates its inner IPv4 packet. Reserved VXLAN bits
 /// and the inner MAC addresses are ignored (RFC 7348: receivers ignore reserved fields;
 /// the inner frame is point-to-point, so its MACs carry no routing information).
@@ -228,6 +248,16 @@ mod tests {
         assert_eq!(valid_datagram(), expected);
         // The checksum above was computed by hand; confirm it with the checksum function.
         assert_eq!(ipv4::checksum(&expected[22..42]), 0);
+    }
+
+    #[test]
+    fn header_matches_encapsulate() {
+        let d = valid_datagram();
+        assert_eq!(header(WEFT_VNI, SRC_MAC, DST_MAC).unwrap()[..], d[..22]);
+        assert_eq!(
+            header(0x100_0000, SRC_MAC, DST_MAC),
+            Err(EncapError::BadVni(0x100_0000))
+        );
     }
 
     #[test]

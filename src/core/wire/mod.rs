@@ -7,9 +7,14 @@
 //! the two per-packet operations of the data plane, so a batching I/O layer (recvmmsg,
 //! GSO/GRO) only has to loop over them.
 
+pub mod csum;
 pub mod encap;
 pub mod ethernet;
+pub mod gro;
+pub mod gso;
+pub mod icmp;
 pub mod ipv4;
+pub mod virtio;
 pub mod vxlan;
 
 pub use encap::{

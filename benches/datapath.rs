@@ -1,0 +1,194 @@
+//! Per-packet and per-super-packet costs of the data path's pure parts.
+//!
+//! `cargo bench --bench datapath` (criterion). The end-to-end benchmark with real
+//! namespaces, iperf3 and kernel VXLAN for comparison is `benches/iperf.sh`.
+
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use weft::core::mesh::peer::PeerName;
+use weft::core::route::{PeerCounters, PeerRoute, RouteTable};
+use weft::core::wire::gro::Gro;
+use weft::core::wire::gso::{self, Arena};
+use weft::core::wire::virtio::{self, VnetHdr};
+use weft::core::wire::{self, csum, ipv4, VXLAN_OVERHEAD_INNER, WEFT_VNI};
+
+const MTU: usize = 1450;
+const MSS: usize = MTU - 20 - 32;
+const SRC_MAC: [u8; 6] = [2, 0x77, 0x66, 0, 0, 1];
+const DST_MAC: [u8; 6] = [2, 0x77, 0x66, 0, 0, 2];
+
+/// A TCP/IPv4 packet (timestamps option) with `payload` bytes and a valid checksum.
+fn tcp_packet(payload: usize, seq: u32) -> Vec<u8> {
+    let mut p = vec![0u8; 52 + payload];
+    ipv4::Repr {
+        src: Ipv4Addr::new(192, 168, 0, 5),
+        dst: Ipv4Addr::new(192, 168, 128, 7),
+        protocol: ipv4::PROTO_TCP,
+        ttl: 64,
+        dont_frag: true,
+        payload_len: 32 + payload,
+    }
+    .emit(&mut p)
+    .unwrap();
+    let t = &mut p[20..];
+    t[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    t[2..4].copy_from_slice(&5201u16.to_be_bytes());
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[12] = 8 << 4;
+    t[13] = 0x10;
+    t[20..32].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 3]);
+    for (i, b) in t[32..].iter_mut().enumerate() {
+        *b = (i * 7) as u8;
+    }
+    let l4 = (p.len() - 20) as u16;
+    let c = csum::finish(csum::sum(
+        &p[20..],
+        csum::pseudo_v4([192, 168, 0, 5], [192, 168, 128, 7], 6, l4),
+    ));
+    p[36..38].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+fn per_packet(c: &mut Criterion) {
+    let mut g = c.benchmark_group("packet");
+    g.throughput(Throughput::Elements(1));
+    let ip = tcp_packet(MSS, 1);
+    let mut buf = vec![0u8; VXLAN_OVERHEAD_INNER + ip.len()];
+    buf[VXLAN_OVERHEAD_INNER..].copy_from_slice(&ip);
+    g.bench_function("encap_1450", |b| {
+        b.iter(|| wire::encapsulate(black_box(&mut buf), ip.len(), WEFT_VNI, SRC_MAC, DST_MAC))
+    });
+    let datagram = buf.clone();
+    g.bench_function("decap_1450", |b| {
+        b.iter(|| wire::decapsulate(black_box(&datagram), WEFT_VNI))
+    });
+    g.finish();
+}
+
+/// The transmit path's work on one 64 KiB TSO read: split into MSS segments with
+/// checksums, VXLAN headers in front (payload left in place for scatter-gather send).
+fn super_packet(c: &mut Criterion) {
+    let mut g = c.benchmark_group("super_packet_64k");
+    let segments = 46;
+    let payload = segments * MSS;
+    let total = 52 + payload;
+    g.throughput(Throughput::Bytes(payload as u64));
+    let mut pkt = tcp_packet(payload, 1);
+    // As the kernel hands it over: total length of the super-packet, partial checksum.
+    pkt[2..4].copy_from_slice(&(total.min(65_535) as u16).to_be_bytes());
+    let vnet = VnetHdr {
+        flags: virtio::F_NEEDS_CSUM,
+        gso_type: virtio::GSO_TCPV4,
+        hdr_len: 52,
+        gso_size: MSS as u16,
+        csum_start: 20,
+        csum_offset: 16,
+    };
+    let template = wire::encap::header(WEFT_VNI, SRC_MAC, DST_MAC).unwrap();
+    let mut arena = Arena::new(64 * 256);
+    let mut out = Vec::with_capacity(64);
+    g.bench_function("split_encap", |b| {
+        b.iter(|| {
+            arena.reset();
+            out.clear();
+            let s = gso::split(
+                &vnet,
+                &mut pkt,
+                &mut arena,
+                VXLAN_OVERHEAD_INNER,
+                &mut out,
+                64,
+            )
+            .unwrap();
+            for seg in &out {
+                arena
+                    .get_mut(seg.hdr.start..seg.hdr.start + VXLAN_OVERHEAD_INNER)
+                    .copy_from_slice(&template);
+            }
+            s
+        })
+    });
+
+    // The receive path's work on one GRO read of the same data: 46 datagrams back to
+    // back, each decapsulated and offered to the coalescer, then the headers finished.
+    let mut gro_buf = Vec::new();
+    let mut stride = 0;
+    for i in 0..segments {
+        let ip = tcp_packet(MSS, 1 + (i * MSS) as u32);
+        let mut d = template.to_vec();
+        d.extend_from_slice(&ip);
+        stride = d.len();
+        gro_buf.extend_from_slice(&d);
+    }
+    let mut gro: Gro<usize> = Gro::with_capacity(256);
+    g.bench_function("decap_coalesce", |b| {
+        b.iter(|| {
+            gro.clear();
+            for at in (0..gro_buf.len()).step_by(stride) {
+                let d = &gro_buf[at..at + stride];
+                let dec = wire::decapsulate(d, WEFT_VNI).unwrap();
+                gro.push(at + dec.inner_ip.start, &d[dec.inner_ip]);
+            }
+            gro.finish();
+            assert_eq!(gro.len(), 1);
+        })
+    });
+    let data = vec![0x5au8; 65_536];
+    g.throughput(Throughput::Bytes(data.len() as u64));
+    g.bench_function("checksum", |b| b.iter(|| csum::sum(black_box(&data), 0)));
+    g.finish();
+}
+
+fn route_lookup(c: &mut Criterion) {
+    let name = |i: u32| {
+        let b = i.to_be_bytes();
+        PeerName::from_bytes([0x02, 0x77, b[0], b[1], b[2], b[3]])
+    };
+    let peers: Vec<PeerRoute> = (0..1000u32)
+        .map(|i| PeerRoute {
+            name: name(i),
+            nickname: format!("node{i}"),
+            data_addr: Some(SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + i), 6784)),
+            mac: name(i).mac(),
+            counters: Arc::new(PeerCounters::default()),
+        })
+        .collect();
+    // 10.32.0.0/12 split into 4 ranges per peer, as a ring after some churn.
+    let base = u32::from(Ipv4Addr::new(10, 32, 0, 0));
+    let per = (1u32 << 20) / 4000;
+    let ranges: Vec<(u32, u32, PeerName)> = (0..4000u32)
+        .map(|r| {
+            (
+                base + r * per,
+                base + (r + 1) * per - 1,
+                name((r * 7919) % 1000),
+            )
+        })
+        .collect();
+    let table = RouteTable::new(name(0), name(0).mac(), &ranges, peers);
+    let dsts: Vec<Ipv4Addr> = (0..1024u32)
+        .map(|i| Ipv4Addr::from(base + (i * 1021) % (4000 * per)))
+        .collect();
+    let mut g = c.benchmark_group("route");
+    g.throughput(Throughput::Elements(dsts.len() as u64));
+    g.bench_function("lookup_1000_peers", |b| {
+        b.iter_batched(
+            || (),
+            |_| {
+                let mut remote = 0;
+                for d in &dsts {
+                    if matches!(table.lookup(*d), weft::core::route::Lookup::Remote(_)) {
+                        remote += 1;
+                    }
+                }
+                remote
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, per_packet, super_packet, route_lookup);
+criterion_main!(benches);
