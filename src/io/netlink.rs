@@ -5,7 +5,7 @@ use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use std::net::{IpAddr, Ipv4Addr};
@@ -53,6 +53,16 @@ impl Netlink {
                 })
             })
             .collect())
+    }
+
+    async fn ipv4_routes(&self) -> Result<Vec<RouteMessage>, NetlinkError> {
+        Ok(self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await?)
     }
 
     pub async fn link_index(&self, name: &str) -> Result<u32, NetlinkError> {
@@ -126,13 +136,7 @@ impl Netlink {
                 }
             }
         }
-        let routes: Vec<_> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await?;
+        let routes = self.ipv4_routes().await?;
         for r in routes {
             if r.header.destination_prefix_length != 0 {
                 continue;
@@ -184,13 +188,7 @@ impl Netlink {
         if pods.is_empty() {
             return Ok(Vec::new());
         }
-        let routes: Vec<_> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await?;
+        let routes = self.ipv4_routes().await?;
         let mut found = Vec::new();
         for r in routes {
             if r.header.destination_prefix_length != 32 {

@@ -275,17 +275,8 @@ impl Ring {
         // Keyed by entry index so a token listed twice is applied (and bumped) once.
         let mut updates = std::collections::BTreeMap::new();
         for &(token, count) in free {
-            let i = self
-                .find_token(token)
-                .ok_or(RingError::UnknownToken(space::addr(token)))?;
+            let i = self.my_entry(me, token)?;
             let e = &self.entries[i];
-            if &e.owner != me {
-                return Err(RingError::NotOwner {
-                    token: space::addr(token),
-                    owner: e.owner.clone(),
-                    me: me.clone(),
-                });
-            }
             let capacity = space::usable_in(self.range, self.span_of(i));
             if u64::from(count) > capacity {
                 return Err(RingError::FreeTooLarge {
@@ -597,18 +588,24 @@ impl Ring {
 
     /// Owner-only: hands my entry at `token` as a whole to `to` (era+1).
     pub fn give(&mut self, me: &PeerName, token: u32, to: &PeerName) -> Result<(), RingError> {
+        let i = self.my_entry(me, token)?;
+        self.hand_over(i, to).map(|_| ())
+    }
+
+    /// The index of the entry at `token`, which must be mine: only owners change entries.
+    fn my_entry(&self, me: &PeerName, token: u32) -> Result<usize, RingError> {
         let i = self
             .find_token(token)
             .ok_or(RingError::UnknownToken(space::addr(token)))?;
-        let e = &self.entries[i];
-        if &e.owner != me {
+        let owner = &self.entries[i].owner;
+        if owner != me {
             return Err(RingError::NotOwner {
                 token: space::addr(token),
-                owner: e.owner.clone(),
+                owner: owner.clone(),
                 me: me.clone(),
             });
         }
-        self.hand_over(i, to).map(|_| ())
+        Ok(i)
     }
 
     /// `me` removes `dead`: its current incarnation is tombstoned with `me` as heir and
