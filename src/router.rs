@@ -88,6 +88,7 @@ struct Shared {
     overlay: Mutex<Option<Ipv4Net>>,
     overlay_wanted: tokio::sync::Notify,
     pending_allocates: AtomicU64,
+    bad_requests: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -236,6 +237,7 @@ async fn run_async(cfg: RouterConfig) -> Result<(), RouterError> {
         overlay: Mutex::new(None),
         overlay_wanted: tokio::sync::Notify::new(),
         pending_allocates: AtomicU64::new(0),
+        bad_requests: AtomicU64::new(0),
     });
 
     let control_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.port));
@@ -743,6 +745,7 @@ impl Control for RouterControl {
         }
         let mut ipam = node.ipam_report();
         ipam.pending_allocates = s.pending_allocates.load(Ordering::Relaxed);
+        ipam.bad_requests = s.bad_requests.load(Ordering::Relaxed);
         let routes = s.routes.load();
         let peers = routes
             .peers()
@@ -822,6 +825,10 @@ impl Control for RouterControl {
             .ipam()
             .lookup(container_id)
             .map(|a| Ipv4Net::new(a, prefix).expect("valid prefix")))
+    }
+
+    fn count_bad_request(&self) {
+        self.0.bad_requests.fetch_add(1, Ordering::Relaxed);
     }
 
     fn rmpeer(&self, peer_name: &str) -> Result<u64, IpApiError> {

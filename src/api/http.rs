@@ -193,7 +193,8 @@ fn ip_and_prefix(ip: &str, prefix: &str) -> Result<(Ipv4Addr, u8), String> {
     Ok((addr, len))
 }
 
-fn bad_request(msg: String) -> Response {
+fn bad_request<C: Control>(api: &Api<C>, msg: String) -> Response {
+    api.ctl.count_bad_request();
     text_error(StatusCode::BAD_REQUEST, msg)
 }
 
@@ -208,7 +209,7 @@ fn allocated(r: Result<ipnet::Ipv4Net, IpApiError>) -> Response {
 async fn ip_allocate<C: Control>(State(api): St<C>, Path(id): Path<String>) -> Response {
     let id = match container_id(&id) {
         Ok(id) => id,
-        Err(msg) => return bad_request(msg),
+        Err(msg) => return bad_request(&api, msg),
     };
     allocated(api.ctl.allocate(id, api.wait).await)
 }
@@ -219,16 +220,16 @@ async fn ip_allocate_in<C: Control>(
 ) -> Response {
     let (id, (addr, len)) = match (container_id(&id), ip_and_prefix(&ip, &prefix)) {
         (Ok(id), Ok(p)) => (id, p),
-        (Err(msg), _) | (_, Err(msg)) => return bad_request(msg),
+        (Err(msg), _) | (_, Err(msg)) => return bad_request(&api, msg),
     };
     let subnet = match ipnet::Ipv4Net::new(addr, len) {
         Ok(net) => net,
-        Err(e) => return text_error(StatusCode::BAD_REQUEST, e),
+        Err(e) => return bad_request(&api, e.to_string()),
     };
     if subnet.network() != addr {
-        return text_error(
-            StatusCode::BAD_REQUEST,
-            format_args!(
+        return bad_request(
+            &api,
+            format!(
                 "invalid subnet {subnet}: bits after the network prefix are not all zero (did you mean {}?)",
                 subnet.trunc()
             ),
@@ -243,7 +244,7 @@ async fn ip_claim<C: Control>(
 ) -> Response {
     let (id, addr) = match (container_id(&id), ip_and_prefix(&ip, &prefix)) {
         (Ok(id), Ok((addr, _))) => (id, addr),
-        (Err(msg), _) | (_, Err(msg)) => return bad_request(msg),
+        (Err(msg), _) | (_, Err(msg)) => return bad_request(&api, msg),
     };
     match api.ctl.claim(id, addr, api.wait).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
@@ -254,7 +255,7 @@ async fn ip_claim<C: Control>(
 async fn ip_lookup<C: Control>(State(api): St<C>, Path(id): Path<String>) -> Response {
     let id = match container_id(&id) {
         Ok(id) => id,
-        Err(msg) => return bad_request(msg),
+        Err(msg) => return bad_request(&api, msg),
     };
     match api.ctl.lookup(&id) {
         Ok(Some(net)) => net.to_string().into_response(),
@@ -269,7 +270,7 @@ async fn ip_lookup<C: Control>(State(api): St<C>, Path(id): Path<String>) -> Res
 async fn ip_free<C: Control>(State(api): St<C>, Path(id): Path<String>) -> Response {
     let id = match container_id(&id) {
         Ok(id) => id,
-        Err(msg) => return bad_request(msg),
+        Err(msg) => return bad_request(&api, msg),
     };
     match api.ctl.free(&id) {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
@@ -280,7 +281,7 @@ async fn ip_free<C: Control>(State(api): St<C>, Path(id): Path<String>) -> Respo
 /// Weave's `DELETE /peer/{name}`: answers "N IPs taken over from NAME".
 async fn peer_remove<C: Control>(State(api): St<C>, Path(name): Path<String>) -> Response {
     if crate::core::mesh::PeerName::parse(&name).is_err() {
-        return bad_request(format!(
+        return bad_request(&api, format!(
             "{name:?} is not a peer name (six hex octets like 02:77:66:00:00:01); see `weft status ipam`"
         ));
     }
@@ -318,6 +319,7 @@ pub(crate) mod fake {
         pub capacity: usize,
         pub last_wait: Mutex<Option<Duration>>,
         pub last_subnet: Mutex<Option<Ipv4Net>>,
+        pub bad_requests: std::sync::atomic::AtomicU64,
     }
 
     impl FakeControl {
@@ -329,6 +331,7 @@ pub(crate) mod fake {
                 capacity: 3,
                 last_wait: Mutex::new(None),
                 last_subnet: Mutex::new(None),
+                bad_requests: Default::default(),
             }
         }
 
@@ -456,6 +459,11 @@ pub(crate) mod fake {
                 .unwrap()
                 .remove(container_id)
                 .map(|n| n.addr()))
+        }
+
+        fn count_bad_request(&self) {
+            self.bad_requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
 
         fn rmpeer(&self, peer_name: &str) -> Result<u64, IpApiError> {
@@ -778,7 +786,7 @@ mod tests {
 
     #[tokio::test]
     async fn rmpeer_route() {
-        let (_, router) = setup(true);
+        let (ctl, router) = setup(true);
         let a = call(&router, Method::DELETE, "/peer/02:00:00:00:00:01").await;
         assert_eq!(a.code, StatusCode::OK);
         assert_eq!(a.body, "16 IPs taken over from 02:00:00:00:00:01\n");
@@ -786,6 +794,10 @@ mod tests {
         assert_eq!(a.code, StatusCode::CONFLICT);
         let a = call(&router, Method::DELETE, "/peer/n1").await;
         assert_eq!(a.code, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            ctl.bad_requests.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
         assert!(a.body.contains("not a peer name"), "{}", a.body);
     }
 

@@ -147,6 +147,18 @@ impl Collector for Snapshot {
         )?;
         single(
             enc,
+            "weft_ipam_bad_gossip",
+            "Gossiped rings refused as malformed or conflicting.",
+            ConstCounter::new(r.ipam.bad_gossip),
+        )?;
+        single(
+            enc,
+            "weft_api_bad_requests",
+            "HTTP requests refused for a malformed container id, address or prefix.",
+            ConstCounter::new(r.ipam.bad_requests),
+        )?;
+        single(
+            enc,
             "weft_ipam_ready",
             "Whether IP allocation is ready (1) or not (0).",
             int(u64::from(r.ipam.status == "ready")),
@@ -228,7 +240,10 @@ mod tests {
 
     #[test]
     fn values_come_from_the_report() {
-        let text = render_metrics(&sample_report());
+        let mut report = sample_report();
+        report.ipam.bad_gossip = 4;
+        report.ipam.bad_requests = 5;
+        let text = render_metrics(&report);
         assert!(text.ends_with("# EOF\n"), "{text}");
         let s = samples(&text);
         let expect = [
@@ -258,6 +273,8 @@ mod tests {
             ("weave_ipam_unreachable_count", 1.0),
             ("weave_ipam_pending_allocates", 1.0),
             ("weave_ipam_pending_claims", 0.0),
+            ("weft_ipam_bad_gossip_total", 4.0),
+            ("weft_api_bad_requests_total", 5.0),
             ("weft_ipam_ready", 1.0),
             (
                 "weft_peer_tx_packets_total{peer=\"02:77:76:00:00:02\",nickname=\"n2\"}",

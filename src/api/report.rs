@@ -102,6 +102,13 @@ pub struct IpamReport {
     pub owned: Vec<OwnedReport>,
     pub pending_allocates: u64,
     pub pending_claims: u64,
+    /// Gossiped rings refused as malformed or conflicting (the connection was closed and
+    /// the ring left unchanged).
+    #[serde(default)]
+    pub bad_gossip: u64,
+    /// HTTP requests refused for a malformed container id, address or prefix.
+    #[serde(default)]
+    pub bad_requests: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -222,4 +229,6 @@ pub trait Control: Send + Sync + 'static {
     /// returns how many addresses this node took over. Removing a peer that owns nothing
     /// (or was already removed) takes over 0 and is not an error.
     fn rmpeer(&self, peer_name: &str) -> Result<u64, IpApiError>;
+    /// Counts a request refused for malformed input (shown as `weft_api_bad_requests_total`).
+    fn count_bad_request(&self);
 }

@@ -383,6 +383,8 @@ pub(crate) mod tests {
                 termination_count: 3,
             },
             ipam: IpamReport {
+                bad_gossip: 0,
+                bad_requests: 0,
                 status: "ready".into(),
                 range: "192.168.0.0/16".into(),
                 range_num_ips: 65536,

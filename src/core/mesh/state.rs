@@ -1398,6 +1398,8 @@ impl Node {
             owned,
             pending_allocates: 0,
             pending_claims: self.ipam.pending_count(),
+            bad_gossip: self.counters.bad_gossip,
+            bad_requests: 0,
         }
     }
 }
