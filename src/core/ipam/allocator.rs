@@ -351,11 +351,15 @@ impl Ipam {
     /// reported as conflicts when another peer owns them.
     pub fn reclaim(&mut self, claims: Vec<(String, Ipv4Addr)>) -> ReclaimOutcome {
         self.digest.set(None);
+        let mut already = Vec::new();
+        let mut invalid = Vec::new();
         for (id, addr) in claims {
-            if check_container_id(&id).is_err() {
+            if let Err(e) = check_container_id(&id) {
+                invalid.push(format!("not re-claiming {addr}: {e}"));
                 continue;
             }
             if self.by_id.get(&id) == Some(&addr) {
+                already.push((id, addr));
                 continue;
             }
             if let Some(old) = self.pending.insert(id, addr) {
@@ -365,6 +369,8 @@ impl Ipam {
         }
         let mut out = self.settle_pending();
         out.pending = self.pending.len();
+        out.claimed.extend(already);
+        out.conflicts.extend(invalid);
         out
     }
 

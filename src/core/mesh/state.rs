@@ -21,7 +21,7 @@
 use crate::api::report::{
     ConnectionReport, IpamReport, OwnedReport, PeerConnectionReport, PeerReport, RingEntryReport,
 };
-use crate::core::ipam::paxos::{Accepted, Ballot, Proposal, Step};
+use crate::core::ipam::paxos::{Accepted, Ballot, Phase, Proposal, Step};
 use crate::core::ipam::{IpallocInit, Ipam, IpamError, ReclaimOutcome, Ring};
 use crate::core::mesh::message::{Hello, Message, PeerSummary, PROTOCOL, PROTOCOL_VERSION};
 use crate::core::mesh::PeerName;
@@ -535,6 +535,24 @@ impl Node {
             }
         } else if mine.is_some() && !h.gated {
             self.open_gate(out);
+        }
+        // A proposal in flight may have gone out on a connection that was then closed as
+        // the duplicate of this one: repeat its current phase here rather than wait for
+        // the round to time out. Acceptors and the proposer treat repeats idempotently.
+        if let Some(p) = &self.proposal {
+            let msg = match &p.phase {
+                Phase::Preparing => Some(Message::Prepare {
+                    ballot: p.ballot.clone(),
+                }),
+                Phase::Accepting(value) => Some(Message::Accept {
+                    ballot: p.ballot.clone(),
+                    value: value.clone(),
+                }),
+                Phase::Decided(_) => None,
+            };
+            if let Some(m) = msg {
+                out.push(Output::Send(id, m));
+            }
         }
         self.maybe_propose(out);
     }
