@@ -267,7 +267,9 @@ verify_wire() {
     local n
     # gso_max_segs 1 makes the stack segment in software before the capture point.
     for n in n1 n2; do ip -n "$p-$n" link set eth0 gso_max_segs 1; done
-    nsx "$p-n1" tshark -q -i eth0 -f "udp port 6784" -a duration:4 -w "$cap" >"$WORK/tshark.log" 2>&1 &
+    # Not through nsx: a backgrounded function runs in a subshell, and $! would be that
+    # subshell's PID, not tshark's, so cleanup could not stop it.
+    ip netns exec "$p-n1" tshark -q -i eth0 -f "udp port 6784" -a duration:4 -w "$cap" >"$WORK/tshark.log" 2>&1 &
     local tpid=$!
     PIDS+=("$tpid")
     sleep 1.5
@@ -305,7 +307,8 @@ echo "setting up namespaces (prefix $TAG)..." >&2
 [[ $ONLY == *C* ]] && setup_weft
 for dp in A B C; do
     [[ $ONLY == *$dp* ]] || continue
-    nsx "${SRV_NS[$dp]}" iperf3 -s >"$WORK/server-$dp.log" 2>&1 &
+    # Directly, not through nsx: $! must be iperf3's own PID for cleanup to stop it.
+    ip netns exec "${SRV_NS[$dp]}" iperf3 -s >"$WORK/server-$dp.log" 2>&1 &
     PIDS+=($!)
 done
 sleep 0.5
