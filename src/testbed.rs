@@ -1010,16 +1010,20 @@ impl Cluster {
         self.nodes.get(i)?.child.as_ref().map(|c| c.id())
     }
 
-    /// SIGKILL, then reap.
-    pub fn kill_router(&mut self, i: usize) -> Result<()> {
+    /// Takes node `i`'s router process out of the cluster's hands, to stop it.
+    fn take_router(&mut self, i: usize) -> Result<Child> {
         let node = self
             .nodes
             .get_mut(i)
             .ok_or_else(|| failed(format!("no node {i}")))?;
-        let mut child = node
-            .child
+        node.child
             .take()
-            .ok_or_else(|| failed(format!("router {} not started", node.nickname)))?;
+            .ok_or_else(|| failed(format!("router {} not started", node.nickname)))
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill_router(&mut self, i: usize) -> Result<()> {
+        let mut child = self.take_router(i)?;
         let pid = child.id() as i32;
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         let _ = child.wait();
@@ -1029,14 +1033,7 @@ impl Cluster {
 
     /// SIGTERM and wait up to `timeout` for the exit; SIGKILL and fail if it does not come.
     pub fn stop_router(&mut self, i: usize, timeout: Duration) -> Result<ExitStatus> {
-        let node = self
-            .nodes
-            .get_mut(i)
-            .ok_or_else(|| failed(format!("no node {i}")))?;
-        let mut child = node
-            .child
-            .take()
-            .ok_or_else(|| failed(format!("router {} not started", node.nickname)))?;
+        let mut child = self.take_router(i)?;
         let pid = child.id() as i32;
         let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         let deadline = Instant::now() + timeout;
@@ -1052,7 +1049,7 @@ impl Cluster {
                     let _ = child.wait();
                     unregister_pid(pid);
                     return Err(TestbedError::Timeout {
-                        what: format!("router {} to exit after SIGTERM", node.nickname),
+                        what: format!("router {} to exit after SIGTERM", self.nodes[i].nickname),
                         after: timeout,
                     });
                 }
