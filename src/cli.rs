@@ -1,11 +1,8 @@
 //! The client side of `weft status`, `weft report` and `weft rmpeer`: small blocking HTTP
 //! calls to the router's local API, returning the text to print.
 
-use std::io::ErrorKind;
 use std::time::Duration;
-
-/// Where the router's API listens unless `WEAVE_HTTP_ADDR` or a flag says otherwise.
-pub const DEFAULT_API_ADDR: &str = "127.0.0.1:6784";
+use weft_contract::{paths, Client, ClientError, Method};
 
 /// The status sub-pages the router serves.
 pub const STATUS_PAGES: [&str; 5] = ["peers", "connections", "ipam", "targets", "routes"];
@@ -38,22 +35,11 @@ pub enum CliError {
     Transport { addr: String, reason: String },
 }
 
-/// The API address: an explicit flag wins, then `WEAVE_HTTP_ADDR`, then the default.
-pub fn api_addr(flag: Option<&str>) -> String {
-    choose_addr(flag, std::env::var("WEAVE_HTTP_ADDR").ok())
-}
-
-fn choose_addr(flag: Option<&str>, env: Option<String>) -> String {
-    flag.map(str::to_string)
-        .or(env.filter(|v| !v.is_empty()))
-        .unwrap_or_else(|| DEFAULT_API_ADDR.to_string())
-}
-
 /// `weft status [page]`: the text of `/status` or `/status/<page>`.
 pub fn status(addr: &str, sub: Option<&str>) -> Result<String, CliError> {
     let path = match sub {
-        None => "/status".to_string(),
-        Some(p) if STATUS_PAGES.contains(&p) => format!("/status/{p}"),
+        None => paths::STATUS.to_string(),
+        Some(p) if STATUS_PAGES.contains(&p) => paths::status_page(p),
         Some(p) => return Err(CliError::UnknownPage(p.to_string())),
     };
     let (code, body) = request(addr, Method::Get, &path, QUERY_TIMEOUT)?;
@@ -66,7 +52,7 @@ pub fn status(addr: &str, sub: Option<&str>) -> Result<String, CliError> {
 
 /// `weft report`: the router's full state as pretty JSON.
 pub fn report(addr: &str) -> Result<String, CliError> {
-    match request(addr, Method::Get, "/report", QUERY_TIMEOUT)? {
+    match request(addr, Method::Get, paths::REPORT, QUERY_TIMEOUT)? {
         (200, body) => Ok(body),
         (code, body) => Err(server_error(addr, code, body)),
     }
@@ -78,8 +64,7 @@ pub fn rmpeer(addr: &str, name: &str) -> Result<String, CliError> {
     if name.is_empty() || name.chars().any(|c| c.is_control()) {
         return Err(CliError::BadPeerName(name.to_string()));
     }
-    let path = format!("/peer/{}", encode_path_segment(name));
-    match request(addr, Method::Delete, &path, RMPEER_TIMEOUT)? {
+    match request(addr, Method::Delete, &paths::peer(name), RMPEER_TIMEOUT)? {
         (200 | 204, body) => Ok(body),
         (code, body) => Err(server_error(addr, code, body)),
     }
@@ -93,35 +78,6 @@ fn server_error(addr: &str, code: u16, body: String) -> CliError {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Method {
-    Get,
-    Delete,
-}
-
-/// Percent-encodes everything but RFC 3986 unreserved characters and `:` (peer names are
-/// MAC-style `02:..`, which Weave also sent unescaped).
-fn encode_path_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn base_url(addr: &str) -> String {
-    let addr = addr.trim_end_matches('/');
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
 /// Sends one request; any HTTP status is returned to the caller together with the body.
 fn request(
     addr: &str,
@@ -129,56 +85,13 @@ fn request(
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, String), CliError> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        // The API is local: a proxy from the environment must never see these requests.
-        .proxy(None)
-        .timeout_global(Some(timeout))
-        .build()
-        .into();
-    let url = format!("{}{path}", base_url(addr));
-    let sent = match method {
-        Method::Get => agent.get(&url).call(),
-        Method::Delete => agent.delete(&url).call(),
-    };
-    let mut resp = sent.map_err(|e| connect_error(addr, e))?;
-    let code = resp.status().as_u16();
-    let body = resp
-        .body_mut()
-        .read_to_string()
-        .map_err(|e| CliError::Transport {
-            addr: addr.to_string(),
-            reason: e.to_string(),
+    let answer = Client::with_timeout(addr, timeout)
+        .call(method, path)
+        .map_err(|e| match e {
+            ClientError::Unreachable { addr, reason } => CliError::NotRunning { addr, reason },
+            ClientError::Transport { addr, reason } => CliError::Transport { addr, reason },
         })?;
-    Ok((code, body))
-}
-
-fn connect_error(addr: &str, e: ureq::Error) -> CliError {
-    let not_running = match &e {
-        ureq::Error::Io(io) => matches!(
-            io.kind(),
-            ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset | ErrorKind::NotFound
-        ),
-        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => true,
-        _ => false,
-    };
-    let reason = match &e {
-        ureq::Error::Io(io) if io.kind() == ErrorKind::ConnectionRefused => {
-            "connection refused".to_string()
-        }
-        _ => e.to_string(),
-    };
-    if not_running {
-        CliError::NotRunning {
-            addr: addr.to_string(),
-            reason,
-        }
-    } else {
-        CliError::Transport {
-            addr: addr.to_string(),
-            reason,
-        }
-    }
+    Ok((answer.status, answer.body))
 }
 
 #[cfg(test)]
@@ -348,23 +261,5 @@ mod tests {
             }
             other => panic!("expected a 400, got {other:?}"),
         }
-    }
-
-    #[test]
-    fn address_precedence() {
-        let env = || Some("127.0.0.2:7000".to_string());
-        assert_eq!(choose_addr(Some("127.0.0.1:9999"), env()), "127.0.0.1:9999");
-        assert_eq!(choose_addr(None, env()), "127.0.0.2:7000");
-        assert_eq!(choose_addr(None, Some(String::new())), DEFAULT_API_ADDR);
-        assert_eq!(choose_addr(None, None), DEFAULT_API_ADDR);
-    }
-
-    #[test]
-    fn path_segments_are_percent_encoded() {
-        assert_eq!(
-            encode_path_segment("02:77:76:00:00:01"),
-            "02:77:76:00:00:01"
-        );
-        assert_eq!(encode_path_segment("a b/c%é"), "a%20b%2Fc%25%C3%A9");
     }
 }

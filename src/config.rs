@@ -9,10 +9,8 @@ use std::path::PathBuf;
 
 pub const DEFAULT_RANGE: &str = "192.168.0.0/16";
 pub const DEFAULT_CONTROL_PORT: u16 = 6783;
-pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:6784";
-pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:6782";
+pub use weft_contract::{DEFAULT_HTTP_ADDR, DEFAULT_METRICS_ADDR, TUN_NAME};
 pub const DEFAULT_DB_DIR: &str = "/var/lib/weft";
-pub const TUN_NAME: &str = "weave";
 
 #[derive(Args, Debug, Clone)]
 pub struct RouterArgs {

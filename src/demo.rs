@@ -5,10 +5,10 @@
 //! what `weft status` says on node 1 and a pass/fail matrix, and removes everything again
 //! (also on Ctrl-C).
 
-use crate::testbed::{self, Binaries, Cluster, ClusterSpec, Pod};
 use anyhow::{bail, Context};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use weft_testbed::{self as testbed, Binaries, Cluster, ClusterSpec, Pod};
 
 /// What `weft demo` builds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,8 +2,8 @@
 //!
 //! Layout: `core` is pure (no sockets, no clock, no syscalls) and holds every decision;
 //! `io` holds thin adapters; `dataplane` runs the forwarding loops; `router` wires the
-//! daemon together; `api` serves HTTP and metrics; `testbed` and `demo` build local
-//! clusters in network namespaces.
+//! daemon together; `api` serves HTTP and metrics; `demo` builds a local cluster in network
+//! namespaces with the `weft-testbed` crate.
 
 pub mod api;
 pub mod cli;
@@ -13,4 +13,3 @@ pub mod dataplane;
 pub mod demo;
 pub mod io;
 pub mod router;
-pub mod testbed;

@@ -26,9 +26,9 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
+use weft_contract::ContainerId;
 
-/// The container id under which the node's own overlay address is allocated (Weave's).
-pub const EXPOSE_ID: &str = "weave:expose";
+pub use weft_contract::EXPOSE_ID;
 const TICK: Duration = Duration::from_secs(5);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -672,7 +672,7 @@ fn map_ipam_error(e: IpamError) -> IpApiError {
         E::InUse { .. } | E::NotOwned { .. } | E::RemoveSelf(_) | E::RemoveConnected(_) => {
             IpApiError::Conflict(e.to_string())
         }
-        E::BadContainerId { .. } | E::OutOfRange { .. } => IpApiError::BadRequest(e.to_string()),
+        E::BadContainerId(_) | E::OutOfRange { .. } => IpApiError::BadRequest(e.to_string()),
         other => IpApiError::Internal(other.to_string()),
     }
 }
@@ -789,41 +789,44 @@ impl Control for RouterControl {
         }
     }
 
-    async fn allocate(&self, container_id: String, wait: Duration) -> Result<Ipv4Net, IpApiError> {
-        self.ipam_op(&container_id, wait, |n| n.allocate(&container_id))
-            .await
+    async fn allocate(
+        &self,
+        container_id: ContainerId,
+        wait: Duration,
+    ) -> Result<Ipv4Net, IpApiError> {
+        let id = container_id.as_str();
+        self.ipam_op(id, wait, |n| n.allocate(id)).await
     }
 
     async fn allocate_in(
         &self,
-        container_id: String,
+        container_id: ContainerId,
         subnet: Ipv4Net,
         wait: Duration,
     ) -> Result<Ipv4Net, IpApiError> {
-        self.ipam_op(&container_id, wait, |n| {
-            n.allocate_in(&container_id, subnet)
-        })
-        .await
+        let id = container_id.as_str();
+        self.ipam_op(id, wait, |n| n.allocate_in(id, subnet)).await
     }
 
     async fn claim(
         &self,
-        container_id: String,
+        container_id: ContainerId,
         addr: Ipv4Addr,
         wait: Duration,
     ) -> Result<Ipv4Net, IpApiError> {
-        self.ipam_op(&container_id, wait, |n| {
-            let (r, o) = n.claim(&container_id, addr);
+        let id = container_id.as_str();
+        self.ipam_op(id, wait, |n| {
+            let (r, o) = n.claim(id, addr);
             (r.map(|()| addr), o)
         })
         .await
     }
 
-    fn lookup(&self, container_id: &str) -> Result<Option<Ipv4Net>, IpApiError> {
+    fn lookup(&self, container_id: &ContainerId) -> Result<Option<Ipv4Net>, IpApiError> {
         let prefix = self.0.cfg.range.prefix_len();
         Ok(lock(&self.0.node)
             .ipam()
-            .lookup(container_id)
+            .lookup(container_id.as_str())
             .map(|a| Ipv4Net::new(a, prefix).expect("valid prefix")))
     }
 
@@ -845,8 +848,8 @@ impl Control for RouterControl {
         Ok(taken)
     }
 
-    fn free(&self, container_id: &str) -> Result<Option<Ipv4Addr>, IpApiError> {
-        let (r, outs, saved) = self.0.with_node(|n| n.free(container_id));
+    fn free(&self, container_id: &ContainerId) -> Result<Option<Ipv4Addr>, IpApiError> {
+        let (r, outs, saved) = self.0.with_node(|n| n.free(container_id.as_str()));
         self.0.apply(outs);
         saved.map_err(|e| IpApiError::Internal(format!("freed, but not persisted: {e}")))?;
         Ok(r)

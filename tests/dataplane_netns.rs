@@ -4,7 +4,7 @@
 //! as super-packets (TSO reads, UDP GSO/GRO, coalesced TUN writes) without checksum
 //! errors at the receiver, an oversize DF packet that must come back as ICMP
 //! "fragmentation needed", and malformed datagrams that must be counted. Needs root
-//! (skips otherwise); all traffic stays inside the namespaces this test creates, which
+//! (ignored without it, failed under CI without it); all traffic stays inside the namespaces this test creates, which
 //! are deleted on exit, also on panic.
 
 use arc_swap::ArcSwap;
@@ -20,10 +20,7 @@ use weft::dataplane::{self, DataplaneCounters, DropReason};
 
 const DATA_PORT: u16 = 6784;
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+use weft_testbed::harness;
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
@@ -167,12 +164,7 @@ fn path_mtu(s: &UdpSocket) -> i32 {
     v
 }
 
-#[test]
 fn tcp_across_the_overlay_between_two_namespaces() {
-    if !is_root() {
-        eprintln!("skipping dataplane_netns: needs root for namespaces and TUN devices");
-        return;
-    }
     let id = std::process::id() % 100_000;
     let (na, nb) = (format!("wdp-a-{id}"), format!("wdp-b-{id}"));
     ip(&["netns", "add", &na]);
@@ -381,4 +373,11 @@ fn tcp_across_the_overlay_between_two_namespaces() {
     a.dataplane.stop();
     b.dataplane.stop();
     assert!(t.elapsed() < Duration::from_secs(2));
+}
+
+fn main() {
+    harness::run(vec![harness::root(
+        "tcp_across_the_overlay_between_two_namespaces",
+        tcp_across_the_overlay_between_two_namespaces,
+    )])
 }

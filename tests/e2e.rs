@@ -1,7 +1,8 @@
 //! End-to-end tests: real `weft router` processes in node namespaces, pods attached by
 //! executing the built `weft-cni` exactly as a runtime does, real TCP between them.
 //!
-//! Need root (network namespaces); without it each test prints "skipped: needs root".
+//! Need root (network namespaces): they run under weft-testbed's harness, which reports
+//! them as ignored without root and fails them under CI without root.
 //! Need `weft-cni` next to the `weft` binary: `cargo build --workspace` first.
 //! Every test builds its own cluster with unique namespace names, so they run in
 //! parallel; a failing test prints the routers' log tails (the cluster's Drop does).
@@ -10,7 +11,9 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 use weft::api::report::Report;
-use weft::testbed::{self, Binaries, Cluster, ClusterSpec, CniCall, Pod, DATA_PORT};
+use weft_testbed::{
+    self as testbed, harness, Binaries, Cluster, ClusterSpec, CniCall, Pod, DATA_PORT,
+};
 
 const READY: Duration = Duration::from_secs(60);
 const STOP: Duration = Duration::from_secs(15);
@@ -95,12 +98,7 @@ fn drops(r: &Report, reason: &str) -> u64 {
         .sum()
 }
 
-#[test]
 fn pods_on_three_nodes_reach_each_other_and_the_nodes() {
-    if !testbed::is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let mut c = ready_cluster(3);
     let a1 = add_pod(&mut c, 0, "a1");
     let a2 = add_pod(&mut c, 0, "a2");
@@ -237,12 +235,7 @@ fn pods_on_three_nodes_reach_each_other_and_the_nodes() {
     assert_eq!(parsed.router.nick_name, "n1");
 }
 
-#[test]
 fn cni_del_frees_the_address_and_is_idempotent() {
-    if !testbed::is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let mut c = ready_cluster(2);
     let p1 = add_pod(&mut c, 0, "p1");
     let p2 = add_pod(&mut c, 0, "p2");
@@ -389,33 +382,18 @@ fn restart_keeps_allocations(crash: bool) {
     }
 }
 
-#[test]
 fn allocations_and_connectivity_survive_sigterm_restart() {
-    if !testbed::is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     restart_keeps_allocations(false);
 }
 
-#[test]
 fn allocations_and_connectivity_survive_sigkill_restart() {
-    if !testbed::is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     restart_keeps_allocations(true);
 }
 
 /// A fresh pod's first connection must not wait for anything: a delayed proxy-ARP answer
 /// on the host veth (the kernel default `proxy_delay` is up to 0.8 s) costs a SYN
 /// retransmission, about one second, on every new pod's first connection.
-#[test]
 fn first_connections_of_new_pods_are_not_delayed() {
-    if !testbed::is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let mut c = ready_cluster(2);
     let a = add_pod(&mut c, 0, "a");
     let a2 = add_pod(&mut c, 0, "a2");
@@ -520,12 +498,7 @@ fn wait_drops(c: &Cluster, node: usize, reason: &str, base: u64, by: u64) -> u64
     }
 }
 
-#[test]
 fn malformed_and_foreign_datagrams_are_dropped_counted_and_harmless() {
-    if !testbed::is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let mut c = ready_cluster(2);
     let (stranger_ns, stranger_ip) = ok(c.add_underlay_host("x"), "stranger namespace");
     let a = add_pod(&mut c, 0, "a");
@@ -647,12 +620,7 @@ fn malformed_and_foreign_datagrams_are_dropped_counted_and_harmless() {
     tcp_both_ways(&c, &a, &b);
 }
 
-#[test]
 fn weft_demo_connects_all_pods_and_cleans_up() {
-    if !testbed::is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     binaries();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
         .args(["demo", "--nodes", "2", "--pods", "2"])
@@ -693,4 +661,37 @@ fn weft_demo_connects_all_pods_and_cleans_up() {
         left.is_empty(),
         "weft demo left namespaces behind: {left:?}"
     );
+}
+
+fn main() {
+    harness::run(vec![
+        harness::root(
+            "pods_on_three_nodes_reach_each_other_and_the_nodes",
+            pods_on_three_nodes_reach_each_other_and_the_nodes,
+        ),
+        harness::root(
+            "cni_del_frees_the_address_and_is_idempotent",
+            cni_del_frees_the_address_and_is_idempotent,
+        ),
+        harness::root(
+            "allocations_and_connectivity_survive_sigterm_restart",
+            allocations_and_connectivity_survive_sigterm_restart,
+        ),
+        harness::root(
+            "allocations_and_connectivity_survive_sigkill_restart",
+            allocations_and_connectivity_survive_sigkill_restart,
+        ),
+        harness::root(
+            "first_connections_of_new_pods_are_not_delayed",
+            first_connections_of_new_pods_are_not_delayed,
+        ),
+        harness::root(
+            "malformed_and_foreign_datagrams_are_dropped_counted_and_harmless",
+            malformed_and_foreign_datagrams_are_dropped_counted_and_harmless,
+        ),
+        harness::root(
+            "weft_demo_connects_all_pods_and_cleans_up",
+            weft_demo_connects_all_pods_and_cleans_up,
+        ),
+    ])
 }

@@ -2,13 +2,14 @@
 //! a late joiner that must obtain space, a dead node removed with `weft rmpeer` whose
 //! space is reused, and restarts that keep every pod's address.
 //!
-//! Needs root; without it the test prints "skipped: needs root".
+//! Needs root: runs under weft-testbed's harness (ignored without root, failed under CI
+//! without root).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 use weft::api::report::Report;
-use weft::testbed::{self, Binaries, Cluster, ClusterSpec, Pod};
+use weft_testbed::{harness, Binaries, Cluster, ClusterSpec, Pod};
 
 const READY: Duration = Duration::from_secs(60);
 const STOP: Duration = Duration::from_secs(15);
@@ -75,12 +76,7 @@ fn assert_unique(pods: &[&Pod]) {
     assert_eq!(addrs.len(), pods.len(), "duplicate pod addresses: {pods:?}");
 }
 
-#[test]
 fn staggered_start_late_joiner_rmpeer_and_restart() {
-    if !testbed::is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let binaries = Binaries::beside(env!("CARGO_BIN_EXE_weft")).unwrap_or_else(|e| panic!("{e}"));
     let mut c = ok(Cluster::create(ClusterSpec::new(4, binaries)), "namespaces");
     // Every node names the three others, so the default is consensus=4 (quorum 3): the
@@ -200,12 +196,7 @@ fn staggered_start_late_joiner_rmpeer_and_restart() {
     assert!(f.addr != reuse && g.addr != reuse);
 }
 
-#[test]
 fn restart_with_lost_state_reclaims_running_pods_addresses() {
-    if !testbed::is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let binaries = Binaries::beside(env!("CARGO_BIN_EXE_weft")).unwrap_or_else(|e| panic!("{e}"));
     let mut c = ok(Cluster::create(ClusterSpec::new(2, binaries)), "namespaces");
     ok(c.start_all(), "start");
@@ -244,4 +235,17 @@ fn restart_with_lost_state_reclaims_running_pods_addresses() {
     all.extend(fresh.iter());
     assert_unique(&all);
     ok(c.tcp_pod_to_pod(&b, &a), "TCP b -> a after n1's state loss");
+}
+
+fn main() {
+    harness::run(vec![
+        harness::root(
+            "staggered_start_late_joiner_rmpeer_and_restart",
+            staggered_start_late_joiner_rmpeer_and_restart,
+        ),
+        harness::root(
+            "restart_with_lost_state_reclaims_running_pods_addresses",
+            restart_with_lost_state_reclaims_running_pods_addresses,
+        ),
+    ])
 }

@@ -3,13 +3,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use weft_contract::{paths, Client, ClientError, ContainerId, IpStatus, Method};
+
 use crate::spec::{Cidr, CniError, ErrorCode};
 
 /// POST blocks in the daemon until IPAM is ready (it bounds that at ~30 s), so the
 /// plugin waits longer than the daemon does and sees its 503 rather than a timeout.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-/// The daemon is local: a connect that takes longer means it is wedged.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -52,7 +52,7 @@ impl From<DaemonError> for CniError {
 }
 
 pub struct Daemon {
-    agent: ureq::Agent,
+    client: Client,
     addr: SocketAddr,
 }
 
@@ -67,41 +67,25 @@ fn excerpt(body: &str) -> String {
 
 impl Daemon {
     pub fn new(addr: SocketAddr) -> Daemon {
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            // The daemon is on this node: never go through an HTTP_PROXY from the
-            // runtime's environment.
-            .proxy(None)
-            .timeout_global(Some(REQUEST_TIMEOUT))
-            .timeout_connect(Some(CONNECT_TIMEOUT))
-            .build();
         Daemon {
-            agent: ureq::Agent::new_with_config(config),
+            client: Client::with_timeout(&addr.to_string(), REQUEST_TIMEOUT),
             addr,
         }
     }
 
-    fn url(&self, container_id: &str) -> String {
-        format!("http://{}/ip/{}", self.addr, container_id)
-    }
-
     /// Sends a request and returns (status, body).
-    fn exchange(
-        &self,
-        request: impl FnOnce(
-            &ureq::Agent,
-            &str,
-        ) -> Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-        container_id: &str,
-    ) -> Result<(u16, String), DaemonError> {
-        let unreachable = |e: ureq::Error| DaemonError::Unreachable {
-            addr: self.addr,
-            reason: e.to_string(),
-        };
-        let response = request(&self.agent, &self.url(container_id)).map_err(unreachable)?;
-        let status = response.status().as_u16();
-        let body = response.into_body().read_to_string().map_err(unreachable)?;
-        Ok((status, body))
+    fn exchange(&self, method: Method, path: &str) -> Result<(u16, String), DaemonError> {
+        let answer = self
+            .client
+            .call(method, path)
+            .map_err(|e| DaemonError::Unreachable {
+                addr: self.addr,
+                reason: match e {
+                    ClientError::Unreachable { reason, .. }
+                    | ClientError::Transport { reason, .. } => reason,
+                },
+            })?;
+        Ok((answer.status, answer.body))
     }
 
     fn parse_cidr(&self, what: &str, body: &str) -> Result<Cidr, DaemonError> {
@@ -113,7 +97,7 @@ impl Daemon {
     }
 
     fn unexpected(&self, what: &str, status: u16, body: &str) -> DaemonError {
-        if status == 503 {
+        if IpStatus::from_code(status) == Some(IpStatus::Unavailable) {
             DaemonError::NotReady {
                 addr: self.addr,
                 body: excerpt(body),
@@ -129,32 +113,35 @@ impl Daemon {
     }
 
     /// `POST /ip/{id}`: the address for this container (the same one on repeat).
-    pub fn allocate(&self, container_id: &str) -> Result<Cidr, DaemonError> {
-        let what = format!("POST /ip/{container_id}");
-        let (status, body) = self.exchange(|a, u| a.post(u).send_empty(), container_id)?;
-        match status {
-            200 | 201 => self.parse_cidr(&what, &body),
+    pub fn allocate(&self, container_id: &ContainerId) -> Result<Cidr, DaemonError> {
+        let path = paths::ip(container_id);
+        let what = format!("POST {path}");
+        let (status, body) = self.exchange(Method::Post, &path)?;
+        match IpStatus::from_code(status) {
+            Some(IpStatus::Granted) => self.parse_cidr(&what, &body),
             _ => Err(self.unexpected(&what, status, &body)),
         }
     }
 
     /// `GET /ip/{id}`: the address the daemon holds for this container, if any.
-    pub fn lookup(&self, container_id: &str) -> Result<Option<Cidr>, DaemonError> {
-        let what = format!("GET /ip/{container_id}");
-        let (status, body) = self.exchange(|a, u| a.get(u).call(), container_id)?;
-        match status {
-            200 => self.parse_cidr(&what, &body).map(Some),
-            404 => Ok(None),
+    pub fn lookup(&self, container_id: &ContainerId) -> Result<Option<Cidr>, DaemonError> {
+        let path = paths::ip(container_id);
+        let what = format!("GET {path}");
+        let (status, body) = self.exchange(Method::Get, &path)?;
+        match IpStatus::from_code(status) {
+            Some(IpStatus::Granted) => self.parse_cidr(&what, &body).map(Some),
+            Some(IpStatus::NotFound) => Ok(None),
             _ => Err(self.unexpected(&what, status, &body)),
         }
     }
 
     /// `DELETE /ip/{id}`: frees the address; an unknown id is not an error.
-    pub fn release(&self, container_id: &str) -> Result<(), DaemonError> {
-        let what = format!("DELETE /ip/{container_id}");
-        let (status, body) = self.exchange(|a, u| a.delete(u).call(), container_id)?;
-        match status {
-            200..=299 | 404 => Ok(()),
+    pub fn release(&self, container_id: &ContainerId) -> Result<(), DaemonError> {
+        let path = paths::ip(container_id);
+        let what = format!("DELETE {path}");
+        let (status, body) = self.exchange(Method::Delete, &path)?;
+        match IpStatus::from_code(status) {
+            Some(IpStatus::Granted | IpStatus::Done | IpStatus::NotFound) => Ok(()),
             _ => Err(self.unexpected(&what, status, &body)),
         }
     }
@@ -165,6 +152,10 @@ mod tests {
     use super::*;
     use std::io::{BufRead, BufReader, Read, Write};
     use std::net::TcpListener;
+
+    fn id(s: &str) -> ContainerId {
+        ContainerId::parse(s).unwrap()
+    }
 
     /// Serves one canned HTTP answer per connection and returns the request lines.
     fn serve(
@@ -216,12 +207,12 @@ mod tests {
             (404, ""),
         ]);
         let d = Daemon::new(addr);
-        let c = d.allocate("abc").unwrap();
+        let c = d.allocate(&id("abc")).unwrap();
         assert_eq!(c.to_string(), "192.168.3.4/16");
-        assert_eq!(d.lookup("abc").unwrap(), Some(c));
-        assert_eq!(d.lookup("abc").unwrap(), None);
-        d.release("abc").unwrap();
-        d.release("abc").unwrap();
+        assert_eq!(d.lookup(&id("abc")).unwrap(), Some(c));
+        assert_eq!(d.lookup(&id("abc")).unwrap(), None);
+        d.release(&id("abc")).unwrap();
+        d.release(&id("abc")).unwrap();
         let seen = server.join().unwrap();
         assert_eq!(
             seen,
@@ -243,12 +234,12 @@ mod tests {
             (500, "boom"),
         ]);
         let d = Daemon::new(addr);
-        let e: CniError = d.allocate("a").unwrap_err().into();
+        let e: CniError = d.allocate(&id("a")).unwrap_err().into();
         assert_eq!(e.code, ErrorCode::TryAgainLater);
         assert!(e.details.contains("IPAM not ready"), "{e}");
-        let e: CniError = d.allocate("a").unwrap_err().into();
+        let e: CniError = d.allocate(&id("a")).unwrap_err().into();
         assert_eq!(e.code, ErrorCode::DaemonProtocol);
-        let e: CniError = d.release("a").unwrap_err().into();
+        let e: CniError = d.release(&id("a")).unwrap_err().into();
         assert_eq!(e.code, ErrorCode::DaemonProtocol);
         server.join().unwrap();
     }
@@ -260,7 +251,7 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let e: CniError = Daemon::new(addr).release("a").unwrap_err().into();
+        let e: CniError = Daemon::new(addr).release(&id("a")).unwrap_err().into();
         assert_eq!(e.code, ErrorCode::TryAgainLater);
         assert!(e.msg.contains(&addr.to_string()), "{e}");
     }

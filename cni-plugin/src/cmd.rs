@@ -15,7 +15,7 @@ use crate::spec::{
 };
 
 /// The overlay interface the weft router creates on every node.
-pub const WEAVE_IFNAME: &str = "weave";
+pub use weft_contract::TUN_NAME as WEAVE_IFNAME;
 /// Used only if the kernel does not report the weave interface's MTU.
 const FALLBACK_MTU: u32 = 1376;
 
@@ -96,11 +96,11 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     let nl = Netlink::new().map_err(io_error("cannot open netlink in the node namespace"))?;
     let overlay = overlay(&nl)?;
     let mtu = conf.mtu.unwrap_or(overlay.mtu);
-    let host_name = host_veth_name(&env.container_id);
+    let host_name = host_veth_name(env.container_id.as_str());
 
     // Runtimes normally DEL before a repeated ADD; if they did not, start over. The
     // address stays the same because allocation is idempotent per container id.
-    if let Some(stale) = own_host_veth(&nl, &host_name, &env.container_id)? {
+    if let Some(stale) = own_host_veth(&nl, &host_name, env.container_id.as_str())? {
         eprintln!(
             "weft-cni: ADD {}: removing leftover {host_name}",
             env.container_id
@@ -133,7 +133,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
 /// Undoes a failed ADD: the pair goes with its host end, the address back to the pool.
 fn rollback(nl: &Netlink, daemon: &Daemon, host_name: &str, env: &Env) {
     // Through the alias check: never remove a colliding container's interface.
-    match own_host_veth(nl, host_name, &env.container_id) {
+    match own_host_veth(nl, host_name, env.container_id.as_str()) {
         Ok(Some(l)) => {
             if let Err(e) = nl.delete(l.index) {
                 eprintln!("weft-cni: rollback: {e}");
@@ -196,7 +196,8 @@ fn plumb(
         "cannot disable the proxy ARP delay on the host veth",
     ))?;
     // The alias (IFALIASZ = 256) lets DEL and later ADDs tell a hash collision apart.
-    let alias = (env.container_id.len() < 256).then_some(env.container_id.as_str());
+    // A ContainerId always fits IFALIASZ.
+    let alias = Some(env.container_id.as_str());
     nl.set_up(host.index, alias)
         .map_err(io_error(format!("cannot bring up {host_name}")))?;
     nl.add_host_route(host.index, address.addr)
@@ -265,8 +266,8 @@ fn configure_pod(ifname: &str, address: Cidr, gateway: Ipv4Addr) -> Result<Vec<u
 
 pub fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     let nl = Netlink::new().map_err(io_error("cannot open netlink in the node namespace"))?;
-    let host_name = host_veth_name(&env.container_id);
-    match own_host_veth(&nl, &host_name, &env.container_id) {
+    let host_name = host_veth_name(env.container_id.as_str());
+    match own_host_veth(&nl, &host_name, env.container_id.as_str()) {
         Ok(Some(l)) => {
             nl.delete(l.index)
                 .map_err(io_error(format!("cannot delete {host_name}")))?;
@@ -319,8 +320,8 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
         ));
     }
 
-    let host_name = host_veth_name(&env.container_id);
-    let host = own_host_veth(&nl, &host_name, &env.container_id)?.ok_or_else(|| {
+    let host_name = host_veth_name(env.container_id.as_str());
+    let host = own_host_veth(&nl, &host_name, env.container_id.as_str())?.ok_or_else(|| {
         mismatch(
             format!("host interface {host_name} is missing"),
             "recreate the pod",

@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use crate::spec::{CniError, ErrorCode, Version};
 
-pub const DEFAULT_DAEMON_ADDRESS: &str = "127.0.0.1:6784";
+use weft_contract::ContainerId;
+pub use weft_contract::DEFAULT_HTTP_ADDR as DEFAULT_DAEMON_ADDRESS;
 
 /// `type` values this binary answers to: its own and Weave's conflist entry.
 const ACCEPTED_TYPES: [&str; 2] = ["weft", "weave-net"];
@@ -188,7 +189,7 @@ impl Command {
 /// The CNI_* variables of one invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Env {
-    pub container_id: String,
+    pub container_id: ContainerId,
     /// Empty when the runtime no longer has the sandbox (a second DEL).
     pub netns: String,
     pub ifname: String,
@@ -196,13 +197,6 @@ pub struct Env {
 
 fn env_error(msg: impl Into<String>, details: impl Into<String>) -> CniError {
     CniError::new(ErrorCode::InvalidEnv, msg, details)
-}
-
-pub fn valid_container_id(id: &str) -> bool {
-    !id.is_empty()
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 /// The kernel's dev_valid_name(): 1..=15 bytes, not "." or "..", no '/', ':' or space.
@@ -262,7 +256,7 @@ impl Env {
     }
 }
 
-fn container_id(lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, CniError> {
+fn container_id(lookup: &dyn Fn(&str) -> Option<String>) -> Result<ContainerId, CniError> {
     let id = lookup("CNI_CONTAINERID").unwrap_or_default();
     if id.is_empty() {
         return Err(env_error(
@@ -270,13 +264,7 @@ fn container_id(lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, CniEr
             "the runtime must pass the container id",
         ));
     }
-    if !valid_container_id(&id) {
-        return Err(env_error(
-            "invalid env var CNI_CONTAINERID",
-            format!("{id:?} may contain only letters, digits, '_', '.' and '-'"),
-        ));
-    }
-    Ok(id)
+    ContainerId::parse(&id).map_err(|e| env_error("invalid env var CNI_CONTAINERID", e.to_string()))
 }
 
 fn ifname_error(name: &str) -> CniError {
@@ -448,7 +436,7 @@ mod tests {
             ("CNI_PATH", "/opt/cni/bin"),
         ];
         let env = Env::for_add(&lookup_from(&good)).unwrap();
-        assert_eq!(env.container_id, "abc-1.2_3");
+        assert_eq!(env.container_id.as_str(), "abc-1.2_3");
         assert_eq!(env.ifname, "eth0");
         for skip in 0..good.len() {
             let partial: Vec<_> = good

@@ -14,21 +14,10 @@ use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope,
 };
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
-use sha2::{Digest, Sha256};
 
 use crate::spec::Cidr;
 
-/// Weave's prefix for host-side pod veths; kept so operators' tooling still matches.
-pub const HOST_VETH_PREFIX: &str = "vethwepl";
-
-/// Host end of a container's veth: the prefix plus 7 hex digits of sha256(id), 15
-/// characters (the kernel's limit). Derived from the id alone so that DEL finds it
-/// without a prevResult or a netns.
-pub fn host_veth_name(container_id: &str) -> String {
-    let digest = Sha256::digest(container_id.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{HOST_VETH_PREFIX}{}", &hex[..7])
-}
+pub use weft_contract::host_veth_name;
 
 const ENODEV: i32 = 19;
 const EEXIST: i32 = 17;
@@ -372,15 +361,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn veth_name_is_deterministic_and_fits() {
-        let a = host_veth_name("abc");
-        assert_eq!(a, host_veth_name("abc"));
-        assert_ne!(a, host_veth_name("abd"));
-        assert_eq!(a.len(), 15);
-        assert!(a.starts_with("vethwepl"));
-        // sha256("abc") = ba7816bf...
-        assert_eq!(a, "vethweplba7816b");
-        assert!(crate::config::valid_ifname(&a));
+    fn host_veth_names_are_valid_interface_names() {
+        assert!(crate::config::valid_ifname(&host_veth_name("abc")));
     }
 
     #[test]

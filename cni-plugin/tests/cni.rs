@@ -1,6 +1,7 @@
 //! Runs the built weft-cni binary the way a container runtime does.
 //!
-//! Tests that touch namespaces need root; without it they print why and pass. All
+//! Tests that touch namespaces need root: weft-testbed's harness reports them as ignored
+//! without root and fails them under CI without root. All
 //! their traffic stays inside namespaces they create (a "node" with a `weave` TUN and
 //! a fake daemon on its own 127.0.0.1:6784, plus "pod" namespaces).
 
@@ -9,7 +10,6 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -21,20 +21,7 @@ use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft-cni");
 
-fn is_root() -> bool {
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipping: needs root to create network namespaces");
-            return;
-        }
-    };
-}
+use weft_testbed::harness::{self, is_root};
 
 struct Output {
     code: i32,
@@ -333,10 +320,7 @@ fn conf(version: &str) -> String {
 }
 
 fn host_veth(id: &str) -> String {
-    use sha2::Digest;
-    let d = sha2::Sha256::digest(id.as_bytes());
-    let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
-    format!("vethwepl{}", &hex[..7])
+    weft_contract::host_veth_name(id)
 }
 
 fn is_mac(v: &Value) -> bool {
@@ -362,7 +346,6 @@ fn closed_port() -> String {
     l.local_addr().unwrap().to_string()
 }
 
-#[test]
 fn version_ignores_dummy_env() {
     let out = run(
         &[
@@ -392,21 +375,18 @@ fn add_env<'a>(id: &'a str, netns: &'a str) -> Vec<(&'static str, &'a str)> {
     ]
 }
 
-#[test]
 fn invalid_json_is_decode_failure() {
     let out = run(&add_env("abc", "/var/run/netns/none"), "{not json", None);
     assert_eq!(out.error_code(), 6);
     assert_eq!(out.json()["cniVersion"], "1.0.0");
 }
 
-#[test]
 fn unsupported_version_is_code_1() {
     let out = run(&add_env("abc", "/var/run/netns/none"), &conf("0.2.0"), None);
     assert_eq!(out.error_code(), 1);
     assert!(out.json()["details"].as_str().unwrap().contains("0.2.0"));
 }
 
-#[test]
 fn missing_or_bad_env_is_code_7() {
     let c = conf("0.3.1");
     for drop in ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"] {
@@ -427,7 +407,6 @@ fn missing_or_bad_env_is_code_7() {
     assert_eq!(out.error_code(), 7);
 }
 
-#[test]
 fn del_without_daemon_asks_to_retry() {
     // Either in a fresh namespace (root) or against a closed loopback port.
     let node = is_root().then(|| Netns::node("delnod"));
@@ -450,9 +429,7 @@ fn del_without_daemon_asks_to_retry() {
     );
 }
 
-#[test]
 fn add_without_daemon_leaves_nothing() {
-    require_root!();
     let node = Netns::node("nod");
     let pod = Netns::new("pod");
     let id = unique_id("nodaemon");
@@ -470,9 +447,7 @@ fn add_without_daemon_leaves_nothing() {
     assert!(!pod.links().contains("eth0"), "{}", pod.links());
 }
 
-#[test]
 fn add_without_weave_interface_asks_to_retry() {
-    require_root!();
     let node = Netns::new("noweave");
     node.exec(&["ip", "link", "set", "lo", "up"]);
     let daemon = FakeDaemon::start(&node);
@@ -492,9 +467,7 @@ fn add_without_weave_interface_asks_to_retry() {
     assert!(daemon.requests().is_empty(), "{:?}", daemon.requests());
 }
 
-#[test]
 fn failed_add_rolls_back() {
-    require_root!();
     let node = Netns::node("rbnod");
     let daemon = FakeDaemon::start(&node);
     let pod = Netns::new("rbpod");
@@ -516,9 +489,7 @@ fn failed_add_rolls_back() {
     );
 }
 
-#[test]
 fn add_check_del_round_trip() {
-    require_root!();
     let node = Netns::node("node");
     let daemon = FakeDaemon::start(&node);
     let pod = Netns::new("pod");
@@ -673,9 +644,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 /// Not a pass/fail criterion beyond "it works": prints ADD and DEL medians.
 /// WEFT_CNI_BIN=<path> times another build (e.g. target/release/weft-cni).
-#[test]
 fn add_del_timing() {
-    require_root!();
     let bin = std::env::var("WEFT_CNI_BIN").unwrap_or_else(|_| BIN.to_string());
     let run =
         |env: &[(&str, &str)], stdin: &str, netns: Option<&Netns>| run_bin(&bin, env, stdin, netns);
@@ -703,4 +672,34 @@ fn add_del_timing() {
         median(adds),
         median(dels)
     );
+}
+
+fn main() {
+    harness::run(vec![
+        harness::plain("version_ignores_dummy_env", version_ignores_dummy_env),
+        harness::plain(
+            "invalid_json_is_decode_failure",
+            invalid_json_is_decode_failure,
+        ),
+        harness::plain(
+            "unsupported_version_is_code_1",
+            unsupported_version_is_code_1,
+        ),
+        harness::plain("missing_or_bad_env_is_code_7", missing_or_bad_env_is_code_7),
+        harness::plain(
+            "del_without_daemon_asks_to_retry",
+            del_without_daemon_asks_to_retry,
+        ),
+        harness::root(
+            "add_without_daemon_leaves_nothing",
+            add_without_daemon_leaves_nothing,
+        ),
+        harness::root(
+            "add_without_weave_interface_asks_to_retry",
+            add_without_weave_interface_asks_to_retry,
+        ),
+        harness::root("failed_add_rolls_back", failed_add_rolls_back),
+        harness::root("add_check_del_round_trip", add_check_del_round_trip),
+        harness::root("add_del_timing", add_del_timing),
+    ])
 }

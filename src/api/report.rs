@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::time::Duration;
+use weft_contract::ContainerId;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase")]
@@ -205,26 +206,26 @@ pub trait Control: Send + Sync + 'static {
     /// `wait` for IPAM to become ready. Returns the address with the range's prefix.
     fn allocate(
         &self,
-        container_id: String,
+        container_id: ContainerId,
         wait: Duration,
     ) -> impl Future<Output = Result<ipnet::Ipv4Net, IpApiError>> + Send;
     /// Allocates inside `subnet` (Weave's `POST /ip/{id}/{ip}/{prefix}`).
     fn allocate_in(
         &self,
-        container_id: String,
+        container_id: ContainerId,
         subnet: ipnet::Ipv4Net,
         wait: Duration,
     ) -> impl Future<Output = Result<ipnet::Ipv4Net, IpApiError>> + Send;
     /// Claims a given address for `container_id` (Weave's `PUT /ip/{id}/{ip}/{prefix}`).
     fn claim(
         &self,
-        container_id: String,
+        container_id: ContainerId,
         addr: Ipv4Addr,
         wait: Duration,
     ) -> impl Future<Output = Result<ipnet::Ipv4Net, IpApiError>> + Send;
-    fn lookup(&self, container_id: &str) -> Result<Option<ipnet::Ipv4Net>, IpApiError>;
+    fn lookup(&self, container_id: &ContainerId) -> Result<Option<ipnet::Ipv4Net>, IpApiError>;
     /// Frees the container's address; freeing an unknown id is not an error (`Ok(None)`).
-    fn free(&self, container_id: &str) -> Result<Option<Ipv4Addr>, IpApiError>;
+    fn free(&self, container_id: &ContainerId) -> Result<Option<Ipv4Addr>, IpApiError>;
     /// Takes over the address ranges of a peer that is gone for good (Weave's `rmpeer`):
     /// returns how many addresses this node took over. Removing a peer that owns nothing
     /// (or was already removed) takes over 0 and is not an error.

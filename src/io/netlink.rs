@@ -213,8 +213,7 @@ impl Netlink {
     }
 }
 
-/// Host-side veth names of pods attached by weft-cni (Weave's prefix).
-pub const POD_VETH_PREFIX: &str = "vethwepl";
+use weft_contract::HOST_VETH_PREFIX as POD_VETH_PREFIX;
 
 fn link_name(l: &LinkMessage) -> Option<&str> {
     l.attributes.iter().find_map(|a| match a {

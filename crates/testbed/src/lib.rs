@@ -1,4 +1,5 @@
-//! Local clusters in network namespaces, for the end-to-end tests and `weft demo`.
+//! Local clusters in network namespaces, for the end-to-end tests and `weft demo`, and
+//! the harness for tests that need root ([`harness`]).
 //!
 //! Topology of one [`Cluster`]: an underlay namespace holding a bridge; one namespace per
 //! node with a veth (`eth0`) to that bridge and an address from a private /24 that exists
@@ -14,7 +15,6 @@
 //! processes it started by PID and deletes its namespaces. [`install_signal_cleanup`] adds
 //! the same for SIGINT/SIGTERM, through a process-wide registry.
 
-use crate::api::report::Report;
 use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -28,9 +28,13 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU16, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Once};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+use weft_contract::{Client, Method};
+
+pub mod harness;
+pub use harness::is_root;
 
 /// HTTP API address of a router, inside its node namespace.
-pub const HTTP_ADDR: &str = "127.0.0.1:6784";
+pub const HTTP_ADDR: &str = weft_contract::DEFAULT_HTTP_ADDR;
 /// Metrics address, inside the node namespace (the router listens on 0.0.0.0:6782).
 pub const METRICS_ADDR: &str = "127.0.0.1:6782";
 /// The router's data (VXLAN-format UDP) port.
@@ -197,12 +201,6 @@ fn install_signal_cleanup_once() -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // Namespaces and commands.
 
-/// Whether the process runs as root (namespaces and links need it).
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// Path of a named network namespace, as `CNI_NETNS` carries it.
 pub fn netns_path(ns: &str) -> PathBuf {
     Path::new(NETNS_DIR).join(ns)
@@ -341,32 +339,32 @@ impl HttpResponse {
     }
 }
 
-/// Sends one HTTP request from inside `ns`. Status codes >= 400 are not errors here.
-pub fn http_in_netns(ns: &str, method: &str, url: &str, timeout: Duration) -> Result<HttpResponse> {
-    let method = method.to_string();
-    let url = url.to_string();
+/// Sends one HTTP request from inside `ns`, to `addr` (`host:port`). Status codes >= 400
+/// are not errors here.
+pub fn http_in_netns(
+    ns: &str,
+    method: &str,
+    addr: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<HttpResponse> {
+    let method = match method {
+        "GET" => Method::Get,
+        "POST" => Method::Post,
+        "PUT" => Method::Put,
+        "DELETE" => Method::Delete,
+        other => return Err(failed(format!("unsupported method {other}"))),
+    };
+    let addr = addr.to_string();
+    let path = path.to_string();
     in_netns(ns, move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(timeout))
-            // Never route a namespace-local request through a proxy from the environment.
-            .proxy(None)
-            .build()
-            .new_agent();
-        let response = match method.as_str() {
-            "GET" => agent.get(&url).call(),
-            "DELETE" => agent.delete(&url).call(),
-            "POST" => agent.post(&url).send_empty(),
-            "PUT" => agent.put(&url).send_empty(),
-            other => return Err(failed(format!("unsupported method {other}"))),
-        };
-        let mut response = response.map_err(|e| failed(format!("{method} {url}: {e}")))?;
-        let status = response.status().as_u16();
-        let body = response
-            .body_mut()
-            .read_to_string()
-            .map_err(|e| failed(format!("{method} {url}: reading body: {e}")))?;
-        Ok(HttpResponse { status, body })
+        let answer = Client::with_timeout(&addr, timeout)
+            .call(method, &path)
+            .map_err(|e| failed(format!("{} {path}: {e}", method.as_str())))?;
+        Ok(HttpResponse {
+            status: answer.status,
+            body: answer.body,
+        })
     })
 }
 
@@ -1108,7 +1106,8 @@ impl Cluster {
         http_in_netns(
             &self.node(i)?.ns,
             method,
-            &format!("http://{HTTP_ADDR}{path}"),
+            HTTP_ADDR,
+            path,
             Duration::from_secs(10),
         )
     }
@@ -1125,8 +1124,9 @@ impl Cluster {
         self.http(i, "DELETE", path)
     }
 
-    /// `GET /report`, parsed.
-    pub fn report(&self, i: usize) -> Result<Report> {
+    /// `GET /report`, parsed into the caller's type (the daemon's `Report`, or a
+    /// `serde_json::Value`).
+    pub fn report<T: serde::de::DeserializeOwned>(&self, i: usize) -> Result<T> {
         let r = self.http_get(i, "/report")?;
         if r.status != 200 {
             return Err(failed(format!(
@@ -1143,7 +1143,8 @@ impl Cluster {
         let r = http_in_netns(
             &self.node(i)?.ns,
             "GET",
-            &format!("http://{METRICS_ADDR}/metrics"),
+            METRICS_ADDR,
+            weft_contract::paths::METRICS,
             Duration::from_secs(10),
         )?;
         if r.status != 200 {

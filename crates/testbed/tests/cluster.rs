@@ -1,14 +1,14 @@
 //! The namespace harness on its own, without routers: topology, traffic helpers, cleanup.
-//! Needs root (creates network namespaces); skipped otherwise.
+//! Needs root (creates network namespaces): ignored without it, failed under CI without it.
 
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
 use std::time::Duration;
-use weft::testbed::{self, Binaries, Cluster, ClusterSpec};
+use weft_testbed::{self as testbed, harness, Binaries, Cluster, ClusterSpec};
 
 /// Binaries are not run here, so they need not exist.
 fn spec(nodes: usize) -> ClusterSpec {
-    let weft = PathBuf::from(env!("CARGO_BIN_EXE_weft"));
+    let weft = PathBuf::from("/nonexistent/weft");
     let weft_cni = weft.with_file_name("weft-cni");
     ClusterSpec::new(nodes, Binaries { weft, weft_cni })
 }
@@ -23,12 +23,7 @@ fn sysctl_in(ns: &str, key: &'static str) -> String {
     .unwrap()
 }
 
-#[test]
 fn topology_carries_tcp_and_udp_and_is_removed_on_drop() {
-    if !testbed::is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let mut cluster = Cluster::create(spec(2)).unwrap();
     let names: Vec<String> = cluster
         .nodes
@@ -89,15 +84,23 @@ fn topology_carries_tcp_and_udp_and_is_removed_on_drop() {
     assert!(!workdir.exists(), "{} left behind", workdir.display());
 }
 
-#[test]
 fn clusters_get_distinct_namespaces() {
-    if !testbed::is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let a = Cluster::create(spec(1)).unwrap();
     let b = Cluster::create(spec(1)).unwrap();
     assert_ne!(a.prefix, b.prefix);
     assert_ne!(a.nodes[0].ns, b.nodes[0].ns);
     assert_ne!(a.underlay_net, b.underlay_net);
+}
+
+fn main() {
+    harness::run(vec![
+        harness::root(
+            "topology_carries_tcp_and_udp_and_is_removed_on_drop",
+            topology_carries_tcp_and_udp_and_is_removed_on_drop,
+        ),
+        harness::root(
+            "clusters_get_distinct_namespaces",
+            clusters_get_distinct_namespaces,
+        ),
+    ])
 }

@@ -1,0 +1,67 @@
+//! A test harness for tests that need root (network namespaces, TUN devices), built on
+//! libtest-mimic so that a test that cannot run is never reported as passed:
+//! - as root it runs;
+//! - without root it is reported as ignored (the harness's "skipped"), and if it is
+//!   forced to run anyway (`--include-ignored`) it fails saying why;
+//! - under CI (`CI` set to anything but `false`/`0`/empty) without root it fails: CI is
+//!   root, so a missing privilege there is a broken setup, not a reason to skip.
+//!
+//! A test file using it sets `harness = false` for its `[[test]]` in Cargo.toml and calls
+//! [`run`] from `main` with its tests listed by [`root`] and [`plain`].
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Whether the process runs with root's effective uid.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Whether we run under CI (the `CI` variable, set by CI systems and by `.ci/run`).
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
+}
+
+/// Runs `f`, turning a panic (the way assertions fail) into a failure with its message.
+fn guarded(f: fn()) -> Result<(), Failed> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "test panicked".to_string());
+        Failed::from(msg)
+    })
+}
+
+/// A test that needs root.
+pub fn root(name: &str, f: fn()) -> Trial {
+    if is_root() {
+        return Trial::test(name, move || guarded(f));
+    }
+    if under_ci() {
+        return Trial::test(name, || {
+            Err("needs root, and CI is set: CI runs as root, so this setup is broken".into())
+        });
+    }
+    Trial::test(name, || {
+        Err("needs root (create network namespaces and TUN devices)".into())
+    })
+    .with_kind("needs root")
+    .with_ignored_flag(true)
+}
+
+/// A test that runs anywhere.
+pub fn plain(name: &str, f: fn()) -> Trial {
+    Trial::test(name, move || guarded(f))
+}
+
+/// Parses the test binary's arguments (filters, `--test-threads`, ...) like the
+/// built-in harness, runs `tests` and exits with the harness's status.
+pub fn run(tests: Vec<Trial>) -> ! {
+    let args = Arguments::from_args();
+    if !is_root() && !under_ci() && tests.iter().any(|t| t.has_ignored_flag()) {
+        eprintln!("skipped: tests marked \"needs root\" (run as root to include them)");
+    }
+    libtest_mimic::run(&args, tests).exit()
+}
