@@ -5,8 +5,8 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use std::hint;
 use weft::core::ipam::{IpallocInit, Ipam, Ring};
-use weft::core::mesh::sim::{Faults, Sim, TICK};
 use weft::core::mesh::PeerName;
+use weft_sim::{Faults, Sim, TICK};
 
 fn peer(i: usize) -> PeerName {
     PeerName::from_bytes([2, 0x42, 0, 0, (i >> 8) as u8, i as u8])

@@ -1,7 +1,7 @@
 //! weft: a user-space overlay network for Kubernetes, compatible with Weave Net.
 //!
 //! Layout: `core` is pure (no sockets, no clock, no syscalls) and holds every decision;
-//! `io` holds thin adapters; `dataplane` runs the forwarding loops; `router` wires the
+//! `io` holds thin adapters; `datapath` holds the forwarding backends; `router` wires the
 //! daemon together; `api` serves HTTP and metrics; `demo` builds a local cluster in network
 //! namespaces with the `weft-testbed` crate.
 
@@ -9,7 +9,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod core;
-pub mod dataplane;
+pub mod datapath;
 pub mod demo;
 pub mod io;
 pub mod router;

@@ -1,22 +1,22 @@
-//! The real forwarding loops between two network namespaces joined by a veth "underlay":
-//! each namespace gets a `weave` TUN device (offloads on), a data socket and
-//! `dataplane::start`, and TCP runs across the overlay: a bulk transfer that must travel
+//! The user-space backend between two network namespaces joined by a veth "underlay":
+//! each namespace gets a `weave` TUN device (offloads on), a data socket and a
+//! `UserspaceBackend` with routes set as the router sets them, and TCP runs across the
+//! overlay: a bulk transfer that must travel
 //! as super-packets (TSO reads, UDP GSO/GRO, coalesced TUN writes) without checksum
 //! errors at the receiver, an oversize DF packet that must come back as ICMP
 //! "fragmentation needed", and malformed datagrams that must be counted. Needs root
 //! (ignored without it, failed under CI without it); all traffic stays inside the namespaces this test creates, which
 //! are deleted on exit, also on panic.
 
-use arc_swap::ArcSwap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use weft::core::mesh::peer::PeerName;
-use weft::core::route::{PeerCounters, PeerRoute, RouteTable};
+use weft::core::datapath::DropReason;
+use weft::core::mesh::{PeerEndpoint, PeerName};
 use weft::core::wire::WEFT_VNI;
-use weft::dataplane::{self, DataplaneCounters, DropReason};
+use weft::datapath::userspace::{UserspaceBackend, WorkerConfig};
+use weft::datapath::{Backend, PeerTraffic};
 
 const DATA_PORT: u16 = 6784;
 
@@ -72,58 +72,48 @@ fn addr(s: &str) -> u32 {
     u32::from(s.parse::<Ipv4Addr>().unwrap())
 }
 
-struct Node {
-    routes: Arc<ArcSwap<RouteTable>>,
-    counters: Arc<DataplaneCounters>,
-    /// Counters of the *other* node, as seen by this one.
-    peer_counters: Arc<PeerCounters>,
-    dataplane: dataplane::Dataplane,
-}
-
-/// Route table of node `me` (1 or 2): node 1 owns 192.168.0.0/17, node 2
-/// 192.168.128.0/17; underlay 10.77.7.<n>.
-fn table(me: u8, counters: &[Arc<PeerCounters>; 2], other_reachable: bool) -> RouteTable {
+/// Routes of node `me` (1 or 2) as the router sets them: node 1 owns 192.168.0.0/17,
+/// node 2 192.168.128.0/17; underlay 10.77.7.<n>.
+fn set_routes(backend: &UserspaceBackend, me: u8, other_reachable: bool) {
     let ranges = [
         (addr("192.168.0.0"), addr("192.168.127.255"), name(1)),
         (addr("192.168.128.0"), addr("192.168.255.255"), name(2)),
     ];
     let peers = (1..=2u8)
-        .map(|i| PeerRoute {
+        .map(|i| PeerEndpoint {
             name: name(i),
             nickname: format!("node{i}"),
             data_addr: (i == me || other_reachable)
                 .then(|| SocketAddrV4::new(Ipv4Addr::new(10, 77, 7, i), DATA_PORT)),
-            mac: name(i).mac(),
-            counters: counters[usize::from(i - 1)].clone(),
         })
         .collect();
-    RouteTable::new(name(me), name(me).mac(), &ranges, peers)
+    backend.set_routes(&ranges, peers);
 }
 
-fn start_node(ns: &str, me: u8) -> (Node, [Arc<PeerCounters>; 2]) {
-    let peer_counters = [Arc::default(), Arc::default()];
-    let routes = Arc::new(ArcSwap::from_pointee(table(me, &peer_counters, true)));
-    let counters = Arc::new(DataplaneCounters::default());
-    let dp = in_ns(ns, || {
+fn start_node(ns: &str, me: u8) -> UserspaceBackend {
+    let backend = in_ns(ns, || {
         let tun = weft::io::tun::create("weave", 1400).expect("create TUN");
         assert_eq!(tun.name(), "weave");
         assert_eq!(tun.mtu(), 1400);
         assert!(tun.vnet_hdr(), "TUN offloads (IFF_VNET_HDR) not enabled");
         let sock = weft::io::udp::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, DATA_PORT)))
             .expect("bind data socket");
-        dataplane::start(tun, sock, routes.clone(), WEFT_VNI, counters.clone())
-            .expect("start dataplane")
+        UserspaceBackend::start(tun, sock, name(me), WEFT_VNI, &WorkerConfig::default())
+            .expect("start the user-space backend")
     });
-    let other = usize::from(2 - me);
-    (
-        Node {
-            routes,
-            counters,
-            peer_counters: peer_counters[other].clone(),
-            dataplane: dp,
-        },
-        peer_counters,
-    )
+    set_routes(&backend, me, true);
+    backend
+}
+
+/// Traffic with the other node, as `backend` counts it.
+fn with_other(backend: &UserspaceBackend, me: u8) -> PeerTraffic {
+    let other = name(3 - me);
+    backend
+        .view()
+        .peers
+        .into_iter()
+        .find(|p| p.name == other)
+        .expect("the other node is a peer")
 }
 
 fn pattern(len: usize) -> Vec<u8> {
@@ -199,8 +189,8 @@ fn tcp_across_the_overlay_between_two_namespaces() {
     ip(&["-n", &na, "link", "set", &va, "up"]);
     ip(&["-n", &nb, "link", "set", &vb, "up"]);
 
-    let (a, a_peers) = start_node(&na, 1);
-    let (b, _) = start_node(&nb, 2);
+    let a = start_node(&na, 1);
+    let b = start_node(&nb, 2);
     ip(&["-n", &na, "addr", "add", "192.168.0.1/16", "dev", "weave"]);
     ip(&["-n", &nb, "addr", "add", "192.168.128.1/16", "dev", "weave"]);
 
@@ -239,44 +229,20 @@ fn tcp_across_the_overlay_between_two_namespaces() {
     server.join().unwrap();
     assert!(echoed == data, "echo differs ({} bytes back)", echoed.len());
 
-    let tx = |c: &PeerCounters| c.tx_packets.load(std::sync::atomic::Ordering::Relaxed);
-    let rx = |c: &PeerCounters| c.rx_packets.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(
-        tx(&a.peer_counters) > 1000,
-        "A sent {}",
-        tx(&a.peer_counters)
-    );
-    assert!(
-        rx(&b.peer_counters) > 1000,
-        "B received {}",
-        rx(&b.peer_counters)
-    );
-    assert!(tx(&b.peer_counters) > 0 && rx(&a.peer_counters) > 0);
+    let (a_tx, a_rx) = (with_other(&a, 1).tx_packets, with_other(&a, 1).rx_packets);
+    let (b_tx, b_rx) = (with_other(&b, 2).tx_packets, with_other(&b, 2).rx_packets);
+    assert!(a_tx > 1000, "A sent {a_tx}");
+    assert!(b_rx > 1000, "B received {b_rx}");
+    assert!(b_tx > 0 && a_rx > 0);
     // Offloads at work: TCP handed the TUN super-packets (fewer reads than segments
     // sent), UDP GSO sent many datagrams per message, and the receiver coalesced
     // segments into fewer TUN writes than datagrams received.
-    let (ab, bb) = (a.counters.batches(), b.counters.batches());
-    eprintln!(
-        "A: {ab:?} tx {}; B: {bb:?} rx {}",
-        tx(&a.peer_counters),
-        rx(&b.peer_counters)
-    );
-    assert!(
-        ab.tun_reads * 2 < tx(&a.peer_counters),
-        "A: no TSO super-packets: {ab:?}"
-    );
-    assert!(
-        ab.udp_sends * 2 < tx(&a.peer_counters),
-        "A: no UDP GSO: {ab:?}"
-    );
-    assert!(
-        bb.udp_recvs * 2 < rx(&b.peer_counters),
-        "B: no UDP GRO: {bb:?}"
-    );
-    assert!(
-        bb.tun_writes * 2 < rx(&b.peer_counters),
-        "B: no coalescing: {bb:?}"
-    );
+    let (ab, bb) = (a.counters().batches(), b.counters().batches());
+    eprintln!("A: {ab:?} tx {a_tx}; B: {bb:?} rx {b_rx}");
+    assert!(ab.tun_reads * 2 < a_tx, "A: no TSO super-packets: {ab:?}");
+    assert!(ab.udp_sends * 2 < a_tx, "A: no UDP GSO: {ab:?}");
+    assert!(bb.udp_recvs * 2 < b_rx, "B: no UDP GRO: {bb:?}");
+    assert!(bb.tun_writes * 2 < b_rx, "B: no coalescing: {bb:?}");
     // Every segment and coalesced super-packet had valid checksums.
     assert_eq!(
         in_ns(&na, csum_errors),
@@ -298,7 +264,7 @@ fn tcp_across_the_overlay_between_two_namespaces() {
             DropReason::TunWrite,
             DropReason::UdpSend,
         ] {
-            assert_eq!(n.counters.get(r), 0, "{}", r.as_str());
+            assert_eq!(n.counters().get(r), 0, "{}", r.as_str());
         }
     }
 
@@ -327,7 +293,7 @@ fn tcp_across_the_overlay_between_two_namespaces() {
         s.send(&[0x55; 2000]).expect("send oversize datagram");
         s
     });
-    eventually("too_big at A", || a.counters.get(DropReason::TooBig) == 1);
+    eventually("too_big at A", || a.counters().get(DropReason::TooBig) == 1);
     eventually("path MTU 1400 learnt from weft's ICMP", || {
         path_mtu(&big) == 1400
     });
@@ -339,7 +305,7 @@ fn tcp_across_the_overlay_between_two_namespaces() {
         s.send_to(&[0x08; 60], "10.77.7.2:6784").unwrap();
     });
     eventually("unknown_peer at B", || {
-        b.counters.get(DropReason::UnknownPeer) == 1
+        b.counters().get(DropReason::UnknownPeer) == 1
     });
 
     // Garbage from A's underlay address: malformed at B, by kind.
@@ -350,28 +316,30 @@ fn tcp_across_the_overlay_between_two_namespaces() {
         s.send_to(&[], "10.77.7.2:6784").unwrap();
     });
     eventually("malformed at B", || {
-        b.counters.get(DropReason::Malformed) == 3
+        b.counters().get(DropReason::Malformed) == 3
     });
-    let kinds = b.counters.malformed_kinds();
-    let kind = |k: &str| kinds.iter().find(|d| d.reason == k).unwrap().packets;
+    let kinds = b.counters().malformed_kinds();
+    let kind = |k: &str| kinds.iter().find(|d| d.0 == k).unwrap().1;
     assert_eq!((kind("no_vni_flag"), kind("truncated")), (1, 2));
 
     // A local-range address with no pod behind it: no_route at A.
     let probe = in_ns(&na, || UdpSocket::bind("192.168.0.1:0").unwrap());
     probe.send_to(b"x", "192.168.0.77:9").unwrap();
-    eventually("no_route at A", || a.counters.get(DropReason::NoRoute) == 1);
+    eventually("no_route at A", || {
+        a.counters().get(DropReason::NoRoute) == 1
+    });
 
     // A table swap takes effect without restarting the loops: B loses its address.
-    a.routes.store(Arc::new(table(1, &a_peers, false)));
+    set_routes(&a, 1, false);
     probe.send_to(b"x", "192.168.128.1:9").unwrap();
     eventually("unreachable at A", || {
-        a.counters.get(DropReason::Unreachable) == 1
+        a.counters().get(DropReason::Unreachable) == 1
     });
 
     // Both loops stop promptly.
     let t = Instant::now();
-    a.dataplane.stop();
-    b.dataplane.stop();
+    a.stop();
+    b.stop();
     assert!(t.elapsed() < Duration::from_secs(2));
 }
 

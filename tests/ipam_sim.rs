@@ -1,12 +1,12 @@
 //! The proof that IPAM never loses or duplicates an address: random runs of the
-//! deterministic cluster simulation (`weft::core::mesh::sim`) with a faulty network,
+//! deterministic cluster simulation (`weft_sim`) with a faulty network,
 //! partitions, restarts, deaths, rmpeer, comebacks of removed peers and late joiners,
 //! checking the invariants as they go (see `Sim::check`).
 //!
 //! Replay a failure with `SIM_SEED=<seed> cargo test --test ipam_sim`.
 
 use weft::core::ipam::IpallocInit;
-use weft::core::mesh::sim::{run_scenario, Faults, Scenario, Sim, TICK};
+use weft_sim::{run_scenario, Faults, Scenario, Sim, TICK};
 
 fn seeds(default: &[u64]) -> Vec<u64> {
     match std::env::var("SIM_SEED") {
@@ -42,6 +42,7 @@ fn faulty() -> Faults {
     Faults {
         drop: 30,
         dup: 20,
+        save_fail: 5,
         max_delay: TICK,
     }
 }

@@ -259,7 +259,7 @@ async fn ip_free<C: Control>(State(api): St<C>, Path(id): Path<String>) -> Respo
         Ok(id) => id,
         Err(msg) => return bad_request(&api, msg),
     };
-    match api.ctl.free(&id) {
+    match api.ctl.free(&id).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => ip_error(e),
     }
@@ -272,7 +272,7 @@ async fn peer_remove<C: Control>(State(api): St<C>, Path(name): Path<String>) ->
             "{name:?} is not a peer name (six hex octets like 02:77:66:00:00:01); see `weft status ipam`"
         ));
     }
-    match api.ctl.rmpeer(&name) {
+    match api.ctl.rmpeer(&name).await {
         Ok(n) => (StatusCode::OK, format!("{n} IPs taken over from {name}\n")).into_response(),
         Err(e) => ip_error(e),
     }
@@ -443,7 +443,7 @@ pub(crate) mod fake {
                 .copied())
         }
 
-        fn free(&self, container_id: &ContainerId) -> Result<Option<Ipv4Addr>, IpApiError> {
+        async fn free(&self, container_id: &ContainerId) -> Result<Option<Ipv4Addr>, IpApiError> {
             if let Some(e) = Self::scripted_error(container_id.as_str()) {
                 return Err(e);
             }
@@ -460,7 +460,7 @@ pub(crate) mod fake {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
 
-        fn rmpeer(&self, peer_name: &str) -> Result<u64, IpApiError> {
+        async fn rmpeer(&self, peer_name: &str) -> Result<u64, IpApiError> {
             // The fake owns 16 addresses of every peer except 02:..:ff, which is "itself".
             if peer_name == "02:00:00:00:00:ff" {
                 return Err(IpApiError::Conflict(

@@ -225,11 +225,14 @@ pub trait Control: Send + Sync + 'static {
     ) -> impl Future<Output = Result<ipnet::Ipv4Net, IpApiError>> + Send;
     fn lookup(&self, container_id: &ContainerId) -> Result<Option<ipnet::Ipv4Net>, IpApiError>;
     /// Frees the container's address; freeing an unknown id is not an error (`Ok(None)`).
-    fn free(&self, container_id: &ContainerId) -> Result<Option<Ipv4Addr>, IpApiError>;
+    fn free(
+        &self,
+        container_id: &ContainerId,
+    ) -> impl Future<Output = Result<Option<Ipv4Addr>, IpApiError>> + Send;
     /// Takes over the address ranges of a peer that is gone for good (Weave's `rmpeer`):
     /// returns how many addresses this node took over. Removing a peer that owns nothing
     /// (or was already removed) takes over 0 and is not an error.
-    fn rmpeer(&self, peer_name: &str) -> Result<u64, IpApiError>;
+    fn rmpeer(&self, peer_name: &str) -> impl Future<Output = Result<u64, IpApiError>> + Send;
     /// Counts a request refused for malformed input (shown as `weft_api_bad_requests_total`).
     fn count_bad_request(&self);
 }

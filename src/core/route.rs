@@ -5,7 +5,6 @@
 //! `arc_swap::ArcSwap`, so the data plane reads it without locks. Lookups are binary
 //! searches over sorted vectors: O(log n), no allocation, no hashing.
 
-use crate::api::report::RouteReport;
 use crate::core::mesh::peer::PeerName;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -45,6 +44,34 @@ pub struct PeerRoute {
     /// Inner Ethernet address of the peer (its name as a MAC).
     pub mac: [u8; 6],
     pub counters: Arc<PeerCounters>,
+}
+
+/// Where packets to a range go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// One of this node's own ranges.
+    Local,
+    /// The owner's data endpoint.
+    Peer(SocketAddrV4),
+    /// The owner's underlay address is not known.
+    Unreachable,
+}
+
+/// One range of the table, for reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteView {
+    pub first: Ipv4Addr,
+    pub last: Ipv4Addr,
+    pub owner: PeerName,
+    /// Empty if the owner is not a known peer.
+    pub nickname: String,
+    pub via: Via,
+}
+
+impl RouteView {
+    pub fn size(&self) -> u64 {
+        u64::from(u32::from(self.last) - u32::from(self.first)) + 1
+    }
 }
 
 /// The result of routing one destination address.
@@ -160,21 +187,27 @@ impl RouteTable {
     }
 
     pub fn lookup(&self, dst: Ipv4Addr) -> Lookup<'_> {
+        self.lookup_indexed(dst).1
+    }
+
+    /// Like [`RouteTable::lookup`], with the index of the owner in [`RouteTable::peers`]
+    /// when it is listed there.
+    pub fn lookup_indexed(&self, dst: Ipv4Addr) -> (Option<usize>, Lookup<'_>) {
         let a = u32::from(dst);
         // Index of the first range starting after `a`; the candidate is the one before.
         let i = self.ranges.partition_point(|r| r.first <= a);
         let Some(r) = i.checked_sub(1).and_then(|i| self.ranges.get(i)) else {
-            return Lookup::NoRoute;
+            return (None, Lookup::NoRoute);
         };
         if a > r.last {
-            return Lookup::NoRoute;
+            return (None, Lookup::NoRoute);
         }
         if r.owner == self.local {
-            return Lookup::Local;
+            return (r.peer, Lookup::Local);
         }
-        match r.peer.and_then(|i| self.peers.get(i)) {
-            Some(p) if p.data_addr.is_some() => Lookup::Remote(p),
-            _ => Lookup::Unreachable(&r.owner),
+        match r.peer.and_then(|i| self.peers.get(i).map(|p| (i, p))) {
+            Some((i, p)) if p.data_addr.is_some() => (Some(i), Lookup::Remote(p)),
+            other => (other.map(|(i, _)| i), Lookup::Unreachable(&r.owner)),
         }
     }
 
@@ -211,25 +244,24 @@ impl RouteTable {
     }
 
     /// The ranges for `/report` and `weft status routes`, in address order.
-    pub fn routes(&self) -> Vec<RouteReport> {
+    pub fn routes(&self) -> Vec<RouteView> {
         self.ranges
             .iter()
             .map(|r| {
                 let peer = r.peer.and_then(|i| self.peers.get(i));
                 let via = if r.owner == self.local {
-                    "local".to_string()
+                    Via::Local
                 } else {
                     match peer.and_then(|p| p.data_addr) {
-                        Some(a) => a.to_string(),
-                        None => "unreachable".to_string(),
+                        Some(a) => Via::Peer(a),
+                        None => Via::Unreachable,
                     }
                 };
-                RouteReport {
-                    start: Ipv4Addr::from(r.first).to_string(),
-                    end: Ipv4Addr::from(r.last).to_string(),
-                    size: u64::from(r.last - r.first) + 1,
-                    peer: r.owner.to_string(),
-                    nick_name: peer.map(|p| p.nickname.clone()).unwrap_or_default(),
+                RouteView {
+                    first: Ipv4Addr::from(r.first),
+                    last: Ipv4Addr::from(r.last),
+                    owner: r.owner.clone(),
+                    nickname: peer.map(|p| p.nickname.clone()).unwrap_or_default(),
                     via,
                 }
             })
@@ -330,7 +362,7 @@ mod tests {
         assert!(matches!(t.lookup(Ipv4Addr::from(0)), Lookup::Local));
         assert!(matches!(t.lookup(Ipv4Addr::from(1)), Lookup::NoRoute));
         assert!(matches!(t.lookup(Ipv4Addr::BROADCAST), Lookup::Remote(_)));
-        assert_eq!(t.routes()[1].size, 1);
+        assert_eq!(t.routes()[1].size(), 1);
     }
 
     #[test]
@@ -374,10 +406,10 @@ mod tests {
         let r = t.routes();
         assert_eq!(r.len(), 3);
         assert_eq!(
-            (r[0].start.as_str(), r[0].end.as_str()),
-            ("10.32.0.0", "10.32.0.255")
+            (r[0].first, r[0].last),
+            (addr("10.32.0.0"), addr("10.32.0.255"))
         );
-        assert_eq!(r[0].size, 256);
+        assert_eq!(r[0].size(), 256);
     }
 
     #[test]
@@ -404,27 +436,31 @@ mod tests {
         assert_eq!(owner("10.8.5.5"), None);
         let r = t.routes();
         assert_eq!(r.len(), 2);
-        assert_eq!(r[1].start, "10.0.1.0");
+        assert_eq!(r[1].first, addr("10.0.1.0"));
     }
 
     #[test]
     fn routes_report_via_and_nicknames() {
         let r = table().routes();
-        let via: Vec<(&str, &str, &str)> = r
+        let via: Vec<(Ipv4Addr, Via, &str)> = r
             .iter()
-            .map(|x| (x.start.as_str(), x.via.as_str(), x.nick_name.as_str()))
+            .map(|x| (x.first, x.via, x.nickname.as_str()))
             .collect();
         assert_eq!(
             via,
             vec![
-                ("10.32.0.0", "local", "node1"),
-                ("10.36.0.0", "10.77.0.2:6784", "node2"),
-                ("10.40.0.0", "unreachable", "node3"),
-                ("10.41.0.0", "unreachable", ""),
+                (addr("10.32.0.0"), Via::Local, "node1"),
+                (
+                    addr("10.36.0.0"),
+                    Via::Peer("10.77.0.2:6784".parse().unwrap()),
+                    "node2"
+                ),
+                (addr("10.40.0.0"), Via::Unreachable, "node3"),
+                (addr("10.41.0.0"), Via::Unreachable, ""),
             ]
         );
-        assert_eq!(r[0].size, 1 << 18);
-        assert_eq!(r[1].peer, name(2).to_string());
+        assert_eq!(r[0].size(), 1 << 18);
+        assert_eq!(r[1].owner, name(2));
     }
 
     #[test]

@@ -1,10 +1,11 @@
-//! The control connection adapter: TCP streams carrying framed control messages. It knows
-//! nothing of what the messages mean; the router feeds them to the core's `Node`.
+//! The control connection adapter: byte streams carrying framed control messages. It knows
+//! nothing of what the messages mean; the router feeds them to the core's `Node`. The
+//! reader and writer are generic over the stream, so a handshake and cipher layer can sit
+//! between them and the TCP socket.
 
 use crate::core::mesh::message::{encode, Decoder, FrameError, Message};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A peer that sends nothing (not even a heartbeat) for this long is considered gone; the
@@ -35,14 +36,14 @@ pub fn tune(stream: &TcpStream) -> std::io::Result<()> {
     sock.set_tcp_keepalive(&ka)
 }
 
-pub struct FrameReader {
-    half: OwnedReadHalf,
+pub struct FrameReader<R> {
+    half: R,
     decoder: Decoder,
     buf: Vec<u8>,
 }
 
-impl FrameReader {
-    pub fn new(half: OwnedReadHalf) -> Self {
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(half: R) -> Self {
         FrameReader {
             half,
             decoder: Decoder::default(),
@@ -67,13 +68,13 @@ impl FrameReader {
     }
 }
 
-pub struct FrameWriter {
-    half: OwnedWriteHalf,
+pub struct FrameWriter<W> {
+    half: W,
     buf: Vec<u8>,
 }
 
-impl FrameWriter {
-    pub fn new(half: OwnedWriteHalf) -> Self {
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    pub fn new(half: W) -> Self {
         FrameWriter {
             half,
             buf: Vec::new(),
@@ -89,5 +90,34 @@ impl FrameWriter {
 
     pub async fn shutdown(&mut self) {
         let _ = self.half.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::mesh::message::Message;
+
+    #[tokio::test]
+    async fn frames_cross_any_byte_stream_and_eof_and_garbage_end_it() {
+        let (a, b) = tokio::io::duplex(64);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        let mut w = FrameWriter::new(aw);
+        let mut r = FrameReader::new(br);
+        w.send(&Message::Heartbeat).await.unwrap();
+        w.send(&Message::Digest { ring: Some(9) }).await.unwrap();
+        assert_eq!(r.next().await.unwrap(), Message::Heartbeat);
+        assert_eq!(r.next().await.unwrap(), Message::Digest { ring: Some(9) });
+        w.shutdown().await;
+        assert!(matches!(r.next().await, Err(ControlIoError::Eof)));
+        drop((ar, bw));
+
+        let (a, b) = tokio::io::duplex(64);
+        let (_ar, mut aw) = tokio::io::split(a);
+        let mut r = FrameReader::new(b);
+        aw.write_all(&3u32.to_be_bytes()).await.unwrap();
+        aw.write_all(b"{x}").await.unwrap();
+        assert!(matches!(r.next().await, Err(ControlIoError::Frame(_))));
     }
 }

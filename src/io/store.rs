@@ -5,9 +5,7 @@
 //! aside, never overwritten or silently replaced by an empty state: losing the ring or the
 //! allocations could hand out addresses that are still in use.
 
-use crate::core::ipam::IpamState;
-use crate::core::mesh::PeerName;
-use serde::{Deserialize, Serialize};
+use crate::core::persist::{self, DecodeError, PersistedState};
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
@@ -17,30 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const DEFAULT_DIR: &str = "/var/lib/weft";
 /// Name of the state file inside the directory.
 pub const FILE_NAME: &str = "weft.json";
-/// Current format version written by `save`. Version 2 added the ring's peer records
-/// (tombstones, incarnations), entry eras, this peer's incarnation and its Paxos acceptor
-/// state; all default when absent, so version 1 files load unchanged.
-pub const FORMAT_VERSION: u32 = 2;
 
 const TMP_PREFIX: &str = ".weft.json.tmp-";
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PersistedState {
-    /// File format version.
-    pub version: u32,
-    pub peer_name: Option<PeerName>,
-    pub ipam: IpamState,
-}
-
-impl PersistedState {
-    pub fn new(peer_name: Option<PeerName>, ipam: IpamState) -> PersistedState {
-        PersistedState {
-            version: FORMAT_VERSION,
-            peer_name,
-            ipam,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -68,8 +44,6 @@ pub enum StoreError {
         found: u32,
         supported: u32,
     },
-    #[error("encoding state: {0}")]
-    Encode(#[from] serde_json::Error),
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -121,28 +95,16 @@ impl Store {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("reading", &path)(e)),
         };
-        // Read the version first so that a newer format is reported as such, not as corrupt.
-        #[derive(Deserialize)]
-        struct VersionOnly {
-            version: u32,
-        }
-        let reason = match serde_json::from_slice::<VersionOnly>(&bytes) {
-            Ok(v) if v.version > FORMAT_VERSION || v.version == 0 => {
-                if v.version == 0 {
-                    "format version 0".to_string()
-                } else {
-                    return Err(StoreError::UnsupportedVersion {
-                        path,
-                        found: v.version,
-                        supported: FORMAT_VERSION,
-                    });
-                }
+        let reason = match persist::decode(&bytes) {
+            Ok(state) => return Ok(Some(state)),
+            Err(DecodeError::NewerVersion { found }) => {
+                return Err(StoreError::UnsupportedVersion {
+                    path,
+                    found,
+                    supported: persist::FORMAT_VERSION,
+                })
             }
-            _ => match serde_json::from_slice::<PersistedState>(&bytes) {
-                Ok(state) => return Ok(Some(state)),
-                Err(e) if bytes.is_empty() => format!("empty file ({e})"),
-                Err(e) => e.to_string(),
-            },
+            Err(DecodeError::Corrupt(reason)) => reason,
         };
         let aside = self.move_aside(&path)?;
         Err(StoreError::Corrupt {
@@ -174,8 +136,7 @@ impl Store {
 
     /// Atomically replaces the state file with `state`.
     pub fn save(&self, state: &PersistedState) -> Result<(), StoreError> {
-        let mut bytes = serde_json::to_vec_pretty(state)?;
-        bytes.push(b'\n');
+        let bytes = persist::encode(state);
         let seq = SAVE_SEQ.fetch_add(1, Ordering::Relaxed);
         let tmp = self
             .dir
@@ -213,6 +174,7 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 mod tests {
     use super::*;
     use crate::core::ipam::Ipam;
+    use crate::core::mesh::PeerName;
 
     /// A fresh directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
@@ -241,7 +203,7 @@ mod tests {
         ipam.seed(&[me.clone(), other]).unwrap();
         ipam.allocate("weave:expose").unwrap();
         ipam.allocate("abc123").unwrap();
-        PersistedState::new(Some(me), ipam.state())
+        PersistedState::new(Some(me), ipam.state(), Default::default())
     }
 
     fn names_in(dir: &Path) -> Vec<String> {
@@ -280,7 +242,7 @@ mod tests {
         // The state restores into a working allocator.
         let loaded = Store::open(&t.0).unwrap().load().unwrap().unwrap();
         let me = loaded.peer_name.clone().unwrap();
-        Ipam::restore(me, "192.168.0.0/16".parse().unwrap(), loaded.ipam).unwrap();
+        Ipam::restore(me, "192.168.0.0/16".parse().unwrap(), loaded.ipam_state()).unwrap();
     }
 
     #[test]
@@ -338,44 +300,6 @@ mod tests {
             Err(StoreError::UnsupportedVersion { found: 7, .. })
         ));
         assert!(s.path().exists(), "left in place");
-    }
-
-    #[test]
-    fn version_1_files_still_load() {
-        let t = TempDir::new("v1");
-        let s = Store::open(&t.0).unwrap();
-        let v1 = r#"{
-  "version": 1,
-  "peer_name": "02:77:76:00:00:01",
-  "ipam": {
-    "ring": {
-      "range": "10.32.0.0/24",
-      "seeds": ["02:77:76:00:00:01", "02:77:76:00:00:02"],
-      "entries": [
-        {"start": 169869312, "owner": "02:77:76:00:00:01", "version": 1, "free": 126},
-        {"start": 169869440, "owner": "02:77:76:00:00:02", "version": 0, "free": 127}
-      ]
-    },
-    "allocations": {"weave:expose": "10.32.0.1"}
-  }
-}"#;
-        fs::write(s.path(), v1).unwrap();
-        let st = s.load().unwrap().unwrap();
-        assert_eq!(st.version, 1);
-        assert_eq!(st.ipam.incarnation, 0);
-        let ring = st.ipam.ring.as_ref().unwrap();
-        assert!(ring.peers.is_empty());
-        assert_eq!(ring.entries[0].era, 0);
-        let me = st.peer_name.clone().unwrap();
-        let ipam = Ipam::restore(me, "10.32.0.0/24".parse().unwrap(), st.ipam).unwrap();
-        assert_eq!(
-            ipam.lookup("weave:expose"),
-            Some("10.32.0.1".parse().unwrap())
-        );
-        // Saved again, it is written in the current format.
-        s.save(&PersistedState::new(Some(ipam.me().clone()), ipam.state()))
-            .unwrap();
-        assert_eq!(s.load().unwrap().unwrap().version, FORMAT_VERSION);
     }
 
     #[test]

@@ -18,10 +18,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSo
 use std::os::fd::AsRawFd;
 
 pub const SOCKET_BUFFER_BYTES: usize = 8 << 20;
-/// Datagrams per GSO message (the kernel's `UDP_MAX_SEGMENTS` on older kernels).
-pub const MAX_GSO_SEGMENTS: usize = 64;
-/// UDP payload bytes per GSO message: 65535 minus the IPv4 and UDP headers.
-pub const MAX_GSO_BYTES: usize = 65_535 - 20 - 8;
+pub use crate::core::datapath::{MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
 /// Largest message a GRO receive can return.
 pub const MAX_GRO_BYTES: usize = 65_535;
 
@@ -332,6 +329,11 @@ impl Receiver {
 
     pub fn buf(&self, i: usize) -> &[u8] {
         &self.bufs[i][..self.meta[i].len]
+    }
+
+    /// Message `i`'s bytes, to be opened or decapsulated in place.
+    pub fn buf_mut(&mut self, i: usize) -> &mut [u8] {
+        &mut self.bufs[i][..self.meta[i].len]
     }
 
     /// Latest `SO_RXQ_OVFL` counter seen (cumulative drops at this socket).

@@ -1,7 +1,6 @@
 //! This node's IPAM state machine: container id -> address, within the space the ring says
 //! this peer owns. Pure: callers persist `state()` and gossip `ring()`.
 
-use super::paxos::Acceptor;
 use super::ring::{Ring, RingError};
 use super::space::{self, AddrSet, Span};
 use crate::core::mesh::PeerName;
@@ -20,9 +19,6 @@ pub struct IpamState {
     /// This peer's incarnation (bumped when it comes back after being removed).
     #[serde(default)]
     pub incarnation: u32,
-    /// Paxos acceptor state: a restart must not forget a promise.
-    #[serde(default)]
-    pub paxos: Acceptor,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -102,7 +98,6 @@ pub struct Ipam {
     pending: BTreeMap<String, Ipv4Addr>,
     reserved: AddrSet,
     incarnation: u32,
-    paxos: Acceptor,
     /// Digest of `ring`, computed on demand; every `&mut self` entry point clears it.
     digest: std::cell::Cell<Option<u64>>,
 }
@@ -125,7 +120,6 @@ impl Ipam {
             pending: BTreeMap::new(),
             reserved: AddrSet::new(),
             incarnation: 0,
-            paxos: Acceptor::default(),
             digest: std::cell::Cell::new(None),
         }
     }
@@ -134,7 +128,6 @@ impl Ipam {
     pub fn restore(me: PeerName, range: Ipv4Net, state: IpamState) -> Result<Ipam, IpamError> {
         let mut ipam = Ipam::new(me, range);
         ipam.incarnation = state.incarnation;
-        ipam.paxos = state.paxos;
         if let Some(ring) = state.ring {
             if ring.range != ipam.range {
                 return Err(IpamError::RangeMismatch {
@@ -176,7 +169,6 @@ impl Ipam {
             ring: self.ring.clone(),
             allocations: self.by_id.clone(),
             incarnation: self.incarnation,
-            paxos: self.paxos.clone(),
         }
     }
 
@@ -209,14 +201,6 @@ impl Ipam {
 
     pub fn incarnation(&self) -> u32 {
         self.incarnation
-    }
-
-    pub fn acceptor(&self) -> &Acceptor {
-        &self.paxos
-    }
-
-    pub fn acceptor_mut(&mut self) -> &mut Acceptor {
-        &mut self.paxos
     }
 
     pub fn pending_claims(&self) -> impl Iterator<Item = (&str, Ipv4Addr)> {

@@ -105,6 +105,23 @@ pub enum Message {
     },
 }
 
+impl Message {
+    /// Whether this message states something the sender persisted (its ring, an
+    /// acceptor's promise or acceptance, a proposal it promised itself, its incarnation),
+    /// and so may leave only once that state is durable. Hellos, heartbeats, digests and
+    /// peer summaries do not: a peer acting on them learns nothing a crash could take
+    /// back.
+    pub fn carries_state(&self) -> bool {
+        !matches!(
+            self,
+            Message::Hello(_)
+                | Message::Heartbeat
+                | Message::Digest { .. }
+                | Message::Gossip { ring: None, .. }
+        )
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("control frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]

@@ -1,9 +1,21 @@
-//! The control mesh: peer identity, control messages and the state machine deciding what
-//! to tell whom, plus a deterministic simulation of a cluster of nodes.
+//! The control mesh: peer identity, control messages, and the node state machine deciding
+//! what to tell whom, split by job (see `node`).
 
+mod consensus;
+mod donation;
+pub mod effects;
+mod gossip;
+mod handshake;
+mod local;
 pub mod message;
+mod node;
 pub mod peer;
-pub mod sim;
-pub mod state;
+pub mod view;
 
+pub use effects::{Action, ConnId, Effects, Level, Save};
+pub use local::PeerEndpoint;
+pub use node::{Node, NodeConfig, NodeCounters};
 pub use peer::PeerName;
+
+#[cfg(test)]
+mod tests;

@@ -14,6 +14,7 @@ pub fn sum(data: &[u8], initial: u64) -> u64 {
     #[cfg(target_arch = "x86_64")]
     if data.len() >= 128 && std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
+        #[allow(unsafe_code)]
         return unsafe { sum_avx2(data, initial) };
     }
     sum_portable(data, initial)
@@ -23,6 +24,7 @@ pub fn sum(data: &[u8], initial: u64) -> u64 {
 /// twice the bytes per cycle on the payload-sized inputs of the data path.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
+#[allow(unsafe_code)]
 unsafe fn sum_avx2(data: &[u8], initial: u64) -> u64 {
     sum_portable(data, initial)
 }

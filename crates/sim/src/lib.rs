@@ -1,55 +1,36 @@
-//! Deterministic simulation of a cluster of [`Node`]s: the proof that IPAM never loses or
-//! duplicates an address. Pure like the rest of `core`: time is a step counter, randomness
-//! a seeded generator, the network an in-memory queue that drops, delays, reorders,
-//! duplicates and partitions messages. Used by `tests/ipam_sim.rs` and `benches/ipam.rs`.
+//! Deterministic simulation of a cluster of weft [`Node`]s: the proof that IPAM never
+//! loses or duplicates an address. Pure like weft's core: time is a step counter,
+//! randomness a seeded generator, the network an in-memory queue that drops, delays,
+//! reorders, duplicates and partitions messages, the disk a store whose saves may fail.
+//! Used by weft's `tests/ipam_sim.rs` and `benches/ipam.rs`; not part of the daemon.
 //!
 //! Connections are modelled as in the daemon: a handshake (Hello both ways) happens when
 //! two live nodes are linked; afterwards every message goes through the faulty network.
-//! Persisted state is what the node last asked to persist (`Output::Persist`); a restart
-//! goes through the JSON of `PersistedState`, as the daemon's does.
+//! Effects are carried out as the daemon's interpreter does: the save first; messages that
+//! depend on it only if it succeeded. Persisted state is the last save that succeeded; a
+//! restart decodes it with the daemon's own decoder.
 
-use crate::core::ipam::{IpallocInit, Ipam, IpamError, Ring};
-use crate::core::mesh::message::{encode, Message};
-use crate::core::mesh::state::{ConnId, Node, NodeConfig, Output};
-use crate::core::mesh::PeerName;
-use crate::io::store::PersistedState;
 use ipnet::Ipv4Net;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
+use weft::core::ipam::{IpallocInit, Ipam, IpamError, Ring};
+use weft::core::mesh::message::{encode, Message};
+use weft::core::mesh::{Action, ConnId, Effects, Node, NodeConfig, PeerName};
+use weft::core::persist::{self, PersistedState};
 
 /// Steps between two ticks of a node.
 pub const TICK: u64 = 8;
 
-/// splitmix64.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-    /// True with probability `per_mille / 1000`.
-    pub fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-}
+/// The simulation's random source (splitmix64, as the node's).
+pub type Rng = weft::core::rng::SplitMix64;
 
 #[derive(Clone, Debug)]
 pub struct Faults {
     /// Per-mille probabilities of dropping and duplicating a message.
     pub drop: u64,
     pub dup: u64,
+    /// Per-mille probability that a save fails (disk full, I/O error).
+    pub save_fail: u64,
     /// Delivery delay is uniform in `1..=max_delay` steps (so messages reorder).
     pub max_delay: u64,
 }
@@ -59,6 +40,7 @@ impl Faults {
         Faults {
             drop: 0,
             dup: 0,
+            save_fail: 0,
             max_delay: 1,
         }
     }
@@ -79,7 +61,7 @@ pub struct SimNode {
     pub init: IpallocInit,
     pub node: Option<Node>,
     pub life: Life,
-    /// What the node last asked to persist.
+    /// The last state whose save succeeded.
     pub saved: Option<PersistedState>,
     /// Removed with rmpeer while dead.
     pub removed: bool,
@@ -132,6 +114,8 @@ pub struct SimStats {
     pub comebacks: u64,
     pub joins: u64,
     pub partitions: u64,
+    /// Saves that failed (their dependent messages were held back).
+    pub failed_saves: u64,
     /// Messages sent, by kind.
     pub sent: BTreeMap<&'static str, u64>,
 }
@@ -198,14 +182,15 @@ impl Sim {
     /// most `degree` random live nodes.
     fn boot(&mut self, i: usize, state: Option<PersistedState>, degree: usize) {
         let name = self.nodes[i].name.clone();
-        let ipam = match state {
+        let (ipam, acceptor) = match state {
             Some(st) => {
-                // Through JSON, as the daemon's store does.
-                let json = serde_json::to_string(&st).expect("state serialises");
-                let back: PersistedState = serde_json::from_str(&json).expect("state parses");
-                Ipam::restore(name.clone(), self.range, back.ipam).expect("saved state restores")
+                // Through the bytes, as the daemon's store does.
+                let back = persist::decode(&persist::encode(&st)).expect("state decodes");
+                let ipam = Ipam::restore(name.clone(), self.range, back.ipam_state())
+                    .expect("saved state restores");
+                (ipam, back.acceptor().clone())
             }
-            None => Ipam::new(name.clone(), self.range),
+            None => (Ipam::new(name.clone(), self.range), Default::default()),
         };
         let cfg = NodeConfig {
             name,
@@ -216,11 +201,11 @@ impl Sim {
             range: self.range,
             init: self.nodes[i].init.clone(),
         };
-        let mut node = Node::new(cfg, ipam);
-        let outs = node.start();
+        let mut node = Node::new(cfg, ipam, acceptor);
+        let fx = node.start();
         self.nodes[i].node = Some(node);
         self.nodes[i].life = Life::Up;
-        self.absorb(i, outs);
+        self.absorb(i, fx);
         let mut peers: Vec<usize> = (0..self.nodes.len())
             .filter(|&j| j != i && self.nodes[j].life == Life::Up)
             .collect();
@@ -237,8 +222,8 @@ impl Sim {
             .map(|id| (id.clone(), self.containers[id].1))
             .collect();
         if !claims.is_empty() {
-            let (_, outs) = self.node_mut(i).reclaim(claims);
-            self.absorb(i, outs);
+            let (_, fx) = self.node_mut(i).reclaim(claims);
+            self.absorb(i, fx);
         }
     }
 
@@ -275,8 +260,8 @@ impl Sim {
             if let Some(h) = h {
                 if self.links.contains_key(&id) {
                     self.count_bytes(from, &h);
-                    let outs = self.node_mut(to).on_message(id, h);
-                    self.absorb(to, outs);
+                    let fx = self.node_mut(to).on_message(id, h);
+                    self.absorb(to, fx);
                 }
             }
         }
@@ -290,56 +275,70 @@ impl Sim {
         }
     }
 
-    fn absorb(&mut self, from: usize, outs: Vec<Output>) {
+    /// Carries out one event's effects as the daemon's interpreter does: the save (which
+    /// may fail), then what does not depend on it, then, if it succeeded, what does.
+    fn absorb(&mut self, from: usize, fx: Effects) -> bool {
         self.dirty.insert(from);
-        let mut persist = false;
-        for o in outs {
-            match o {
-                Output::Send(id, msg) => {
-                    let Some(&(a, b)) = self.links.get(&id) else {
-                        continue;
-                    };
-                    self.count_bytes(from, &msg);
-                    *self.stats.sent.entry(kind(&msg)).or_insert(0) += 1;
-                    // Heartbeats only keep TCP connections alive; they carry no state.
-                    if matches!(msg, Message::Heartbeat) {
-                        continue;
+        let saved = match fx.save {
+            None => true,
+            Some(save) => {
+                if self.rng.chance(self.faults.save_fail) {
+                    self.stats.failed_saves += 1;
+                    false
+                } else {
+                    self.nodes[from].saved = Some(save.state);
+                    if let Some(n) = self.nodes[from].node.as_mut() {
+                        n.saved(save.generation);
                     }
-                    let to = if from == a { b } else { a };
-                    if self.rng.chance(self.faults.drop) {
-                        self.stats.dropped += 1;
-                        continue;
-                    }
-                    let copies = if self.rng.chance(self.faults.dup) {
-                        2
-                    } else {
-                        1
-                    };
-                    for _ in 0..copies {
-                        let at = self.now + 1 + self.rng.below(self.faults.max_delay);
-                        self.seq += 1;
-                        self.flights.insert(
-                            (at, self.seq),
-                            Flight {
-                                to,
-                                conn: id,
-                                msg: msg.clone(),
-                            },
-                        );
-                    }
+                    true
                 }
-                Output::Close(id, why) => self.close(id, &why),
-                Output::Persist => persist = true,
+            }
+        };
+        let mut actions = fx.now;
+        if saved {
+            actions.extend(fx.after_save);
+        }
+        for a in actions {
+            match a {
+                Action::Send(id, msg) => self.send(from, id, msg),
+                Action::Close(id, why) => self.close(id, &why),
                 _ => {}
             }
         }
-        if persist {
-            if let Some(n) = &self.nodes[from].node {
-                self.nodes[from].saved = Some(PersistedState::new(
-                    Some(self.nodes[from].name.clone()),
-                    n.ipam().state(),
-                ));
-            }
+        saved
+    }
+
+    fn send(&mut self, from: usize, id: ConnId, msg: Message) {
+        let Some(&(a, b)) = self.links.get(&id) else {
+            return;
+        };
+        self.count_bytes(from, &msg);
+        *self.stats.sent.entry(kind(&msg)).or_insert(0) += 1;
+        // Heartbeats only keep TCP connections alive; they carry no state.
+        if matches!(msg, Message::Heartbeat) {
+            return;
+        }
+        let to = if from == a { b } else { a };
+        if self.rng.chance(self.faults.drop) {
+            self.stats.dropped += 1;
+            return;
+        }
+        let copies = if self.rng.chance(self.faults.dup) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let at = self.now + 1 + self.rng.below(self.faults.max_delay);
+            self.seq += 1;
+            self.flights.insert(
+                (at, self.seq),
+                Flight {
+                    to,
+                    conn: id,
+                    msg: msg.clone(),
+                },
+            );
         }
     }
 
@@ -347,8 +346,8 @@ impl Sim {
         if let Some((a, b)) = self.links.remove(&id) {
             for (x, reason) in [(a, why), (b, "closed by peer")] {
                 if self.nodes[x].life == Life::Up {
-                    let outs = self.node_mut(x).on_closed(id, reason);
-                    self.absorb(x, outs);
+                    let fx = self.node_mut(x).on_closed(id, reason);
+                    self.absorb(x, fx);
                 }
             }
         }
@@ -371,15 +370,15 @@ impl Sim {
                 continue;
             }
             self.stats.delivered += 1;
-            let outs = self.node_mut(f.to).on_message(f.conn, f.msg);
-            self.absorb(f.to, outs);
+            let fx = self.node_mut(f.to).on_message(f.conn, f.msg);
+            self.absorb(f.to, fx);
         }
         for i in 0..self.nodes.len() {
             if self.nodes[i].life == Life::Up
                 && (self.now + self.nodes[i].tick_offset).is_multiple_of(TICK)
             {
-                let outs = self.node_mut(i).on_tick();
-                self.absorb(i, outs);
+                let fx = self.node_mut(i).on_tick();
+                self.absorb(i, fx);
             }
         }
     }
@@ -394,8 +393,15 @@ impl Sim {
     pub fn allocate(&mut self, i: usize) -> Result<Ipv4Addr, String> {
         let id = format!("c{}", self.next_container);
         self.next_container += 1;
-        let (r, outs) = self.node_mut(i).allocate(&id);
-        self.absorb(i, outs);
+        let (r, fx) = self.node_mut(i).allocate(&id);
+        if !self.absorb(i, fx) {
+            // Not saved, so not granted: the daemon gives the address back.
+            if r.is_ok() {
+                let (_, fx) = self.node_mut(i).free(&id);
+                self.absorb(i, fx);
+            }
+            return Ok(Ipv4Addr::UNSPECIFIED);
+        }
         match r {
             Ok(addr) => {
                 if let Some(other) = self.holders.get(&addr) {
@@ -427,8 +433,10 @@ impl Sim {
         let Some(&(i, addr)) = self.containers.get(id) else {
             return Ok(());
         };
-        let (r, outs) = self.node_mut(i).free(id);
-        self.absorb(i, outs);
+        let (r, fx) = self.node_mut(i).free(id);
+        // A free whose save fails is still a free in memory; the daemon answers 500 and
+        // the runtime retries the DEL, which then finds nothing to free.
+        self.absorb(i, fx);
         if r != Some(addr) {
             return Err(format!(
                 "free {id} on node {i}: got {r:?}, model has {addr}"
@@ -452,8 +460,8 @@ impl Sim {
             if let Some((a, b)) = self.links.remove(&id) {
                 let other = if a == i { b } else { a };
                 if self.nodes[other].life == Life::Up {
-                    let outs = self.node_mut(other).on_closed(id, "connection reset");
-                    self.absorb(other, outs);
+                    let fx = self.node_mut(other).on_closed(id, "connection reset");
+                    self.absorb(other, fx);
                 }
             }
         }
@@ -464,12 +472,17 @@ impl Sim {
     /// Checks that everything the node would need after a restart was persisted.
     pub fn kill(&mut self, i: usize, pods_die: bool) -> Result<(), String> {
         let node = self.nodes[i].node.take().expect("node is up");
-        let saved = self.nodes[i].saved.as_ref().map(|s| &s.ipam);
-        let now = node.ipam().state();
-        if saved != Some(&now) && (now.ring.is_some() || saved.is_some()) {
-            return Err(format!(
-                "node {i} changed its IPAM state without asking to persist it"
-            ));
+        // With every change acknowledged as saved, the last save must be the state: else
+        // the node changed something without asking to save it.
+        if !node.has_unsaved_state() {
+            let saved = self.nodes[i].saved.as_ref();
+            let now = node.snapshot();
+            let same = saved.is_some_and(|s| s.ipam == now.ipam);
+            if !same && (now.ipam.ring.is_some() || saved.is_some()) {
+                return Err(format!(
+                    "node {i} changed its IPAM state without asking to save it"
+                ));
+            }
         }
         self.nodes[i].life = if pods_die { Life::Dead } else { Life::Down };
         self.dirty.insert(i);
@@ -502,8 +515,13 @@ impl Sim {
     /// `by` removes dead machine `dead`.
     pub fn rmpeer(&mut self, by: usize, dead: usize) -> Result<u64, String> {
         let name = self.nodes[dead].name.clone();
-        let (r, outs) = self.node_mut(by).rmpeer(&name);
-        self.absorb(by, outs);
+        let (r, fx) = self.node_mut(by).rmpeer(&name);
+        let mut saved = self.absorb(by, fx);
+        // Not saved: the operator sees an error and runs rmpeer again (idempotent).
+        while r.is_ok() && !saved {
+            let (_, fx) = self.node_mut(by).rmpeer(&name);
+            saved = self.absorb(by, fx);
+        }
         match r {
             Ok(n) => {
                 self.nodes[dead].removed = true;
@@ -783,16 +801,18 @@ fn kind(m: &Message) -> &'static str {
     }
 }
 
-fn split_hello(outs: Vec<Output>) -> (Option<Message>, Vec<Output>) {
-    let mut hello = None;
-    let mut rest = Vec::new();
-    for o in outs {
-        match o {
-            Output::Send(_, m @ Message::Hello(_)) => hello = Some(m),
-            o => rest.push(o),
-        }
-    }
-    (hello, rest)
+/// Takes the Hello out of a connection's first effects (it is delivered at once, as a
+/// TCP handshake does not lose it).
+fn split_hello(mut fx: Effects) -> (Option<Message>, Effects) {
+    let at = fx
+        .now
+        .iter()
+        .position(|a| matches!(a, Action::Send(_, Message::Hello(_))));
+    let hello = at.map(|k| match fx.now.remove(k) {
+        Action::Send(_, m) => m,
+        _ => unreachable!("position matched a Send"),
+    });
+    (hello, fx)
 }
 
 /// Parameters of a random run.

@@ -1,0 +1,189 @@
+//! The data path's decisions, as pure planners the forwarding workers call (the same code
+//! the unit tests drive):
+//! - [`TxPlan`]: TUN reads in -> per packet a route, segments with their headers built
+//!   (payload left where it was read), grouped into UDP GSO messages per (peer, segment
+//!   size); or a drop reason, or an ICMP "fragmentation needed" to write back.
+//! - [`RxPlan`]: received UDP messages in -> datagrams validated (known sender, well-formed
+//!   VXLAN, inner destination local), inner packets coalesced into TUN super-packets; or
+//!   drop reasons.
+//! - [`Transform`]: the stage between planning and the wire, where a cipher seals outgoing
+//!   and opens incoming datagrams; [`Identity`] today.
+//!
+//! Nothing here does I/O, allocates per packet or takes a lock: counts go into plain
+//! arrays ([`DropCounts`]) that the worker adds to shared atomics once per batch.
+
+mod rx;
+mod transform;
+mod tx;
+
+pub use rx::RxPlan;
+pub use transform::{Identity, OpenError, Sealed, Transform};
+pub use tx::{TxMessage, TxOutcome, TxPlan, MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
+
+use crate::core::wire::DecapError;
+
+/// Why a packet was not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// TUN packet to an address in no range, or in a local range: a local-range
+    /// address that reached the TUN device has no pod behind it.
+    NoRoute,
+    /// TUN packet to a range whose owner has no known data address.
+    Unreachable,
+    /// TUN packet over the MTU with DF set.
+    TooBig,
+    /// TUN packet that is not IPv4 (e.g. IPv6 neighbour discovery).
+    NotIpv4,
+    /// Malformed IPv4 from the TUN, or a datagram that failed decapsulation (see
+    /// [`DropCounts::malformed`] for the kinds).
+    Malformed,
+    /// Datagram from an underlay address that is no known peer's.
+    UnknownPeer,
+    /// Decapsulated packet to an address outside this node's ranges.
+    NotLocal,
+    TunWrite,
+    UdpSend,
+    TunRead,
+    UdpRecv,
+    /// The data socket's send buffer stayed full (after a short wait).
+    SocketFull,
+    /// The TUN device refused a write for lack of room.
+    TunFull,
+    /// Datagrams the kernel dropped because the data socket's receive buffer was full
+    /// (`SO_RXQ_OVFL`).
+    RxBufferFull,
+    /// A datagram the transform stage refused (e.g. failed authentication).
+    Unauthenticated,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 15] = [
+        DropReason::NoRoute,
+        DropReason::Unreachable,
+        DropReason::TooBig,
+        DropReason::NotIpv4,
+        DropReason::Malformed,
+        DropReason::UnknownPeer,
+        DropReason::NotLocal,
+        DropReason::TunWrite,
+        DropReason::UdpSend,
+        DropReason::TunRead,
+        DropReason::UdpRecv,
+        DropReason::SocketFull,
+        DropReason::TunFull,
+        DropReason::RxBufferFull,
+        DropReason::Unauthenticated,
+    ];
+    pub const COUNT: usize = Self::ALL.len();
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::NoRoute => "no_route",
+            DropReason::Unreachable => "unreachable",
+            DropReason::TooBig => "too_big",
+            DropReason::NotIpv4 => "not_ipv4",
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownPeer => "unknown_peer",
+            DropReason::NotLocal => "not_local",
+            DropReason::TunWrite => "tun_write",
+            DropReason::UdpSend => "udp_send",
+            DropReason::TunRead => "tun_read",
+            DropReason::UdpRecv => "udp_recv",
+            DropReason::SocketFull => "udp_send_buffer_full",
+            DropReason::TunFull => "tun_queue_full",
+            DropReason::RxBufferFull => "udp_receive_buffer_full",
+            DropReason::Unauthenticated => "unauthenticated",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// How much batching the offloads achieved: compare with the per-peer packet counts
+/// (one TUN read can carry 40+ packets, one UDP message 64 datagrams).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Reads from the TUN device (each a packet or a super-packet).
+    pub tun_reads: u64,
+    /// Writes to the TUN device (each a packet or a coalesced super-packet).
+    pub tun_writes: u64,
+    /// UDP messages sent (each up to 64 datagrams with GSO).
+    pub udp_sends: u64,
+    /// UDP messages received (each up to 64 datagrams with GRO).
+    pub udp_recvs: u64,
+}
+
+/// Drop and batch counts of one worker since its last flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DropCounts {
+    pub drops: [u64; DropReason::COUNT],
+    /// Received datagrams counted as `malformed`, by decapsulation failure.
+    pub malformed: [u64; DecapError::KINDS],
+    pub batches: BatchStats,
+}
+
+impl Default for DropCounts {
+    fn default() -> Self {
+        DropCounts {
+            drops: [0; DropReason::COUNT],
+            malformed: [0; DecapError::KINDS],
+            batches: BatchStats::default(),
+        }
+    }
+}
+
+impl DropCounts {
+    pub fn add(&mut self, r: DropReason, n: u64) {
+        self.drops[r.index()] += n;
+    }
+
+    /// A datagram that failed decapsulation: `malformed`, and its kind.
+    pub fn malformed(&mut self, e: DecapError) {
+        self.drops[DropReason::Malformed.index()] += 1;
+        if let Some(c) = self.malformed.get_mut(e.index()) {
+            *c += 1;
+        }
+    }
+
+    pub fn get(&self, r: DropReason) -> u64 {
+        self.drops[r.index()]
+    }
+
+    /// Hands the counts over (for adding to the shared counters) and starts afresh.
+    pub fn take(&mut self) -> DropCounts {
+        std::mem::take(self)
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self == &DropCounts::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_a_distinct_name_and_its_index() {
+        let names: std::collections::BTreeSet<_> =
+            DropReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), DropReason::ALL.len());
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+    }
+
+    #[test]
+    fn counts_add_up_and_hand_over() {
+        let mut c = DropCounts::default();
+        c.add(DropReason::NoRoute, 2);
+        c.malformed(DecapError::WrongVni { got: 1 });
+        assert_eq!(c.get(DropReason::NoRoute), 2);
+        assert_eq!(c.get(DropReason::Malformed), 1);
+        let taken = c.take();
+        assert!(c.is_zero());
+        assert_eq!(taken.malformed.iter().sum::<u64>(), 1);
+    }
+}

@@ -1,0 +1,367 @@
+//! Gossip: how rings and peer addresses spread, linear per peer in the cluster size.
+//!
+//! - Anti-entropy: every tick, one random neighbour gets a `Digest` of the ring; a
+//!   neighbour whose ring differs answers with its whole ring, and a receiver whose merged
+//!   ring still differs from what it received answers back (push-pull), so two rings
+//!   converge in one exchange and a change reaches everyone in O(log N) ticks.
+//! - Ownership changes made here (seeding, donation, rmpeer, comeback) are pushed at once
+//!   to `FANOUT` random neighbours (and a donation to its recipient); free-count changes
+//!   ride on anti-entropy only.
+//! - Peer summaries are first-hand: this node's own connections, and the address it
+//!   observes for each neighbour. A new neighbour gets them at once; otherwise every
+//!   `PEERS_EVERY` ticks they go to the anti-entropy neighbour.
+//!
+//! Per tick a node thus sends one digest, at most one ring per digest received, and
+//! heartbeats: O(N) bytes, where Weave sent every topology change to every neighbour.
+//!
+//! The restart gate lives here too: a node restored with a ring naming others allocates
+//! only once a peer that is not itself restarting has told it its ring, in case this node
+//! was removed while it was down.
+
+use super::effects::{Action, ConnId, Outbox};
+use super::message::{Message, PeerSummary};
+use super::node::{Node, FANOUT, GATE_TICKS, PEERS_EVERY};
+use super::PeerName;
+use crate::core::ipam::Ring;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+/// What this node knows of another peer.
+#[derive(Clone, Debug)]
+pub(super) struct KnownPeer {
+    pub(super) nickname: String,
+    pub(super) uid: u64,
+    pub(super) address: Option<Ipv4Addr>,
+    pub(super) control_port: u16,
+    pub(super) data_port: u16,
+    /// The peers it is connected to, as it last told us (first-hand only).
+    pub(super) connections: Vec<PeerName>,
+}
+
+/// What a received ring's sender said about it (see `Message::Gossip`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct RingFlags {
+    pub(super) gated: bool,
+    pub(super) answer: bool,
+}
+
+#[derive(Debug)]
+pub(super) struct Gossip {
+    pub(super) peers: BTreeMap<PeerName, KnownPeer>,
+    /// Control addresses dialled (by the I/O layer's targets or on our request), so that
+    /// gossip naming one again does not ask for a second dialler.
+    pub(super) dialled: BTreeSet<SocketAddrV4>,
+    /// Why the last received ring could not be merged, for `/status`.
+    pub(super) ring_error: Option<String>,
+    /// Restored with a ring naming other peers: no fresh allocation until a peer has told
+    /// us its ring.
+    pub(super) gated: bool,
+    /// Tick at which a gated node first merged a (gated) peer's ring.
+    gate_heard: Option<u64>,
+}
+
+impl Gossip {
+    pub(super) fn new(gated: bool) -> Gossip {
+        Gossip {
+            peers: BTreeMap::new(),
+            dialled: BTreeSet::new(),
+            ring_error: None,
+            gated,
+            gate_heard: None,
+        }
+    }
+}
+
+impl Node {
+    /// Per tick: heartbeats to all but one neighbour, a digest (and every `PEERS_EVERY`
+    /// ticks the peer summaries) to that one, and the restart gate's timer.
+    pub(super) fn gossip_tick(&mut self, out: &mut Outbox) {
+        let ids = self.established_ids();
+        let target = if ids.is_empty() {
+            None
+        } else {
+            Some(ids[(self.next_rand() % ids.len() as u64) as usize])
+        };
+        for &id in &ids {
+            if Some(id) != target {
+                out.send(id, Message::Heartbeat);
+            }
+        }
+        if let Some(t) = target {
+            self.counters.digests_sent += 1;
+            out.send(
+                t,
+                Message::Digest {
+                    ring: self.ipam.ring_digest(),
+                },
+            );
+            if self.ticks.is_multiple_of(PEERS_EVERY) {
+                out.send(
+                    t,
+                    Message::Gossip {
+                        peers: self.summaries(),
+                        ring: None,
+                        gated: self.gossip.gated,
+                        answer: false,
+                    },
+                );
+            }
+        }
+        if self.gossip.gated
+            && self
+                .gossip
+                .gate_heard
+                .is_some_and(|t| self.ticks >= t + GATE_TICKS)
+        {
+            self.open_gate(out);
+        }
+    }
+
+    /// A new neighbour learns whom we know at once, and our ring if its digest differs.
+    pub(super) fn greet(
+        &mut self,
+        id: ConnId,
+        their_digest: Option<u64>,
+        they_are_gated: bool,
+        out: &mut Outbox,
+    ) {
+        out.send(
+            id,
+            Message::Gossip {
+                peers: self.summaries(),
+                ring: None,
+                gated: self.gossip.gated,
+                answer: false,
+            },
+        );
+        let mine = self.ipam.ring_digest();
+        if their_digest != mine {
+            if mine.is_some() {
+                self.send_ring(id, out);
+            }
+        } else if mine.is_some() && !they_are_gated {
+            self.open_gate(out);
+        }
+    }
+
+    pub(super) fn on_digest(&mut self, id: ConnId, theirs: Option<u64>, out: &mut Outbox) {
+        let mine = self.ipam.ring_digest();
+        if theirs != mine {
+            if mine.is_some() {
+                self.send_ring_as(id, true, out);
+            } else {
+                out.send(id, Message::Digest { ring: None });
+            }
+        }
+    }
+
+    pub(super) fn send_ring(&mut self, id: ConnId, out: &mut Outbox) {
+        self.send_ring_as(id, false, out)
+    }
+
+    fn send_ring_as(&mut self, id: ConnId, answer: bool, out: &mut Outbox) {
+        if let Some(ring) = self.ipam.ring() {
+            self.counters.rings_sent += 1;
+            out.send(
+                id,
+                Message::Gossip {
+                    peers: Vec::new(),
+                    ring: Some(ring.clone()),
+                    gated: self.gossip.gated,
+                    answer,
+                },
+            );
+        }
+    }
+
+    /// Pushes the ring to `FANOUT` random neighbours (ownership changed here), and to
+    /// `also` first.
+    pub(super) fn push_ring(&mut self, out: &mut Outbox, also: Option<ConnId>) {
+        let mut ids = self.established_ids();
+        let mut chosen = Vec::new();
+        if let Some(a) = also {
+            chosen.push(a);
+            ids.retain(|&i| i != a);
+        }
+        while chosen.len() < FANOUT + usize::from(also.is_some()) && !ids.is_empty() {
+            let k = (self.next_rand() % ids.len() as u64) as usize;
+            chosen.push(ids.swap_remove(k));
+        }
+        for id in chosen {
+            self.send_ring(id, out);
+        }
+    }
+
+    pub(super) fn open_gate(&mut self, out: &mut Outbox) {
+        if self.gossip.gated {
+            self.gossip.gated = false;
+            out.info("heard the ring from a peer after restart: allocating again");
+            out.push(Action::Ready);
+        }
+    }
+
+    /// Merges a ring received from `from`; on a failure the connection is closed and the
+    /// error kept for `/status`. Returns whether the connection may continue.
+    fn merge_ring(
+        &mut self,
+        id: ConnId,
+        ring: &Ring,
+        from: &PeerName,
+        flags: RingFlags,
+        out: &mut Outbox,
+    ) -> bool {
+        let was_ready = self.ipam.is_ready();
+        let o = match self.ipam.merge_ring(ring) {
+            Ok(o) => o,
+            Err(e) => {
+                self.counters.bad_gossip += 1;
+                let why = format!("cannot merge IP ring from {from}: {e}");
+                self.gossip.ring_error = Some(why.clone());
+                out.warn(why.clone());
+                out.close(id, why);
+                return false;
+            }
+        };
+        if let Some((inc, dropped)) = &o.revived {
+            self.counters.comebacks += 1;
+            out.warn(format!(
+                "this peer ({}) was removed from the ring (rmpeer) while it was away: \
+                 dropped {} stale allocations and rejoined as incarnation {inc}",
+                self.cfg.name,
+                dropped.len()
+            ));
+        }
+        if o.adopted > 0 {
+            out.info(format!(
+                "inherited {} addresses of removed peers",
+                o.adopted
+            ));
+        }
+        for c in &o.reclaim.conflicts {
+            out.warn(c.clone());
+        }
+        if o.changed {
+            self.touch();
+            out.push(Action::RoutesChanged);
+            if !was_ready {
+                out.push(Action::Ready);
+            }
+            self.gossip.ring_error = None;
+        }
+        if !was_ready {
+            self.consensus.proposal = None;
+        }
+        if !flags.gated {
+            self.open_gate(out);
+        } else if self.gossip.gated {
+            self.gossip.gate_heard.get_or_insert(self.ticks);
+        }
+        if o.revived.is_some() || o.adopted > 0 {
+            self.push_ring(out, None);
+        }
+        // Push-pull: if the sender lacks something we have, tell it.
+        if flags.answer && self.ipam.ring() != Some(ring) {
+            self.send_ring(id, out);
+        }
+        self.check_want(out);
+        true
+    }
+
+    pub(super) fn on_gossip(
+        &mut self,
+        id: ConnId,
+        from: &PeerName,
+        peers: Vec<PeerSummary>,
+        ring: Option<Ring>,
+        flags: RingFlags,
+        out: &mut Outbox,
+    ) {
+        if let Some(ring) = ring {
+            if !self.merge_ring(id, &ring, from, flags, out) {
+                return;
+            }
+        }
+        if peers.is_empty() {
+            return;
+        }
+        let direct: BTreeSet<PeerName> = self.established_peers().into_iter().collect();
+        for p in peers {
+            if p.name == self.cfg.name {
+                continue;
+            }
+            if &p.name == from {
+                if let Some(k) = self.gossip.peers.get_mut(from) {
+                    k.connections = p.connections.clone();
+                }
+                continue;
+            }
+            // First-hand knowledge wins: what we observe ourselves is never overwritten.
+            if direct.contains(&p.name) {
+                continue;
+            }
+            // A peer removed from the ring stays forgotten until it connects again.
+            if self.ipam.ring().is_some_and(|r| r.is_removed(&p.name)) {
+                continue;
+            }
+            let changed = match self.gossip.peers.get(&p.name) {
+                None => true,
+                Some(k) => k.uid != p.uid || k.address != p.address || k.data_port != p.data_port,
+            };
+            if changed {
+                self.gossip.peers.insert(
+                    p.name.clone(),
+                    KnownPeer {
+                        nickname: p.nickname.clone(),
+                        uid: p.uid,
+                        address: p.address,
+                        control_port: p.control_port,
+                        data_port: p.data_port,
+                        connections: Vec::new(),
+                    },
+                );
+                out.push(Action::RoutesChanged);
+            }
+            if let Some(a) = p.address {
+                let target = SocketAddrV4::new(a, p.control_port);
+                if self.gossip.dialled.insert(target) {
+                    out.push(Action::Dial(target));
+                }
+            }
+        }
+    }
+
+    /// The I/O layer dials these targets itself (its peer sources); remembering them
+    /// avoids asking for a second dialler when gossip names the same address.
+    pub fn note_target(&mut self, target: SocketAddrV4) {
+        self.gossip.dialled.insert(target);
+    }
+
+    /// First-hand: this node with its connections, and each neighbour at the address this
+    /// node observes (without the neighbour's own connections, which would be hearsay).
+    fn summaries(&self) -> Vec<PeerSummary> {
+        let direct = self.established_peers();
+        let mut v = vec![PeerSummary {
+            name: self.cfg.name.clone(),
+            nickname: self.cfg.nickname.clone(),
+            uid: self.cfg.uid,
+            address: None,
+            control_port: self.cfg.control_port,
+            data_port: self.cfg.data_port,
+            connections: direct.clone(),
+        }];
+        for name in direct {
+            if let Some(k) = self.gossip.peers.get(&name) {
+                v.push(PeerSummary {
+                    name: name.clone(),
+                    nickname: k.nickname.clone(),
+                    uid: k.uid,
+                    address: k.address,
+                    control_port: k.control_port,
+                    data_port: k.data_port,
+                    connections: Vec::new(),
+                });
+            }
+        }
+        v
+    }
+}

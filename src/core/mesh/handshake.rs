@@ -1,0 +1,147 @@
+//! The handshake: every connection starts with a Hello both ways, and the node decides
+//! here whether the peer may join: the same protocol and range, a name that is not this
+//! node's own, and not a second live node under a name already connected. Two connections
+//! between the same pair (both sides dialled) keep one, the same one on both sides.
+
+use super::effects::{Action, ConnId, Outbox};
+use super::gossip::KnownPeer;
+use super::message::{Hello, Message, PROTOCOL, PROTOCOL_VERSION};
+use super::node::{Conn, Node};
+use std::net::{SocketAddr, SocketAddrV4};
+
+impl Node {
+    pub(super) fn hello(&self) -> Message {
+        Message::Hello(Hello {
+            protocol: PROTOCOL.to_string(),
+            version: PROTOCOL_VERSION,
+            name: self.cfg.name.clone(),
+            nickname: self.cfg.nickname.clone(),
+            uid: self.cfg.uid,
+            control_port: self.cfg.control_port,
+            data_port: self.cfg.data_port,
+            range: self.cfg.range.to_string(),
+            digest: self.ipam.ring_digest(),
+            gated: self.gossip.gated,
+        })
+    }
+
+    /// Refuses the connection with a warning an operator can act on.
+    fn refuse(&mut self, id: ConnId, why: String, out: &mut Outbox) {
+        out.warn(why.clone());
+        out.close(id, why);
+    }
+
+    pub(super) fn on_hello(&mut self, id: ConnId, conn: &Conn, h: Hello, out: &mut Outbox) {
+        if h.protocol != PROTOCOL || h.version != PROTOCOL_VERSION {
+            let why = format!(
+                "peer at {} speaks {} v{}, this node speaks {PROTOCOL} v{PROTOCOL_VERSION}",
+                conn.remote, h.protocol, h.version
+            );
+            return self.refuse(id, why, out);
+        }
+        if h.range != self.cfg.range.to_string() {
+            let why = format!(
+                "peer {}({}) at {} uses IP range {}, this node uses {}: IPALLOC_RANGE must be the same on every node",
+                h.name, h.nickname, conn.remote, h.range, self.cfg.range
+            );
+            return self.refuse(id, why, out);
+        }
+        if h.name == self.cfg.name {
+            if h.uid == self.cfg.uid {
+                out.push(Action::TargetIsSelf(id));
+                return out.close(id, "connection to self");
+            }
+            let why = format!(
+                "refusing peer at {}: it presents this node's own name {} (nickname {}); two nodes must never share a name (cloned /etc/machine-id?): give one of them a different --name",
+                conn.remote, h.name, h.nickname
+            );
+            return self.refuse(id, why, out);
+        }
+        if !self.settle_duplicate(id, conn, &h, out) {
+            return;
+        }
+        self.admit(id, conn, h, out);
+    }
+
+    /// Another connection already carries this name: decides which one stays. Returns
+    /// whether the new connection `id` may continue.
+    fn settle_duplicate(&mut self, id: ConnId, conn: &Conn, h: &Hello, out: &mut Outbox) -> bool {
+        let Some((&other_id, other)) = self
+            .conns
+            .iter()
+            .find(|(cid, c)| **cid != id && c.peer.as_ref().map(|p| &p.0) == Some(&h.name))
+        else {
+            return true;
+        };
+        let other = other.clone();
+        let other_uid = other.peer.as_ref().map(|p| p.1).unwrap_or_default();
+        if other_uid == h.uid {
+            // Both sides dialled each other. Keep, on both sides, the connection initiated
+            // by the peer with the lower name.
+            let initiator = |c: &Conn| if c.outbound { &self.cfg.name } else { &h.name };
+            if initiator(conn) < initiator(&other) {
+                out.close(other_id, "duplicate connection");
+                self.conns.remove(&other_id);
+                true
+            } else {
+                out.close(id, "duplicate connection");
+                false
+            }
+        } else if other.remote.ip() == conn.remote.ip() {
+            out.info(format!(
+                "peer {}({}) at {} restarted",
+                h.name, h.nickname, conn.remote
+            ));
+            out.close(other_id, "peer restarted");
+            self.conns.remove(&other_id);
+            self.terminations += 1;
+            true
+        } else {
+            let why = format!(
+                "refusing peer {}({}) at {}: that name is already used by the peer at {}; two nodes must never share a name (cloned /etc/machine-id?): give one of them a different --name",
+                h.name,
+                h.nickname,
+                conn.remote.ip(),
+                other.remote.ip()
+            );
+            self.refuse(id, why, out);
+            false
+        }
+    }
+
+    /// The peer is in: record it, tell it whom we know and our ring if it differs, and
+    /// repeat a consensus phase it may have missed.
+    fn admit(&mut self, id: ConnId, conn: &Conn, h: Hello, out: &mut Outbox) {
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.peer = Some((h.name.clone(), h.uid));
+        }
+        let address = match conn.remote {
+            SocketAddr::V4(a) => Some(*a.ip()),
+            SocketAddr::V6(a) => a.ip().to_ipv4_mapped(),
+        };
+        self.gossip.peers.insert(
+            h.name.clone(),
+            KnownPeer {
+                nickname: h.nickname.clone(),
+                uid: h.uid,
+                address,
+                control_port: h.control_port,
+                data_port: h.data_port,
+                connections: Vec::new(),
+            },
+        );
+        if let Some(a) = address {
+            self.gossip
+                .dialled
+                .insert(SocketAddrV4::new(a, h.control_port));
+        }
+        out.info(format!(
+            "connection established with {}({}) at {}",
+            h.name, h.nickname, conn.remote
+        ));
+        out.push(Action::RoutesChanged);
+        self.greet(id, h.digest, h.gated, out);
+        self.repeat_phase(id, out);
+        self.maybe_propose(out);
+    }
+}

@@ -1,0 +1,350 @@
+//! The node's control state machine, driven by events (start, connection up, message in,
+//! connection closed, tick, a local IPAM request) and answering each with one [`Effects`]
+//! value. No sockets, no clock: time is the tick count, randomness a generator seeded
+//! from the configuration.
+//!
+//! As quinn-proto hands its connection's concerns to submodules, the node hands its jobs
+//! to its own: `handshake` (Hello and who may connect), `gossip` (rings and peer
+//! summaries), `consensus` (Paxos over the first division of the range: proposer and
+//! acceptor), `donation` (space on demand), `local` (this node's own IPAM requests) and
+//! `view` (what the API shows). This file holds the state they share, dispatches events
+//! and turns each event's actions into [`Effects`], with a save whenever persisted state
+//! changed and is not yet acknowledged.
+
+use super::consensus::Consensus;
+use super::donation::Donation;
+use super::effects::{Action, ConnId, Effects, Outbox, Save};
+use super::gossip::{Gossip, RingFlags};
+use super::message::Message;
+use super::PeerName;
+use crate::core::ipam::paxos::Acceptor;
+use crate::core::ipam::{IpallocInit, Ipam};
+use crate::core::persist::PersistedState;
+use crate::core::rng::SplitMix64;
+use ipnet::Ipv4Net;
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+
+/// Every `PEERS_EVERY` ticks the peer summaries go to the anti-entropy neighbour.
+pub const PEERS_EVERY: u64 = 6;
+/// Neighbours an ownership change is pushed to at once.
+pub const FANOUT: usize = 3;
+/// Ticks before a space request is sent to another donor.
+pub const SPACE_RETRY: u64 = 2;
+/// A restarted node that has heard only other restarted nodes' rings allocates again
+/// after this many ticks (a whole cluster restarting must not wait forever).
+pub const GATE_TICKS: u64 = 6;
+/// Ticks before an unfinished Paxos round is abandoned.
+pub const PAXOS_TIMEOUT: u64 = 4;
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub name: PeerName,
+    pub nickname: String,
+    /// Random per process start; also seeds the node's random choices.
+    pub uid: u64,
+    pub control_port: u16,
+    pub data_port: u16,
+    pub range: Ipv4Net,
+    /// How the range is first divided (`--ipalloc-init`).
+    pub init: IpallocInit,
+}
+
+/// Event counts for the report and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeCounters {
+    /// Received rings that were malformed or could not be merged (connection closed).
+    pub bad_gossip: u64,
+    /// Whole rings sent (anti-entropy answers, pushes, Hello answers).
+    pub rings_sent: u64,
+    pub digests_sent: u64,
+    pub paxos_rounds: u64,
+    pub space_requests_sent: u64,
+    pub donations_given: u64,
+    /// Times this peer found itself removed and came back as a new incarnation.
+    pub comebacks: u64,
+}
+
+/// One control connection as the node sees it.
+#[derive(Clone, Debug)]
+pub(super) struct Conn {
+    pub(super) remote: SocketAddr,
+    pub(super) outbound: bool,
+    /// Set once the peer's Hello was accepted: its name and per-start uid.
+    pub(super) peer: Option<(PeerName, u64)>,
+}
+
+pub struct Node {
+    pub(super) cfg: NodeConfig,
+    pub(super) ipam: Ipam,
+    pub(super) conns: BTreeMap<ConnId, Conn>,
+    pub(super) gossip: Gossip,
+    pub(super) consensus: Consensus,
+    pub(super) donation: Donation,
+    pub(super) terminations: u64,
+    pub(super) ticks: u64,
+    pub(super) rng: SplitMix64,
+    pub(super) counters: NodeCounters,
+    /// Bumped by every change of the persisted state ([`Node::touch`]).
+    generation: u64,
+    /// The newest generation the I/O layer acknowledged as durable.
+    saved_generation: u64,
+}
+
+impl Node {
+    /// `ipam` and `acceptor` may come from persisted state; if the ring already exists the
+    /// node is ready at once (but allocates only once it has heard from a peer, if the
+    /// ring names others). Call [`Node::start`] next.
+    pub fn new(cfg: NodeConfig, ipam: Ipam, acceptor: Acceptor) -> Node {
+        let gated = ipam.ring().is_some_and(|r| {
+            r.seeds.iter().any(|s| s != &cfg.name) || r.entries.iter().any(|e| e.owner != cfg.name)
+        });
+        let rng = SplitMix64::new(cfg.uid ^ 0x9e37_79b9_7f4a_7c15);
+        Node {
+            gossip: Gossip::new(gated),
+            consensus: Consensus::new(acceptor),
+            donation: Donation::default(),
+            cfg,
+            ipam,
+            conns: BTreeMap::new(),
+            terminations: 0,
+            ticks: 0,
+            rng,
+            counters: NodeCounters::default(),
+            generation: 0,
+            saved_generation: 0,
+        }
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    pub fn ipam(&self) -> &Ipam {
+        &self.ipam
+    }
+
+    pub fn acceptor(&self) -> &Acceptor {
+        &self.consensus.acceptor
+    }
+
+    pub fn counters(&self) -> &NodeCounters {
+        &self.counters
+    }
+
+    pub fn terminations(&self) -> u64 {
+        self.terminations
+    }
+
+    /// True while a restarted node waits to hear a peer's ring before allocating.
+    pub fn is_gated(&self) -> bool {
+        self.gossip.gated
+    }
+
+    /// Whether allocation can proceed now (a ring exists and no restart gate).
+    pub fn can_allocate(&self) -> bool {
+        self.ipam.is_ready() && !self.gossip.gated
+    }
+
+    /// Everything that is persisted, as it is now.
+    pub fn snapshot(&self) -> PersistedState {
+        PersistedState::new(
+            Some(self.cfg.name.clone()),
+            self.ipam.state(),
+            self.consensus.acceptor.clone(),
+        )
+    }
+
+    /// The I/O layer wrote the state of `generation` durably.
+    pub fn saved(&mut self, generation: u64) {
+        self.saved_generation = self.saved_generation.max(generation.min(self.generation));
+    }
+
+    /// Whether some change of the persisted state is not yet acknowledged as saved.
+    pub fn has_unsaved_state(&self) -> bool {
+        self.generation > self.saved_generation
+    }
+
+    /// Records that the persisted state changed: the effects of this event will carry a
+    /// save, and what depends on it waits for that save.
+    pub(super) fn touch(&mut self) {
+        self.generation += 1;
+    }
+
+    /// Turns one event's actions into effects, with the save if anything is unsaved.
+    pub(super) fn finish(&self, out: Outbox) -> Effects {
+        let save = self.has_unsaved_state().then(|| Save {
+            generation: self.generation,
+            state: self.snapshot(),
+        });
+        out.finish(save)
+    }
+
+    pub(super) fn next_rand(&mut self) -> u64 {
+        self.rng.next_u64()
+    }
+
+    /// Effects due at start-up: a seed list or a lone consensus node seeds at once.
+    pub fn start(&mut self) -> Effects {
+        let mut out = Outbox::default();
+        if self.ipam.is_ready() {
+            out.push(Action::RoutesChanged);
+            out.push(Action::Ready);
+            return self.finish(out);
+        }
+        if let IpallocInit::Seed(seeds) = self.cfg.init.clone() {
+            match self.ipam.seed_any(&seeds) {
+                Ok(_) => {
+                    out.info(format!(
+                        "IP range {} seeded with {} peers (ipalloc-init {})",
+                        self.cfg.range,
+                        seeds.len(),
+                        self.cfg.init
+                    ));
+                    self.touch();
+                    out.push(Action::RoutesChanged);
+                    out.push(Action::Ready);
+                }
+                Err(e) => out.warn(format!("cannot seed IP ring: {e}")),
+            }
+        }
+        self.maybe_propose(&mut out);
+        self.finish(out)
+    }
+
+    pub fn on_connected(&mut self, id: ConnId, remote: SocketAddr, outbound: bool) -> Effects {
+        self.conns.insert(
+            id,
+            Conn {
+                remote,
+                outbound,
+                peer: None,
+            },
+        );
+        let mut out = Outbox::default();
+        out.send(id, self.hello());
+        self.finish(out)
+    }
+
+    pub fn on_message(&mut self, id: ConnId, msg: Message) -> Effects {
+        let mut out = Outbox::default();
+        self.dispatch(id, msg, &mut out);
+        self.finish(out)
+    }
+
+    fn dispatch(&mut self, id: ConnId, msg: Message, out: &mut Outbox) {
+        let Some(conn) = self.conns.get(&id).cloned() else {
+            return;
+        };
+        let from = match (&msg, &conn.peer) {
+            (Message::Hello(h), None) => return self.on_hello(id, &conn, h.clone(), out),
+            (Message::Hello(_), Some(_)) => {
+                return out.close(id, "protocol error: second Hello on one connection")
+            }
+            (_, None) => return out.close(id, "protocol error: message before Hello"),
+            (_, Some((from, _))) => from.clone(),
+        };
+        match msg {
+            Message::Hello(_) => {}
+            Message::Heartbeat => {}
+            Message::Gossip {
+                peers,
+                ring,
+                gated,
+                answer,
+            } => self.on_gossip(id, &from, peers, ring, RingFlags { gated, answer }, out),
+            Message::Digest { ring } => self.on_digest(id, ring, out),
+            Message::SpaceRequest {
+                subnet,
+                incarnation,
+            } => self.on_space_request(id, &from, incarnation, subnet, out),
+            Message::Prepare { ballot } => self.on_prepare(id, ballot, out),
+            Message::Promise { ballot, accepted } => self.on_promise(from, ballot, accepted, out),
+            Message::Accept { ballot, value } => self.on_accept(id, ballot, value, out),
+            Message::Accepted { ballot } => self.on_accepted(from, ballot, out),
+            Message::Nack { ballot, promised } => self.on_nack(ballot, promised),
+        }
+    }
+
+    pub fn on_closed(&mut self, id: ConnId, reason: &str) -> Effects {
+        let mut out = Outbox::default();
+        if let Some(conn) = self.conns.remove(&id) {
+            if let Some((name, _)) = conn.peer {
+                self.terminations += 1;
+                let nick = self.nickname_of(&name);
+                out.info(format!(
+                    "connection to {name}({nick}) at {} closed: {reason}",
+                    conn.remote
+                ));
+                // The peer stays known: its address still routes data, since the data
+                // plane does not depend on the control connection.
+            }
+        }
+        self.finish(out)
+    }
+
+    /// Called periodically by the I/O layer (every few seconds).
+    pub fn on_tick(&mut self) -> Effects {
+        self.ticks += 1;
+        let mut out = Outbox::default();
+        self.gossip_tick(&mut out);
+        self.maybe_propose(&mut out);
+        self.retry_space(&mut out);
+        self.finish(out)
+    }
+
+    // ---- what the submodules share ----
+
+    pub(super) fn established_ids(&self) -> Vec<ConnId> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.peer.is_some())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    pub(super) fn established_peers(&self) -> Vec<PeerName> {
+        self.conns
+            .values()
+            .filter_map(|c| c.peer.as_ref().map(|p| p.0.clone()))
+            .collect()
+    }
+
+    /// The established connection to `name`, if any.
+    pub(super) fn conn_to(&self, name: &PeerName) -> Option<ConnId> {
+        self.conns
+            .iter()
+            .find(|(_, c)| c.peer.as_ref().map(|p| &p.0) == Some(name))
+            .map(|(id, _)| *id)
+    }
+
+    pub(super) fn nickname_of(&self, name: &PeerName) -> String {
+        if name == &self.cfg.name {
+            return self.cfg.nickname.clone();
+        }
+        self.gossip
+            .peers
+            .get(name)
+            .map(|k| k.nickname.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether an established connection leads to a peer at this underlay address.
+    pub fn is_connected_to_ip(&self, ip: Ipv4Addr) -> bool {
+        self.conns.values().any(|c| {
+            c.peer.is_some()
+                && match c.remote {
+                    SocketAddr::V4(a) => *a.ip() == ip,
+                    SocketAddr::V6(a) => a.ip().to_ipv4_mapped() == Some(ip),
+                }
+        })
+    }
+
+    pub fn is_established(&self, id: ConnId) -> bool {
+        self.conns.get(&id).is_some_and(|c| c.peer.is_some())
+    }
+
+    pub fn is_reachable(&self, name: &PeerName) -> bool {
+        name == &self.cfg.name || self.established_peers().contains(name)
+    }
+}

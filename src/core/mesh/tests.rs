@@ -1,0 +1,512 @@
+//! The node's protocol on a lossless in-memory network, and the ordering of its effects.
+
+use super::effects::Action;
+use super::message::Message;
+use super::*;
+use crate::core::ipam::paxos::Ballot;
+use crate::core::ipam::{IpallocInit, Ipam, IpamError};
+use ipnet::Ipv4Net;
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+
+fn name(i: u8) -> PeerName {
+    PeerName::from_bytes([2, 0x77, 0x66, 0, 0, i])
+}
+
+fn range() -> Ipv4Net {
+    "192.168.0.0/16".parse().unwrap()
+}
+
+fn node(i: u8, consensus: usize, uid: u64) -> Node {
+    node_with(i, IpallocInit::Consensus(consensus), uid)
+}
+
+fn node_with(i: u8, init: IpallocInit, uid: u64) -> Node {
+    let cfg = NodeConfig {
+        name: name(i),
+        nickname: format!("n{i}"),
+        uid,
+        control_port: 6783,
+        data_port: 6784,
+        range: range(),
+        init,
+    };
+    Node::new(cfg, Ipam::new(name(i), range()), Default::default())
+}
+
+/// A lossless in-memory network: connection `c` joins node `a` (dialler) and `b`;
+/// messages sent on it by one side are delivered to the other.
+struct Net {
+    nodes: Vec<Node>,
+    /// conn id -> (dialler index, acceptor index); each side uses the same id.
+    links: BTreeMap<ConnId, (usize, usize)>,
+    queue: VecDeque<(usize, ConnId, Message)>,
+    closed: Vec<(usize, ConnId, String)>,
+    next: ConnId,
+}
+
+impl Net {
+    fn new(nodes: Vec<Node>) -> Net {
+        let mut n = Net {
+            nodes,
+            links: BTreeMap::new(),
+            queue: VecDeque::new(),
+            closed: Vec::new(),
+            next: 1,
+        };
+        for i in 0..n.nodes.len() {
+            let fx = n.nodes[i].start();
+            n.absorb(i, fx);
+        }
+        n
+    }
+
+    fn addr(i: usize) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, i as u8 + 1], 40000 + i as u16))
+    }
+
+    fn connect(&mut self, a: usize, b: usize) -> ConnId {
+        let id = self.next;
+        self.next += 1;
+        self.links.insert(id, (a, b));
+        let o = self.nodes[a].on_connected(id, Self::addr(b), true);
+        self.absorb(a, o);
+        let o = self.nodes[b].on_connected(id, Self::addr(a), false);
+        self.absorb(b, o);
+        id
+    }
+
+    /// Saves succeed at once here; then the actions run in their order.
+    fn absorb(&mut self, from: usize, fx: Effects) {
+        if let Some(s) = &fx.save {
+            self.nodes[from].saved(s.generation);
+        }
+        let actions: Vec<Action> = fx.actions().cloned().collect();
+        for o in actions {
+            match o {
+                Action::Send(id, m) => {
+                    if let Some(&(a, b)) = self.links.get(&id) {
+                        let to = if from == a { b } else { a };
+                        self.queue.push_back((to, id, m));
+                    }
+                }
+                Action::Close(id, why) => {
+                    if let Some((a, b)) = self.links.remove(&id) {
+                        self.closed.push((from, id, why.clone()));
+                        let other = if from == a { b } else { a };
+                        let o1 = self.nodes[from].on_closed(id, &why);
+                        let o2 = self.nodes[other].on_closed(id, "closed by peer");
+                        self.absorb(from, o1);
+                        self.absorb(other, o2);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn tick_all(&mut self) {
+        for _ in 0..3 {
+            for i in 0..self.nodes.len() {
+                let o = self.nodes[i].on_tick();
+                self.absorb(i, o);
+            }
+            self.run();
+        }
+    }
+
+    fn run(&mut self) {
+        let mut steps = 0;
+        while let Some((to, id, m)) = self.queue.pop_front() {
+            steps += 1;
+            assert!(steps < 100_000, "gossip does not quiesce");
+            if !self.links.contains_key(&id) {
+                continue;
+            }
+            let fx = self.nodes[to].on_message(id, m);
+            self.absorb(to, fx);
+        }
+    }
+}
+
+#[test]
+fn three_nodes_agree_on_one_ring_in_any_connection_order() {
+    for order in [[(0, 1), (1, 2), (0, 2)], [(2, 0), (0, 1), (2, 1)]] {
+        let mut net = Net::new(vec![node(1, 3, 11), node(2, 3, 12), node(3, 3, 13)]);
+        assert!(
+            net.nodes.iter().all(|n| !n.ipam().is_ready()),
+            "alone: no quorum"
+        );
+        for (a, b) in order {
+            net.connect(a, b);
+            net.run();
+        }
+        let rings: Vec<_> = net.nodes.iter().map(|n| n.ipam().ring().cloned()).collect();
+        assert!(rings[0].is_some());
+        assert!(rings.iter().all(|r| r == &rings[0]));
+        // The first two connected decided (quorum 2 of 3); the third owns nothing yet.
+        assert_eq!(rings[0].as_ref().unwrap().seeds.len(), 2);
+        assert!(net.closed.is_empty(), "{:?}", net.closed);
+    }
+}
+
+#[test]
+fn late_joiner_adopts_the_existing_ring_instead_of_seeding() {
+    let mut net = Net::new(vec![node(1, 2, 11), node(2, 2, 12), node(3, 2, 13)]);
+    net.connect(0, 1);
+    net.run();
+    let ring = net.nodes[0].ipam().ring().cloned().unwrap();
+    // Node 3 only needs one more peer for its own consensus, but must not seed its
+    // own ring: the Hello from node 1 carries the existing one.
+    net.connect(2, 0);
+    net.run();
+    assert_eq!(net.nodes[2].ipam().ring(), Some(&ring));
+    assert!(net.closed.is_empty(), "{:?}", net.closed);
+}
+
+#[test]
+fn a_second_node_with_the_same_name_is_refused() {
+    let mut a = node(1, 2, 11);
+    let mut impostor = node(2, 2, 99);
+    impostor.cfg.name = name(1);
+    let mut net = Net::new(vec![node(3, 2, 13)]);
+    net.nodes.push(std::mem::replace(&mut a, node(9, 2, 0)));
+    net.nodes.push(impostor);
+    net.connect(0, 1);
+    net.run();
+    assert!(net.nodes[0].is_reachable(&name(1)));
+    let c = net.connect(2, 0);
+    net.run();
+    assert!(net
+        .closed
+        .iter()
+        .any(|(_, id, why)| *id == c && why.contains("already used")));
+    // The genuine peer keeps its connection.
+    assert!(net.nodes[0].is_reachable(&name(1)));
+}
+
+#[test]
+fn own_name_from_another_node_is_refused_but_self_connection_is_recognised() {
+    let mut net = Net::new(vec![node(1, 1, 11), node(1, 1, 12)]);
+    let c = net.connect(0, 1);
+    net.run();
+    assert!(net
+        .closed
+        .iter()
+        .any(|(_, id, why)| *id == c && why.contains("own name")));
+
+    let mut n = node(1, 2, 11);
+    let fx = n.on_connected(1, Net::addr(0), true);
+    let Action::Send(_, hello) = &fx.now[0] else {
+        panic!()
+    };
+    let fx = n.on_message(1, hello.clone());
+    assert!(fx.contains(&Action::TargetIsSelf(1)));
+    let fx = n.target_is_self();
+    assert!(
+        fx.contains(&Action::Ready),
+        "consensus 2 minus the self target"
+    );
+}
+
+#[test]
+fn messages_before_hello_close_the_connection() {
+    let mut n = node(1, 2, 11);
+    let _ = n.on_connected(7, Net::addr(1), false);
+    let fx = n.on_message(7, Message::Heartbeat);
+    assert!(matches!(&fx.now[0], Action::Close(7, _)));
+}
+
+#[test]
+fn allocation_is_persisted_and_gossiped() {
+    let mut net = Net::new(vec![node(1, 2, 11), node(2, 2, 12)]);
+    net.connect(0, 1);
+    net.run();
+    let (r, fx) = net.nodes[0].allocate("c1");
+    let addr = r.unwrap();
+    assert!(
+        fx.save.is_some(),
+        "an allocation is saved before it is answered"
+    );
+    net.absorb(0, fx);
+    let (again, fx) = net.nodes[0].allocate("c1");
+    assert_eq!(again.unwrap(), addr);
+    assert_eq!(
+        fx,
+        Effects::default(),
+        "repeating an allocation changes nothing"
+    );
+    // Anti-entropy carries the new free count within a tick.
+    assert_ne!(net.nodes[0].ipam().ring(), net.nodes[1].ipam().ring());
+    net.tick_all();
+    assert_eq!(net.nodes[0].ipam().ring(), net.nodes[1].ipam().ring());
+    assert_eq!(
+        net.nodes[1]
+            .ipam()
+            .ring()
+            .unwrap()
+            .owner_of(u32::from(addr)),
+        Some(&name(1))
+    );
+}
+
+#[test]
+fn rmpeer_rules() {
+    let mut net = Net::new(vec![node(1, 3, 11), node(2, 3, 12), node(3, 3, 13)]);
+    net.connect(0, 1);
+    net.connect(1, 2);
+    net.connect(0, 2);
+    net.run();
+    let (r, _) = net.nodes[0].rmpeer(&name(1));
+    assert!(matches!(r, Err(IpamError::RemoveSelf(_))));
+    let (r, _) = net.nodes[0].rmpeer(&name(2));
+    assert!(matches!(r, Err(IpamError::RemoveConnected(_))));
+    let owned = net.nodes[0].ipam().ring().unwrap().total_owned(&name(2));
+    assert!(owned > 0);
+    // Node 2 dies: its connections close; node 1 removes it and gets its space.
+    let ids: Vec<ConnId> = net
+        .links
+        .iter()
+        .filter(|(_, &(a, b))| a == 1 || b == 1)
+        .map(|(&id, _)| id)
+        .collect();
+    for id in ids {
+        let (a, b) = net.links.remove(&id).unwrap();
+        let other = if a == 1 { b } else { a };
+        let o = net.nodes[other].on_closed(id, "reset");
+        net.absorb(other, o);
+    }
+    let (r, fx) = net.nodes[0].rmpeer(&name(2));
+    assert_eq!(r.unwrap(), owned);
+    assert!(fx.save.is_some());
+    assert!(
+        fx.after_save
+            .iter()
+            .all(|a| matches!(a, Action::Send(_, Message::Gossip { ring: Some(_), .. }))),
+        "the ring that takes the dead peer's space over leaves only once saved: {fx:?}"
+    );
+    net.absorb(0, fx);
+    let (again, _) = net.nodes[0].rmpeer(&name(2));
+    assert_eq!(again.unwrap(), 0, "idempotent");
+    net.run();
+    net.tick_all();
+    let ring = net.nodes[2].ipam().ring().unwrap();
+    assert_eq!(ring.total_owned(&name(2)), 0);
+    assert!(ring.is_removed(&name(2)));
+}
+
+#[test]
+fn reclaim_waits_for_the_ring_and_never_hands_out_pending_addresses() {
+    let mut n = node(1, 2, 11);
+    let mine: Ipv4Addr = "192.168.0.1".parse().unwrap();
+    let theirs: Ipv4Addr = "192.168.200.1".parse().unwrap();
+    let (r, _) = n.reclaim(vec![("pod-a".into(), mine), ("pod-b".into(), theirs)]);
+    assert_eq!(r.pending, 2);
+    assert_eq!(n.ipam_view().pending_claims, 2);
+    let mut net = Net::new(vec![n, node(2, 2, 12)]);
+    net.connect(0, 1);
+    net.run();
+    let ipam = net.nodes[0].ipam();
+    assert_eq!(ipam.lookup("pod-a"), Some(mine));
+    assert_eq!(
+        ipam.lookup("pod-b"),
+        None,
+        "owned by the other peer: not stolen"
+    );
+    assert_eq!(ipam.pending_count(), 0);
+    let (a, _) = net.nodes[0].allocate("new");
+    assert_ne!(a.unwrap(), mine);
+}
+
+#[test]
+fn bad_gossip_is_counted_and_does_not_touch_the_ring() {
+    let mut net = Net::new(vec![node(1, 2, 11), node(2, 2, 12)]);
+    let c = net.connect(0, 1);
+    net.run();
+    let before = net.nodes[0].ipam().ring().cloned();
+    let mut bad = before.clone().unwrap();
+    bad.entries.swap(0, 1);
+    let fx = net.nodes[0].on_message(
+        c,
+        Message::Gossip {
+            peers: Vec::new(),
+            ring: Some(bad),
+            gated: false,
+
+            answer: false,
+        },
+    );
+    assert!(fx.actions().any(|o| matches!(o, Action::Close(..))));
+    assert_eq!(net.nodes[0].counters().bad_gossip, 1);
+    assert_eq!(net.nodes[0].ipam().ring().cloned(), before);
+}
+
+fn prepare(round: u64, by: u8) -> Message {
+    Message::Prepare {
+        ballot: Ballot {
+            round,
+            proposer: name(by),
+        },
+    }
+}
+
+/// A node with one established connection (id 1) to peer `other`, everything saved.
+fn connected(me: u8, other: u8, consensus: usize) -> Node {
+    let mut n = node(me, consensus, u64::from(me));
+    let fx = n.start();
+    if let Some(s) = fx.save {
+        n.saved(s.generation);
+    }
+    let _ = n.on_connected(1, Net::addr(1), true);
+    let mut peer = node(other, consensus, u64::from(other));
+    let fx = peer.on_connected(1, Net::addr(0), false);
+    let Action::Send(_, hello) = &fx.now[0] else {
+        panic!("hello first")
+    };
+    let fx = n.on_message(1, hello.clone());
+    if let Some(s) = fx.save {
+        n.saved(s.generation);
+    }
+    assert!(n.is_established(1));
+    n
+}
+
+#[test]
+fn a_promise_leaves_only_after_the_promised_state_is_saved() {
+    let mut n = connected(1, 2, 3);
+    let fx = n.on_message(1, prepare(5, 2));
+    let save = fx.save.as_ref().expect("the promise changed the acceptor");
+    assert_eq!(save.state.acceptor().max_round(), 5);
+    assert!(matches!(
+        fx.after_save[..],
+        [Action::Send(1, Message::Promise { .. })]
+    ));
+    assert!(fx.now.iter().all(|a| !matches!(a, Action::Send(..))));
+}
+
+#[test]
+fn an_unacknowledged_save_is_repeated_and_still_holds_back_what_depends_on_it() {
+    let mut n = connected(1, 2, 3);
+    // The save of this promise fails (never acknowledged)...
+    let first = n.on_message(1, prepare(5, 2));
+    let generation = first.save.unwrap().generation;
+    assert!(n.has_unsaved_state());
+    // ...so a repeated Prepare, which changes nothing, still carries the save: the
+    // promise it answers must not leave before the state it states is durable.
+    let again = n.on_message(1, prepare(5, 2));
+    let save = again.save.expect("unsaved state is saved again");
+    assert_eq!(save.generation, generation);
+    assert!(matches!(
+        again.after_save[..],
+        [Action::Send(1, Message::Promise { .. })]
+    ));
+    // Even a tick carries it, so a disk that recovers catches up without new events.
+    assert!(n.on_tick().save.is_some());
+    n.saved(generation);
+    assert!(!n.has_unsaved_state());
+    let fx = n.on_message(1, prepare(5, 2));
+    assert!(fx.save.is_none());
+    assert!(matches!(
+        fx.after_save[..],
+        [Action::Send(1, Message::Promise { .. })]
+    ));
+    // Acknowledging a generation the node never produced changes nothing.
+    n.saved(generation + 100);
+    let _ = n.on_message(1, prepare(6, 2));
+    assert!(n.has_unsaved_state());
+}
+
+#[test]
+fn an_acceptance_and_a_nack_wait_for_the_save_too() {
+    let mut n = connected(1, 2, 3);
+    let b = Ballot {
+        round: 7,
+        proposer: name(2),
+    };
+    let fx = n.on_message(
+        1,
+        Message::Accept {
+            ballot: b.clone(),
+            value: vec![name(1), name(2)],
+        },
+    );
+    assert!(fx.save.is_some());
+    assert!(matches!(
+        fx.after_save[..],
+        [Action::Send(1, Message::Accepted { .. })]
+    ));
+    let fx = n.on_message(1, prepare(3, 2));
+    assert!(matches!(
+        fx.after_save[..],
+        [Action::Send(1, Message::Nack { .. })]
+    ));
+}
+
+#[test]
+fn a_donation_leaves_only_after_the_donor_saved_it() {
+    let mut net = Net::new(vec![
+        node(1, 1, 11),
+        node_with(2, IpallocInit::Observer, 12),
+    ]);
+    // Node 1 seeds alone (consensus=1); node 2, an observer, joins and owns nothing.
+    let c = net.connect(0, 1);
+    net.run();
+    assert!(net.nodes[1].ipam().ring().is_some());
+    let fx = net.nodes[0].on_message(
+        c,
+        Message::SpaceRequest {
+            subnet: None,
+            incarnation: 0,
+        },
+    );
+    assert!(fx.save.is_some(), "{fx:?}");
+    let to_requester: Vec<&Action> = fx
+        .after_save
+        .iter()
+        .filter(
+            |a| matches!(a, Action::Send(id, Message::Gossip { ring: Some(_), .. }) if *id == c),
+        )
+        .collect();
+    assert_eq!(to_requester.len(), 1, "{fx:?}");
+    assert!(fx.now.iter().all(|a| !matches!(a, Action::Send(..))));
+}
+
+#[test]
+fn heartbeats_digests_and_hellos_do_not_wait_for_a_save() {
+    let mut n = connected(1, 2, 3);
+    let _ = n.on_message(1, prepare(5, 2)); // unsaved from here on
+    let fx = n.on_tick();
+    assert!(fx.save.is_some());
+    assert!(fx.now.iter().any(|a| matches!(
+        a,
+        Action::Send(1, Message::Digest { .. } | Message::Heartbeat)
+    )));
+    let fx = n.on_connected(2, Net::addr(2), true);
+    assert!(matches!(fx.now[..], [Action::Send(2, Message::Hello(_))]));
+    assert!(fx.after_save.is_empty());
+}
+
+#[test]
+fn allocation_answers_wait_for_the_save_and_reclaims_are_saved() {
+    let mut n = node(1, 1, 11);
+    let fx = n.start();
+    n.saved(fx.save.expect("seeded alone").generation);
+    let (r, fx) = n.allocate("pod");
+    assert!(r.is_ok());
+    let save = fx.save.expect("saved before answering");
+    assert!(save.state.ipam.allocations.contains_key("pod"));
+    n.saved(save.generation);
+    let (r, fx) = n.free("pod");
+    assert!(r.is_some());
+    assert!(fx.save.is_some());
+    let ip: Ipv4Addr = "192.168.0.9".parse().unwrap();
+    let (r, fx) = n.reclaim(vec![("running".into(), ip)]);
+    assert_eq!(r.claimed.len(), 1);
+    assert!(fx
+        .save
+        .unwrap()
+        .state
+        .ipam
+        .allocations
+        .contains_key("running"));
+}

@@ -1,0 +1,181 @@
+//! The router as the HTTP API sees it: allocations, claims, frees and rmpeer go to the
+//! node, and are answered only once what they changed is saved; the report is assembled
+//! from the node's, the mesh's and the data path's views.
+
+use super::{lock, Shared};
+use crate::api::assemble::{self, RouterFacts, Sources};
+use crate::api::report::{Control, IpApiError, Report};
+use crate::core::ipam::IpamError;
+use crate::core::mesh::{Effects, Node, PeerName};
+use ipnet::Ipv4Net;
+use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use weft_contract::ContainerId;
+
+pub(crate) struct RouterControl(pub(crate) Arc<Shared>);
+
+fn map_ipam_error(e: IpamError) -> IpApiError {
+    use IpamError as E;
+    match e {
+        E::NotReady => IpApiError::NotReady(e.to_string()),
+        E::Exhausted { .. } => IpApiError::Exhausted(e.to_string()),
+        E::InUse { .. } | E::NotOwned { .. } | E::RemoveSelf(_) | E::RemoveConnected(_) => {
+            IpApiError::Conflict(e.to_string())
+        }
+        E::BadContainerId(_) | E::OutOfRange { .. } => IpApiError::BadRequest(e.to_string()),
+        other => IpApiError::Internal(other.to_string()),
+    }
+}
+
+impl RouterControl {
+    /// Runs an IPAM operation, waiting up to `wait` for IPAM readiness, and answers only
+    /// once its change is saved; if it cannot be saved the allocation is undone.
+    async fn ipam_op(
+        &self,
+        id: &str,
+        wait: Duration,
+        op: impl Fn(&mut Node) -> (Result<Ipv4Addr, IpamError>, Effects),
+    ) -> Result<Ipv4Net, IpApiError> {
+        let s = &self.0;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut ready = s.ready.subscribe();
+        s.pending_allocates.fetch_add(1, Ordering::Relaxed);
+        let result = loop {
+            let (r, saved) = s.request(&op);
+            match r {
+                Ok(addr) => match saved.wait().await {
+                    Ok(()) => {
+                        break Ok(
+                            Ipv4Net::new(addr, s.cfg.range.prefix_len()).expect("valid prefix")
+                        );
+                    }
+                    Err(e) => {
+                        // Not durable, so not granted: give the address back (the free is
+                        // saved with the next successful save).
+                        s.event(|n| n.free(id).1);
+                        break Err(IpApiError::Internal(format!(
+                            "allocation not saved, so not granted: {e}"
+                        )));
+                    }
+                },
+                Err(IpamError::NotReady) => {
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        let status = s.with_node(|n| n.ipam_status());
+                        break Err(IpApiError::NotReady(format!(
+                            "IPAM is not ready after {wait:?}: {}",
+                            assemble::ipam_status_text(&status)
+                        )));
+                    }
+                    let _ = tokio::time::timeout(deadline - now, ready.changed()).await;
+                }
+                Err(e) => break Err(map_ipam_error(e)),
+            }
+        };
+        s.pending_allocates.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+}
+
+impl Control for RouterControl {
+    fn report(&self) -> Report {
+        let s = &self.0;
+        let (ready, peers, connections, ipam, terminations) = s.with_node(|n| {
+            (
+                n.ipam().is_ready(),
+                n.peers_view(),
+                n.connections_view(),
+                n.ipam_view(),
+                n.terminations(),
+            )
+        });
+        assemble::report(Sources {
+            ready,
+            router: RouterFacts {
+                name: s.name.clone(),
+                nickname: s.cfg.nickname.clone(),
+                port: s.cfg.port,
+                data_port: s.cfg.data_port,
+                interface: weft_contract::TUN_NAME.to_string(),
+                mtu: s.mtu,
+                overlay_address: *lock(&s.overlay),
+                targets: s.mesh.source_targets(),
+            },
+            peers,
+            connections,
+            pending_targets: s.mesh.pending_targets(),
+            terminations,
+            ipam,
+            pending_allocates: s.pending_allocates.load(Ordering::Relaxed),
+            bad_requests: s.bad_requests.load(Ordering::Relaxed),
+            datapath: s.backend.view(),
+        })
+    }
+
+    async fn allocate(
+        &self,
+        container_id: ContainerId,
+        wait: Duration,
+    ) -> Result<Ipv4Net, IpApiError> {
+        let id = container_id.as_str();
+        self.ipam_op(id, wait, |n| n.allocate(id)).await
+    }
+
+    async fn allocate_in(
+        &self,
+        container_id: ContainerId,
+        subnet: Ipv4Net,
+        wait: Duration,
+    ) -> Result<Ipv4Net, IpApiError> {
+        let id = container_id.as_str();
+        self.ipam_op(id, wait, |n| n.allocate_in(id, subnet)).await
+    }
+
+    async fn claim(
+        &self,
+        container_id: ContainerId,
+        addr: Ipv4Addr,
+        wait: Duration,
+    ) -> Result<Ipv4Net, IpApiError> {
+        let id = container_id.as_str();
+        self.ipam_op(id, wait, |n| {
+            let (r, fx) = n.claim(id, addr);
+            (r.map(|()| addr), fx)
+        })
+        .await
+    }
+
+    fn lookup(&self, container_id: &ContainerId) -> Result<Option<Ipv4Net>, IpApiError> {
+        let prefix = self.0.cfg.range.prefix_len();
+        Ok(self
+            .0
+            .with_node(|n| n.ipam().lookup(container_id.as_str()))
+            .map(|a| Ipv4Net::new(a, prefix).expect("valid prefix")))
+    }
+
+    fn count_bad_request(&self) {
+        self.0.bad_requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn rmpeer(&self, peer_name: &str) -> Result<u64, IpApiError> {
+        let name = PeerName::parse(peer_name).map_err(|e| IpApiError::BadRequest(e.to_string()))?;
+        let (r, saved) = self.0.request(|n| n.rmpeer(&name));
+        let taken = r.map_err(map_ipam_error)?;
+        saved
+            .wait()
+            .await
+            .map_err(|e| IpApiError::Internal(format!("took over, but not saved: {e}")))?;
+        Ok(taken)
+    }
+
+    async fn free(&self, container_id: &ContainerId) -> Result<Option<Ipv4Addr>, IpApiError> {
+        let (r, saved) = self.0.request(|n| n.free(container_id.as_str()));
+        saved
+            .wait()
+            .await
+            .map_err(|e| IpApiError::Internal(format!("freed, but not saved: {e}")))?;
+        Ok(r)
+    }
+}

@@ -1,0 +1,434 @@
+//! Control connections: accepting, dialling, one task per connection, and the tick.
+//!
+//! Every target (from a peer source, or discovered through gossip) has one dialer: a task
+//! that keeps one outbound connection to it alive, dialling again after a failure with
+//! jittered exponential backoff, in a state the report shows. Removing a target (a peer
+//! source dropped it) cancels its dialer, which closes its connection.
+
+use super::{lock, Shared};
+use crate::api::assemble::{PendingState, PendingTarget};
+use crate::config::PeerTarget;
+use crate::core::mesh::message::Message;
+use crate::core::mesh::ConnId;
+use crate::io::control::{tune, FrameReader, FrameWriter};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+pub(crate) const TICK: Duration = Duration::from_secs(5);
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// While a target is reached through the peer's own connection to us, how often the
+/// dialer checks that this is still so.
+const INBOUND_RECHECK: Duration = Duration::from_secs(2);
+
+pub(crate) enum ConnCmd {
+    Send(Message),
+    Close(String),
+}
+
+/// Where a target came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// A peer source (the command line, the Kubernetes API): it may remove the target.
+    Source,
+    /// Named in a peer's gossip.
+    Gossip,
+}
+
+/// What a dialer is doing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum DialState {
+    Connecting,
+    /// The last attempt failed for this reason; the next follows after a backoff.
+    Retrying(String),
+    /// Our own connection to it is up.
+    Established(ConnId),
+    /// The peer's connection to us serves; no second one is needed.
+    ViaInbound,
+    /// The target turned out to be this node: never dialled again.
+    IsSelf,
+}
+
+struct Dialer {
+    origin: Origin,
+    state: DialState,
+    cancel: watch::Sender<bool>,
+}
+
+struct ConnHandle {
+    tx: mpsc::UnboundedSender<ConnCmd>,
+    /// The target an outbound connection was dialled for.
+    target: Option<String>,
+}
+
+#[derive(Default)]
+pub(crate) struct Mesh {
+    conns: Mutex<HashMap<ConnId, ConnHandle>>,
+    dialers: Mutex<BTreeMap<String, Dialer>>,
+    next_conn: AtomicU64,
+}
+
+impl Mesh {
+    pub(crate) fn send(&self, id: ConnId, msg: Message) {
+        if let Some(c) = lock(&self.conns).get(&id) {
+            let _ = c.tx.send(ConnCmd::Send(msg));
+        }
+    }
+
+    pub(crate) fn close(&self, id: ConnId, why: String) {
+        if let Some(c) = lock(&self.conns).get(&id) {
+            let _ = c.tx.send(ConnCmd::Close(why));
+        }
+    }
+
+    pub(crate) fn close_all(&self, why: &str) {
+        for c in lock(&self.conns).values() {
+            let _ = c.tx.send(ConnCmd::Close(why.to_string()));
+        }
+    }
+
+    /// Connection `id` leads back to this process: its target is never dialled again.
+    /// Returns whether a target was marked (the node then stops counting it).
+    pub(crate) fn target_is_self(&self, id: ConnId) -> bool {
+        let Some(target) = lock(&self.conns).get(&id).and_then(|c| c.target.clone()) else {
+            return false;
+        };
+        let mut dialers = lock(&self.dialers);
+        match dialers.get_mut(&target) {
+            Some(d) if d.state != DialState::IsSelf => {
+                info!("target {target} is this node itself: not dialling it again");
+                d.state = DialState::IsSelf;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn set_state(&self, target: &str, state: DialState) {
+        if let Some(d) = lock(&self.dialers).get_mut(target) {
+            if d.state != DialState::IsSelf {
+                d.state = state;
+            }
+        }
+    }
+
+    fn state(&self, target: &str) -> Option<DialState> {
+        lock(&self.dialers).get(target).map(|d| d.state.clone())
+    }
+
+    /// The targets from peer sources, for the report.
+    pub(crate) fn source_targets(&self) -> Vec<String> {
+        lock(&self.dialers)
+            .iter()
+            .filter(|(_, d)| d.origin == Origin::Source)
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+
+    /// Targets without an established connection of their own, for the report.
+    pub(crate) fn pending_targets(&self) -> Vec<PendingTarget> {
+        lock(&self.dialers)
+            .iter()
+            .filter_map(|(t, d)| {
+                let state = match &d.state {
+                    DialState::Connecting => PendingState::Connecting,
+                    DialState::Retrying(why) => PendingState::Retrying(why.clone()),
+                    _ => return None,
+                };
+                Some(PendingTarget {
+                    target: t.clone(),
+                    state,
+                })
+            })
+            .collect()
+    }
+
+    /// A connection whose commands the test reads, as a connection task would.
+    #[cfg(test)]
+    pub(crate) fn register_for_test(&self, id: ConnId) -> mpsc::UnboundedReceiver<ConnCmd> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.conns).insert(id, ConnHandle { tx, target: None });
+        rx
+    }
+
+    fn next_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// Makes the source targets exactly `targets`: dials the new ones, cancels the dialers
+/// of those no longer listed. Targets discovered through gossip are left alone.
+pub(crate) fn set_targets(shared: &Arc<Shared>, targets: Vec<PeerTarget>) {
+    let wanted: BTreeMap<String, PeerTarget> =
+        targets.into_iter().map(|t| (t.to_string(), t)).collect();
+    let mut removed = Vec::new();
+    {
+        let mut dialers = lock(&shared.mesh.dialers);
+        dialers.retain(|key, d| {
+            let keep = d.origin != Origin::Source || wanted.contains_key(key);
+            if !keep {
+                let _ = d.cancel.send(true);
+                removed.push(key.clone());
+            }
+            keep
+        });
+        // A gossiped target that a source now names belongs to the source.
+        for key in wanted.keys() {
+            if let Some(d) = dialers.get_mut(key) {
+                d.origin = Origin::Source;
+            }
+        }
+    }
+    for key in removed {
+        info!("peer {key} removed: no longer dialling it");
+    }
+    for (_, t) in wanted {
+        spawn_dialer(shared, t, Origin::Source);
+    }
+}
+
+/// Gossip named a peer we are not connected to.
+pub(crate) fn dial_discovered(shared: &Arc<Shared>, addr: SocketAddrV4) {
+    let target = PeerTarget {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+    };
+    if !lock(&shared.mesh.dialers).contains_key(&target.to_string()) {
+        info!("discovered peer at {target}: connecting");
+        spawn_dialer(shared, target, Origin::Gossip);
+    }
+}
+
+fn spawn_dialer(shared: &Arc<Shared>, target: PeerTarget, origin: Origin) {
+    let key = target.to_string();
+    let (cancel, cancelled) = watch::channel(false);
+    {
+        let mut dialers = lock(&shared.mesh.dialers);
+        if dialers.contains_key(&key) {
+            return;
+        }
+        dialers.insert(
+            key,
+            Dialer {
+                origin,
+                state: DialState::Connecting,
+                cancel,
+            },
+        );
+    }
+    tokio::spawn(dial_loop(shared.clone(), target, cancelled));
+}
+
+pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, remote)) => {
+                if let Err(e) = tune(&stream) {
+                    warn!("control connection {remote}: cannot set socket options: {e}");
+                }
+                tokio::spawn(run_connection(shared.clone(), stream, remote, None, None));
+            }
+            Err(e) => {
+                warn!("accepting control connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+async fn cancelled(rx: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone: the dialer was removed, which also cancels.
+    let _ = rx.wait_for(|c| *c).await;
+}
+
+/// Like [`cancelled`]; never completes without a dialer (inbound connections).
+async fn until_cancelled(cancel: &mut Option<watch::Receiver<bool>>) {
+    match cancel {
+        Some(rx) => cancelled(rx).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Keeps one outbound connection to `target` alive until cancelled: dials, and after a
+/// failure or a dropped connection dials again with exponential backoff (1 s doubling to
+/// 30 s, with jitter so that a whole cluster restarting does not dial in lockstep).
+async fn dial_loop(shared: Arc<Shared>, target: PeerTarget, mut cancel: watch::Receiver<bool>) {
+    let key = target.to_string();
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        if *cancel.borrow()
+            || shared
+                .mesh
+                .state(&key)
+                .is_none_or(|s| s == DialState::IsSelf)
+        {
+            return;
+        }
+        let resolved = tokio::select! {
+            r = tokio::net::lookup_host((target.host.as_str(), target.port)) => r.ok(),
+            _ = cancelled(&mut cancel) => return,
+        }
+        .and_then(|mut it| it.find(|a| a.is_ipv4()));
+        let Some(addr) = resolved else {
+            shared.mesh.set_state(
+                &key,
+                DialState::Retrying(format!("cannot resolve {}", target.host)),
+            );
+            if !sleep_backoff(&mut backoff, &mut cancel).await {
+                return;
+            }
+            continue;
+        };
+        if let SocketAddr::V4(v4) = addr {
+            lock(&shared.node).note_target(v4);
+            // The peer dialled us first (or we reached it through another target): one
+            // connection per pair is enough.
+            if shared.with_node(|n| n.is_connected_to_ip(*v4.ip())) {
+                shared.mesh.set_state(&key, DialState::ViaInbound);
+                tokio::select! {
+                    _ = tokio::time::sleep(INBOUND_RECHECK) => {}
+                    _ = cancelled(&mut cancel) => return,
+                }
+                continue;
+            }
+        }
+        shared.mesh.set_state(&key, DialState::Connecting);
+        let connect = tokio::select! {
+            r = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)) => r,
+            _ = cancelled(&mut cancel) => return,
+        };
+        let why = match connect {
+            Ok(Ok(stream)) => {
+                if let Err(e) = tune(&stream) {
+                    warn!("control connection {addr}: cannot set socket options: {e}");
+                }
+                let established = run_connection(
+                    shared.clone(),
+                    stream,
+                    addr,
+                    Some(key.clone()),
+                    Some(cancel.clone()),
+                )
+                .await;
+                if *cancel.borrow() {
+                    return;
+                }
+                if established {
+                    backoff = Duration::from_secs(1);
+                }
+                if let SocketAddr::V4(v4) = addr {
+                    // Closed as the duplicate of the peer's own connection to us: not a
+                    // failure, nothing to retry.
+                    if shared.with_node(|n| n.is_connected_to_ip(*v4.ip())) {
+                        continue;
+                    }
+                }
+                "connection closed".to_string()
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {DIAL_TIMEOUT:?}"),
+        };
+        shared.mesh.set_state(&key, DialState::Retrying(why));
+        if !sleep_backoff(&mut backoff, &mut cancel).await {
+            return;
+        }
+    }
+}
+
+/// Sleeps for the backoff (plus jitter) and doubles it; false if cancelled meanwhile.
+async fn sleep_backoff(backoff: &mut Duration, cancel: &mut watch::Receiver<bool>) -> bool {
+    let jitter = Duration::from_millis(rand::random::<u64>() % 500);
+    let wait = *backoff + jitter;
+    *backoff = (*backoff * 2).min(MAX_BACKOFF);
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => true,
+        _ = cancelled(cancel) => false,
+    }
+}
+
+/// Drives one control connection until it closes (or its dialer is cancelled). Returns
+/// whether it got past the handshake. Generic over the byte stream, so that a handshake
+/// and cipher layer can wrap the TCP stream.
+async fn run_connection<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    remote: SocketAddr,
+    target: Option<String>,
+    cancel: Option<watch::Receiver<bool>>,
+) -> bool
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let outbound = target.is_some();
+    let id = shared.mesh.next_id();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    lock(&shared.mesh.conns).insert(
+        id,
+        ConnHandle {
+            tx,
+            target: target.clone(),
+        },
+    );
+    let (read_half, write_half) = tokio::io::split(stream);
+    let mut reader = FrameReader::new(read_half);
+    let mut writer = FrameWriter::new(write_half);
+    let mut writer_task = tokio::spawn(async move {
+        while let Some(cmd) = rx.recv().await {
+            match cmd {
+                ConnCmd::Send(m) => {
+                    if let Err(e) = writer.send(&m).await {
+                        return format!("write failed: {e}");
+                    }
+                }
+                ConnCmd::Close(why) => {
+                    writer.shutdown().await;
+                    return why;
+                }
+            }
+        }
+        "closed".to_string()
+    });
+    shared.event(|n| n.on_connected(id, remote, outbound));
+
+    let mut cancel = cancel;
+    let mut established = false;
+    let reason = loop {
+        tokio::select! {
+            msg = reader.next() => match msg {
+                Ok(m) => {
+                    shared.event(|n| n.on_message(id, m));
+                    if !established && shared.with_node(|n| n.is_established(id)) {
+                        established = true;
+                        if let Some(t) = &target {
+                            shared.mesh.set_state(t, DialState::Established(id));
+                        }
+                    }
+                }
+                Err(e) => break e.to_string(),
+            },
+            why = &mut writer_task => {
+                break why.unwrap_or_else(|e| format!("writer failed: {e}"));
+            }
+            _ = until_cancelled(&mut cancel) => break "peer removed".to_string(),
+        }
+    };
+    writer_task.abort();
+    lock(&shared.mesh.conns).remove(&id);
+    shared.event(|n| n.on_closed(id, &reason));
+    established
+}
+
+pub(crate) async fn tick_loop(shared: Arc<Shared>) {
+    let mut interval = tokio::time::interval(TICK);
+    loop {
+        interval.tick().await;
+        shared.event(|n| n.on_tick());
+    }
+}

@@ -1,0 +1,334 @@
+//! Start-up: the state from disk and the peer name first (before any task exists), then
+//! the overlay interface and the data path, the ports, the re-claim of running pods'
+//! addresses, and the tasks that run until a signal stops the router.
+
+use super::control::RouterControl;
+use super::effects::{self, StateStore};
+use super::mesh::{self, Mesh};
+use super::peers::{self, StaticPeers};
+use super::{lock, Shared};
+use crate::config::{RouterConfig, TUN_NAME};
+use crate::core::ipam::paxos::Acceptor;
+use crate::core::ipam::{Ipam, IpamError};
+use crate::core::mesh::{Node, NodeConfig, PeerName};
+use crate::core::persist::PersistedState;
+use crate::core::wire::ENCAP_OVERHEAD_IPV4;
+use crate::datapath::userspace::{UserspaceBackend, WorkerConfig};
+use crate::io::netlink::Netlink;
+use crate::io::store::{Store, StoreError};
+use ipnet::Ipv4Net;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{error, info, warn};
+use weft_contract::EXPOSE_ID;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("state store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Identity(String),
+    #[error("IPAM state: {0}")]
+    Ipam(#[from] IpamError),
+    #[error("cannot create TUN device {TUN_NAME}: {0}")]
+    Tun(String),
+    #[error("netlink: {0}")]
+    Netlink(#[from] crate::io::netlink::NetlinkError),
+    #[error("{0}")]
+    Sysctl(#[from] crate::io::sysctl::SysctlError),
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the router until SIGTERM or SIGINT.
+pub fn run(cfg: RouterConfig) -> Result<(), RouterError> {
+    // The state and the name come first, synchronously: nothing else may start on a state
+    // that cannot be read, and the name must be on disk before it is used anywhere.
+    let store = Store::open(&cfg.db_dir)?;
+    let persisted = store.load()?;
+    let name = choose_name(&cfg, persisted.as_ref())?;
+    let name_is_stored = persisted.as_ref().and_then(|p| p.peer_name.as_ref()) == Some(&name);
+    let (ipam, acceptor) = match persisted {
+        Some(p) => {
+            let ipam = Ipam::restore(name.clone(), cfg.range, p.ipam_state())?;
+            info!(
+                "restored state from {}: {} allocations",
+                cfg.db_dir.display(),
+                ipam.active_count()
+            );
+            (ipam, p.acceptor().clone())
+        }
+        None => (Ipam::new(name.clone(), cfg.range), Acceptor::default()),
+    };
+    if !name_is_stored {
+        // A random name (no machine id) must survive the next restart even if nothing
+        // else was stored yet.
+        store.save(&PersistedState::new(
+            Some(name.clone()),
+            ipam.state(),
+            acceptor.clone(),
+        ))?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("weft-control")
+        .build()?;
+    rt.block_on(run_async(cfg, store, name, ipam, acceptor))
+}
+
+fn choose_name(
+    cfg: &RouterConfig,
+    persisted: Option<&PersistedState>,
+) -> Result<PeerName, RouterError> {
+    let stored = persisted.and_then(|p| p.peer_name.clone());
+    let holds_state = persisted.is_some_and(PersistedState::holds_addresses);
+    if let Some(given) = &cfg.name {
+        let name = PeerName::parse(given).map_err(|e| RouterError::Identity(e.to_string()))?;
+        if let (Some(old), true) = (&stored, holds_state) {
+            if old != &name {
+                return Err(RouterError::Identity(format!(
+                    "the state in {} belongs to peer {old}, but --name is {name}: addresses recorded there would be lost; start with --name {old}, or move the state away if this is a new node",
+                    cfg.db_dir.display()
+                )));
+            }
+        }
+        return Ok(name);
+    }
+    if let Some(old) = stored {
+        return Ok(old);
+    }
+    if let Ok(id) = std::fs::read_to_string("/etc/machine-id") {
+        if !id.trim().is_empty() {
+            return Ok(PeerName::from_machine_id(&id));
+        }
+    }
+    Ok(PeerName::from_bytes(rand::random()))
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, RouterError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RouterError::Bind {
+            what,
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+async fn run_async(
+    cfg: RouterConfig,
+    store: Store,
+    name: PeerName,
+    ipam: Ipam,
+    acceptor: Acceptor,
+) -> Result<(), RouterError> {
+    info!(
+        "weft {} starting: name {name}({}), range {}, peers {:?}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.nickname,
+        cfg.range,
+        cfg.peers.iter().map(|p| p.to_string()).collect::<Vec<_>>()
+    );
+
+    let netlink = Netlink::open()?;
+    let peer_ips: Vec<Ipv4Addr> = cfg
+        .peers
+        .iter()
+        .filter_map(|p| p.host.parse().ok())
+        .collect();
+    let mtu = match cfg.mtu {
+        Some(m) => m,
+        None => {
+            let underlay = netlink.underlay_mtu(&peer_ips).await?.unwrap_or(1500);
+            underlay.saturating_sub(ENCAP_OVERHEAD_IPV4).max(576)
+        }
+    };
+    crate::io::sysctl::enable_ip_forward()?;
+    let tun = crate::io::tun::create(TUN_NAME, mtu).map_err(|e| RouterError::Tun(e.to_string()))?;
+    crate::io::sysctl::configure_overlay_link(TUN_NAME)?;
+    netlink.set_link_up_mtu(TUN_NAME, mtu).await?;
+    info!("overlay interface {TUN_NAME} up, mtu {mtu}");
+
+    let data_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.data_port));
+    let socket = crate::io::udp::bind(data_addr).map_err(|source| RouterError::Bind {
+        what: "data port (udp)",
+        addr: data_addr.to_string(),
+        source,
+    })?;
+    let backend = UserspaceBackend::start(
+        tun,
+        socket,
+        name.clone(),
+        crate::core::wire::WEFT_VNI,
+        &WorkerConfig::from_env(),
+    )?;
+
+    let node = Node::new(
+        NodeConfig {
+            name: name.clone(),
+            nickname: cfg.nickname.clone(),
+            uid: rand::random(),
+            control_port: cfg.port,
+            data_port: cfg.data_port,
+            range: cfg.range,
+            init: cfg.init.clone(),
+        },
+        ipam,
+        acceptor,
+    );
+    let control_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.port));
+    let listener = bind("control port (tcp)", control_addr).await?;
+    let api_listener = bind("HTTP API", cfg.http_addr).await?;
+    let metrics_listener = bind("metrics", cfg.metrics_addr).await?;
+
+    let (jobs, job_queue) = mpsc::unbounded_channel();
+    let (ready, _) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        name,
+        mtu,
+        node: Mutex::new(node),
+        jobs,
+        backend: Arc::new(backend),
+        mesh: Mesh::default(),
+        ready,
+        overlay: Mutex::new(None),
+        overlay_wanted: Notify::new(),
+        pending_allocates: AtomicU64::new(0),
+        bad_requests: AtomicU64::new(0),
+    });
+    let store: Arc<dyn StateStore> = Arc::new(store);
+    tokio::spawn(effects::interpret(shared.clone(), store, job_queue));
+
+    // Before anything can allocate: addresses that running pods hold are not free.
+    reclaim_pod_addresses(&shared, &netlink).await;
+    shared.event(|n| n.start());
+
+    tokio::spawn(overlay_address_task(shared.clone(), netlink));
+    tokio::spawn(mesh::accept_loop(shared.clone(), listener));
+    tokio::spawn(peers::follow(
+        shared.clone(),
+        StaticPeers::new(cfg.peers.clone()),
+    ));
+    tokio::spawn(mesh::tick_loop(shared.clone()));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let api = crate::api::http::api_router(Arc::new(RouterControl(shared.clone())));
+    let metrics = crate::api::http::metrics_router(Arc::new(RouterControl(shared.clone())));
+    let mut s1 = stop_rx.clone();
+    let mut s2 = stop_rx;
+    let api_task = tokio::spawn(crate::api::http::serve(api_listener, api, async move {
+        let _ = s1.changed().await;
+    }));
+    let metrics_task = tokio::spawn(crate::api::http::serve(
+        metrics_listener,
+        metrics,
+        async move {
+            let _ = s2.changed().await;
+        },
+    ));
+    info!(
+        "listening: control tcp {control_addr}, data udp {data_addr}, http {}, metrics {}",
+        cfg.http_addr, cfg.metrics_addr
+    );
+
+    wait_for_signal().await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    shared.mesh.close_all("router shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = api_task.await;
+        let _ = metrics_task.await;
+    })
+    .await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot watch SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Allocates the node's own overlay address once IPAM is ready and puts it on the TUN, so
+/// that `ip route` shows `192.168.0.0/16 dev weave ... src <it>` and pods have a gateway.
+async fn overlay_address_task(shared: Arc<Shared>, netlink: Netlink) {
+    let mut ready = shared.ready.subscribe();
+    loop {
+        if !*ready.borrow() {
+            if ready.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let (r, saved) = shared.request(|n| n.allocate(EXPOSE_ID));
+        match (r, saved.wait().await) {
+            (Ok(addr), Ok(())) => {
+                let net = Ipv4Net::new(addr, shared.cfg.range.prefix_len())
+                    .expect("prefix length comes from a valid network");
+                match netlink.set_only_address(TUN_NAME, net).await {
+                    Ok(()) => {
+                        info!("overlay address {net} on {TUN_NAME}");
+                        *lock(&shared.overlay) = Some(net);
+                        return;
+                    }
+                    Err(e) => error!("cannot put {net} on {TUN_NAME}: {e}; retrying"),
+                }
+            }
+            (Err(e), _) => warn!("no overlay address for this node yet: {e}; retrying"),
+            (_, Err(e)) => error!("cannot save the overlay address: {e}; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+            _ = shared.overlay_wanted.notified() => {}
+        }
+    }
+}
+
+/// Re-claims the addresses that local pods still hold (found on their veths) for their
+/// containers: after a restart from lost or older state, none of them may be handed out
+/// again. Without a ring yet they stay pending (and are never handed out) until it comes.
+async fn reclaim_pod_addresses(shared: &Arc<Shared>, netlink: &Netlink) {
+    let found = match netlink.pod_addresses().await {
+        Ok(f) => f,
+        Err(e) => {
+            error!("cannot list local pod interfaces to re-claim their addresses: {e}");
+            return;
+        }
+    };
+    if found.is_empty() {
+        return;
+    }
+    let n = found.len();
+    let (r, saved) = shared.request(|node| node.reclaim(found));
+    info!(
+        "local pods hold {n} addresses: {} confirmed or re-claimed, {} pending until the ring arrives, {} conflicting",
+        r.claimed.len(),
+        r.pending,
+        r.conflicts.len()
+    );
+    if let Err(e) = saved.wait().await {
+        error!("re-claimed pod addresses but cannot save them: {e}");
+    }
+}
