@@ -1,17 +1,17 @@
-//! Per-packet and per-super-packet costs of the data path's pure parts.
+//! Per-packet and per-super-packet costs of the data path's pure parts: the planners the
+//! forwarding workers run, the checksum, the route lookup.
 //!
 //! `cargo bench --bench datapath` (criterion). The end-to-end benchmark with real
 //! namespaces, iperf3 and kernel VXLAN for comparison is `benches/iperf.sh`.
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
-use weft::core::mesh::peer::PeerName;
+use weft::core::datapath::{Identity, RxPlan, TxOutcome, TxPlan};
+use weft::core::mesh::PeerName;
 use weft::core::route::{PeerCounters, PeerRoute, RouteTable};
-use weft::core::wire::gro::Gro;
-use weft::core::wire::gso::{self, Arena};
 use weft::core::wire::virtio::{self, VnetHdr};
-use weft::core::wire::{self, csum, ipv4, VXLAN_OVERHEAD_INNER, WEFT_VNI};
+use weft::core::wire::{self, csum, icmp, ipv4, VXLAN_OVERHEAD_INNER, WEFT_VNI};
 
 const MTU: usize = 1450;
 const MSS: usize = MTU - 20 - 32;
@@ -66,52 +66,66 @@ fn per_packet(c: &mut Criterion) {
     g.finish();
 }
 
-/// The transmit path's work on one 64 KiB TSO read: split into MSS segments with
-/// checksums, VXLAN headers in front (payload left in place for scatter-gather send).
+/// Node 1 owns 192.168.0.0/17 and node 2 (at 10.77.0.2:6784) 192.168.128.0/17; `local`
+/// is the table's own node.
+fn two_node_table(local: u8) -> RouteTable {
+    let name = |i: u8| PeerName::from_bytes([2, 0x77, 0x66, 0, 0, i]);
+    let peer = |i: u8| PeerRoute {
+        name: name(i),
+        nickname: format!("n{i}"),
+        data_addr: Some(SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, i), 6784)),
+        mac: name(i).mac(),
+        counters: Arc::new(PeerCounters::default()),
+    };
+    let ip = |s: &str| u32::from(s.parse::<Ipv4Addr>().unwrap());
+    RouteTable::new(
+        name(local),
+        name(local).mac(),
+        &[
+            (ip("192.168.0.0"), ip("192.168.127.255"), name(1)),
+            (ip("192.168.128.0"), ip("192.168.255.255"), name(2)),
+        ],
+        vec![peer(1), peer(2)],
+    )
+}
+
+/// What the workers run per 64 KiB of TCP: the transmit planner on one TSO read (route,
+/// split into MSS segments with checksums, VXLAN headers, GSO grouping; payload left in
+/// place for the scatter-gather send), and the receive planner on one GRO read of the
+/// same data (source check, 46 datagrams decapsulated and coalesced).
 fn super_packet(c: &mut Criterion) {
     let mut g = c.benchmark_group("super_packet_64k");
     let segments = 46;
     let payload = segments * MSS;
     let total = 52 + payload;
     g.throughput(Throughput::Bytes(payload as u64));
-    let mut pkt = tcp_packet(payload, 1);
-    // As the kernel hands it over: total length of the super-packet, partial checksum.
-    pkt[2..4].copy_from_slice(&(total.min(65_535) as u16).to_be_bytes());
-    let vnet = VnetHdr {
+    let mut read = vec![0u8; virtio::LEN];
+    VnetHdr {
         flags: virtio::F_NEEDS_CSUM,
         gso_type: virtio::GSO_TCPV4,
         hdr_len: 52,
         gso_size: MSS as u16,
         csum_start: 20,
         csum_offset: 16,
-    };
-    let template = wire::encap::header(WEFT_VNI, SRC_MAC, DST_MAC).unwrap();
-    let mut arena = Arena::new(64 * 256);
-    let mut out = Vec::with_capacity(64);
-    g.bench_function("split_encap", |b| {
+    }
+    .emit((&mut read[..]).try_into().unwrap());
+    let mut pkt = tcp_packet(payload, 1);
+    // As the kernel hands it over: total length of the super-packet, partial checksum.
+    pkt[2..4].copy_from_slice(&(total.min(65_535) as u16).to_be_bytes());
+    read.extend_from_slice(&pkt);
+    let sender = two_node_table(1);
+    let mut tx: TxPlan<Identity> = TxPlan::new(1024, true, MTU, WEFT_VNI);
+    let mut icmp = [0u8; icmp::MAX_LEN];
+    g.bench_function("tx_plan", |b| {
         b.iter(|| {
-            arena.reset();
-            out.clear();
-            let s = gso::split(
-                &vnet,
-                &mut pkt,
-                &mut arena,
-                VXLAN_OVERHEAD_INNER,
-                &mut out,
-                64,
-            )
-            .unwrap();
-            for seg in &out {
-                arena
-                    .get_mut(seg.hdr.start..seg.hdr.start + VXLAN_OVERHEAD_INNER)
-                    .copy_from_slice(&template);
-            }
-            s
+            tx.clear();
+            let o = tx.push(&sender, 0, black_box(&mut read), &mut icmp);
+            assert_eq!(o, TxOutcome::Queued(segments));
         })
     });
 
-    // The receive path's work on one GRO read of the same data: 46 datagrams back to
-    // back, each decapsulated and offered to the coalescer, then the headers finished.
+    // The same data as it arrives: 46 datagrams back to back in one GRO message.
+    let template = wire::encap::header(WEFT_VNI, SRC_MAC, DST_MAC).unwrap();
     let mut gro_buf = Vec::new();
     let mut stride = 0;
     for i in 0..segments {
@@ -121,17 +135,15 @@ fn super_packet(c: &mut Criterion) {
         stride = d.len();
         gro_buf.extend_from_slice(&d);
     }
-    let mut gro: Gro<usize> = Gro::with_capacity(256);
-    g.bench_function("decap_coalesce", |b| {
+    let receiver = two_node_table(2);
+    let from = Some(SocketAddr::from(([10, 77, 0, 1], 6784)));
+    let mut rx = RxPlan::new(1024, true, WEFT_VNI);
+    g.bench_function("rx_plan", |b| {
         b.iter(|| {
-            gro.clear();
-            for at in (0..gro_buf.len()).step_by(stride) {
-                let d = &gro_buf[at..at + stride];
-                let dec = wire::decapsulate(d, WEFT_VNI).unwrap();
-                gro.push(at + dec.inner_ip.start, &d[dec.inner_ip]);
-            }
-            gro.finish();
-            assert_eq!(gro.len(), 1);
+            rx.clear();
+            rx.ingest(&receiver, &mut Identity, 0, from, stride, &mut gro_buf);
+            rx.finish();
+            assert_eq!(rx.len(), 1);
         })
     });
     let data = vec![0x5au8; 65_536];

@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 /// Current format version written by [`encode`]. Version 2 added the ring's peer records
 /// (tombstones, incarnations), entry eras, this peer's incarnation and its Paxos acceptor
 /// state; all default when absent, so version 1 files load unchanged.
-pub const FORMAT_VERSION: u32 = 2;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
 /// Everything a node must find again after a restart.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -67,7 +67,7 @@ impl PersistedState {
     }
 
     /// Whether the file records a ring or allocations (losing it would lose addresses).
-    pub fn holds_addresses(&self) -> bool {
+    pub(crate) fn holds_addresses(&self) -> bool {
         self.ipam.ring.is_some() || !self.ipam.allocations.is_empty()
     }
 }

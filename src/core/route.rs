@@ -23,7 +23,8 @@ pub struct PeerCounters {
 }
 
 impl PeerCounters {
-    pub fn count_tx(&self, bytes: usize) {
+    #[cfg(test)]
+    pub(crate) fn count_tx(&self, bytes: usize) {
         self.tx_packets.fetch_add(1, Ordering::Relaxed);
         self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
@@ -182,7 +183,7 @@ impl RouteTable {
     }
 
     /// The inner Ethernet source address of datagrams this node sends.
-    pub fn local_mac(&self) -> [u8; 6] {
+    pub(crate) fn local_mac(&self) -> [u8; 6] {
         self.local_mac
     }
 
@@ -192,7 +193,7 @@ impl RouteTable {
 
     /// Like [`RouteTable::lookup`], with the index of the owner in [`RouteTable::peers`]
     /// when it is listed there.
-    pub fn lookup_indexed(&self, dst: Ipv4Addr) -> (Option<usize>, Lookup<'_>) {
+    pub(crate) fn lookup_indexed(&self, dst: Ipv4Addr) -> (Option<usize>, Lookup<'_>) {
         let a = u32::from(dst);
         // Index of the first range starting after `a`; the candidate is the one before.
         let i = self.ranges.partition_point(|r| r.first <= a);
@@ -212,13 +213,13 @@ impl RouteTable {
     }
 
     /// Whether `dst` lies in one of this node's own ranges.
-    pub fn is_local(&self, dst: Ipv4Addr) -> bool {
+    pub(crate) fn is_local(&self, dst: Ipv4Addr) -> bool {
         matches!(self.lookup(dst), Lookup::Local)
     }
 
     /// The peer whose data address has this underlay IP (the first by port if several
     /// share it). Datagrams from any other source are not accepted.
-    pub fn peer_by_source(&self, src: Ipv4Addr) -> Option<&PeerRoute> {
+    pub(crate) fn peer_by_source(&self, src: Ipv4Addr) -> Option<&PeerRoute> {
         let ip = u32::from(src);
         let i = self.by_source.partition_point(|e| e.0 < ip);
         self.by_source
@@ -230,7 +231,7 @@ impl RouteTable {
     /// Like [`RouteTable::peer_by_source`], but prefers the peer whose data address is
     /// exactly `src`, so that peers sharing one IP (several nodes on one host, each with
     /// its own port) are told apart.
-    pub fn peer_by_endpoint(&self, src: SocketAddrV4) -> Option<&PeerRoute> {
+    pub(crate) fn peer_by_endpoint(&self, src: SocketAddrV4) -> Option<&PeerRoute> {
         let key = (u32::from(*src.ip()), src.port());
         let i = self.by_source.partition_point(|e| (e.0, e.1) < key);
         match self.by_source.get(i) {

@@ -74,7 +74,7 @@ impl DropReason {
         DropReason::RxBufferFull,
         DropReason::Unauthenticated,
     ];
-    pub const COUNT: usize = Self::ALL.len();
+    pub(crate) const COUNT: usize = Self::ALL.len();
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -17,7 +17,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::Ordering;
 
 /// Where an inner packet lies: receive buffer index and offset in it.
-pub type InnerRef = (usize, usize);
+pub(crate) type InnerRef = (usize, usize);
 
 pub struct RxPlan {
     gro: Gro<InnerRef>,

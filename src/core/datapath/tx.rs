@@ -104,7 +104,7 @@ impl<T: Transform> TxPlan<T> {
     }
 
     /// From now on every datagram is its own message (the underlay refused a GSO send).
-    pub fn disable_gso(&mut self) {
+    pub(crate) fn disable_gso(&mut self) {
         self.per_message = 1;
     }
 
@@ -273,7 +273,7 @@ impl<T: Transform> TxPlan<T> {
     }
 
     /// The drops counted since the last call.
-    pub fn take_counts(&mut self) -> DropCounts {
+    pub(crate) fn take_counts(&mut self) -> DropCounts {
         self.counts.take()
     }
 }

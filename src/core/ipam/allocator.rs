@@ -185,7 +185,7 @@ impl Ipam {
     }
 
     /// `ring().map(Ring::digest)`, cached.
-    pub fn ring_digest(&self) -> Option<u64> {
+    pub(crate) fn ring_digest(&self) -> Option<u64> {
         let ring = self.ring.as_ref()?;
         if let Some(d) = self.digest.get() {
             return Some(d);
@@ -224,7 +224,7 @@ impl Ipam {
 
     /// Like `seed`, for a seed list this peer may not be part of (`seed=` mode, or a
     /// decided consensus value): every node computes the same ring from the same list.
-    pub fn seed_any(&mut self, peers: &[PeerName]) -> Result<bool, IpamError> {
+    pub(crate) fn seed_any(&mut self, peers: &[PeerName]) -> Result<bool, IpamError> {
         self.digest.set(None);
         if self.ring.is_some() {
             return Ok(false);
@@ -238,7 +238,7 @@ impl Ipam {
     /// Takes in a gossiped ring: adopted if we have none, merged otherwise. Refused if it
     /// would give away addresses we hold, unless the ring says this peer was removed: then
     /// its allocations are stale, dropped, and it comes back as a new incarnation.
-    pub fn merge_ring(&mut self, ring: &Ring) -> Result<MergeOutcome, IpamError> {
+    pub(crate) fn merge_ring(&mut self, ring: &Ring) -> Result<MergeOutcome, IpamError> {
         self.digest.set(None);
         if ring.range != self.range {
             return Err(IpamError::RangeMismatch {
@@ -376,7 +376,7 @@ impl Ipam {
     /// in the space this peer owns. `NotReady` when this peer has no free space there but
     /// other peers do (the caller asks them for some); `Exhausted` only when the ring has
     /// no free address in the subnet at all.
-    pub fn allocate_in(&mut self, id: &str, subnet: Ipv4Net) -> Result<Ipv4Addr, IpamError> {
+    pub(crate) fn allocate_in(&mut self, id: &str, subnet: Ipv4Net) -> Result<Ipv4Addr, IpamError> {
         self.digest.set(None);
         check_container_id(id)?;
         let subnet = subnet.trunc();
@@ -452,7 +452,7 @@ impl Ipam {
     /// if None), as the largest CIDR-aligned block of free addresses, highest first (this
     /// peer allocates lowest first, so the top of its space is the most likely to stay
     /// free). Returns the block given, None if there is nothing to give.
-    pub fn donate(
+    pub(crate) fn donate(
         &mut self,
         to: &PeerName,
         to_incarnation: u32,
@@ -596,7 +596,7 @@ impl Ipam {
     }
 
     /// Size of the whole range, network and broadcast included (Weave's RangeNumIPs).
-    pub fn max_ips(&self) -> u64 {
+    pub(crate) fn max_ips(&self) -> u64 {
         space::net_size(self.range)
     }
 

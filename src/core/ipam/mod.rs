@@ -3,7 +3,7 @@
 
 pub mod allocator;
 pub mod init;
-pub mod paxos;
+pub(crate) mod paxos;
 pub mod ring;
 pub mod space;
 

@@ -73,13 +73,13 @@ impl Acceptor {
     }
 
     /// The highest round this acceptor has seen.
-    pub fn max_round(&self) -> u64 {
+    pub(crate) fn max_round(&self) -> u64 {
         self.promised.as_ref().map_or(0, |b| b.round)
     }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Phase {
+pub(crate) enum Phase {
     Preparing,
     Accepting(Vec<PeerName>),
     Decided(Vec<PeerName>),
@@ -87,7 +87,7 @@ pub enum Phase {
 
 /// One proposer round.
 #[derive(Clone, Debug)]
-pub struct Proposal {
+pub(crate) struct Proposal {
     pub ballot: Ballot,
     pub quorum: usize,
     /// The proposer's own value, used if no acceptor reports an accepted one.
@@ -100,7 +100,7 @@ pub struct Proposal {
 
 /// What the proposer wants done next.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     Nothing,
     /// Phase 2a: ask the acceptors that promised to accept this value.
     SendAccept(Vec<PeerName>),

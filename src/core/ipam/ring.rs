@@ -212,7 +212,7 @@ impl Ring {
     }
 
     /// The addresses of entry `i`.
-    pub fn span_of(&self, i: usize) -> Span {
+    pub(crate) fn span_of(&self, i: usize) -> Span {
         let end = match self.entries.get(i + 1) {
             Some(next) => u64::from(next.start),
             None => Span::of_net(self.range).end,
@@ -422,7 +422,7 @@ impl Ring {
     /// peer any address of mine for which `holds(first, last)` says I have allocations.
     /// (Space of mine without allocations may legitimately change hands, e.g. a range I gave
     /// away before a restart from an older saved state.)
-    pub fn merge_as(
+    pub(crate) fn merge_as(
         &mut self,
         me: &PeerName,
         other: &Ring,
@@ -546,7 +546,7 @@ impl Ring {
     }
 
     /// The record of `peer` (incarnation 0 and alive if the ring has none).
-    pub fn record(&self, peer: &PeerName) -> PeerRecord {
+    pub(crate) fn record(&self, peer: &PeerName) -> PeerRecord {
         self.peers.get(peer).cloned().unwrap_or(PeerRecord {
             incarnation: 0,
             removed_by: None,
@@ -559,7 +559,7 @@ impl Ring {
 
     /// The live peer that inherits the entries of `peer`: its heir, or the heir's heir if
     /// that one was removed too. None for a live peer or a cycle of removed peers.
-    pub fn heir_of(&self, peer: &PeerName) -> Option<PeerName> {
+    pub(crate) fn heir_of(&self, peer: &PeerName) -> Option<PeerName> {
         let mut cur = self.peers.get(peer)?.removed_by.clone()?;
         for _ in 0..=self.peers.len() {
             match self.peers.get(&cur).and_then(|r| r.removed_by.clone()) {
@@ -610,7 +610,7 @@ impl Ring {
 
     /// `me` removes `dead`: its current incarnation is tombstoned with `me` as heir and
     /// `me` takes over its entries. Idempotent. Returns the number of addresses taken over.
-    pub fn remove_peer(&mut self, me: &PeerName, dead: &PeerName) -> Result<u64, RingError> {
+    pub(crate) fn remove_peer(&mut self, me: &PeerName, dead: &PeerName) -> Result<u64, RingError> {
         if me == dead {
             return Err(RingError::RemoveSelf(me.clone()));
         }
@@ -627,7 +627,7 @@ impl Ring {
 
     /// Takes over every entry whose owner is removed and whose heir resolves to `me`.
     /// Returns the number of addresses taken over.
-    pub fn adopt_orphans(&mut self, me: &PeerName) -> Result<u64, RingError> {
+    pub(crate) fn adopt_orphans(&mut self, me: &PeerName) -> Result<u64, RingError> {
         if self.peers.is_empty() {
             return Ok(0);
         }
@@ -652,7 +652,7 @@ impl Ring {
 
     /// `me` saw itself removed: every entry still in its name goes to its heir, and it
     /// comes back as `incarnation`, which must exceed the tombstoned one.
-    pub fn revive(&mut self, me: &PeerName, incarnation: u32) -> Result<(), RingError> {
+    pub(crate) fn revive(&mut self, me: &PeerName, incarnation: u32) -> Result<(), RingError> {
         if let Some(heir) = self.heir_of(me) {
             for i in 0..self.entries.len() {
                 if &self.entries[i].owner == me && self.entries[i].inc < incarnation {
@@ -673,7 +673,7 @@ impl Ring {
     /// Notes that `peer` told us it lives as `incarnation` (it wrote the same record
     /// in its own ring when it came back), so that space given to it is its new
     /// incarnation's.
-    pub fn note_alive(&mut self, peer: &PeerName, incarnation: u32) {
+    pub(crate) fn note_alive(&mut self, peer: &PeerName, incarnation: u32) {
         let rec = PeerRecord {
             incarnation,
             removed_by: None,
@@ -684,7 +684,7 @@ impl Ring {
     }
 
     /// Sum of the free counts of all entries overlapping `window`, by owner.
-    pub fn free_by_owner(&self, window: Span) -> BTreeMap<&PeerName, u64> {
+    pub(crate) fn free_by_owner(&self, window: Span) -> BTreeMap<&PeerName, u64> {
         let mut m = BTreeMap::new();
         for i in 0..self.entries.len() {
             let span = self.span_of(i);

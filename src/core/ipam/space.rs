@@ -18,12 +18,12 @@ impl Span {
     }
 
     /// The span of an inclusive `[first, last]` pair.
-    pub fn inclusive(first: u32, last: u32) -> Span {
+    pub(crate) fn inclusive(first: u32, last: u32) -> Span {
         Span::new(first, u64::from(last) + 1)
     }
 
     /// Every address of a CIDR block, network and broadcast included.
-    pub fn of_net(net: Ipv4Net) -> Span {
+    pub(crate) fn of_net(net: Ipv4Net) -> Span {
         let start = u32::from(net.network());
         Span::new(start, u64::from(start) + net_size(net))
     }
@@ -62,7 +62,7 @@ impl Span {
 }
 
 /// Number of addresses in a CIDR block (2^32 for /0).
-pub fn net_size(net: Ipv4Net) -> u64 {
+pub(crate) fn net_size(net: Ipv4Net) -> u64 {
     1u64 << (32 - u32::from(net.prefix_len()))
 }
 
@@ -77,7 +77,7 @@ pub fn usable(net: Ipv4Net) -> Span {
 }
 
 /// How many usable addresses of `net` fall inside `span`.
-pub fn usable_in(net: Ipv4Net, span: Span) -> u64 {
+pub(crate) fn usable_in(net: Ipv4Net, span: Span) -> u64 {
     usable(net).intersect(&span).len()
 }
 
@@ -86,7 +86,7 @@ pub fn addr(a: u32) -> Ipv4Addr {
 }
 
 /// The smallest list of CIDR blocks that exactly covers `span`, in address order.
-pub fn cidrs_of(span: Span) -> Vec<Ipv4Net> {
+pub(crate) fn cidrs_of(span: Span) -> Vec<Ipv4Net> {
     let mut out = Vec::new();
     let mut cur = u64::from(span.start);
     while cur < span.end {
@@ -107,7 +107,7 @@ pub fn cidrs_of(span: Span) -> Vec<Ipv4Net> {
 }
 
 /// The largest CIDR-aligned block inside `span` (the lowest one if several tie).
-pub fn largest_aligned_block(span: Span) -> Option<Ipv4Net> {
+pub(crate) fn largest_aligned_block(span: Span) -> Option<Ipv4Net> {
     cidrs_of(span)
         .into_iter()
         .fold(None, |best: Option<Ipv4Net>, n| match best {
@@ -119,7 +119,7 @@ pub fn largest_aligned_block(span: Span) -> Option<Ipv4Net> {
 /// A set of addresses stored as maximal runs `start -> end (exclusive)`, so that finding
 /// the first free address in a range costs O(log n) however densely the range is used.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AddrSet {
+pub(crate) struct AddrSet {
     runs: BTreeMap<u32, u64>,
     len: u64,
 }
@@ -129,12 +129,9 @@ impl AddrSet {
         AddrSet::default()
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> u64 {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// The run containing `a`, if any.
@@ -196,7 +193,7 @@ impl AddrSet {
     }
 
     /// The lowest address of `span` not in the set.
-    pub fn first_free_in(&self, span: Span) -> Option<u32> {
+    pub(crate) fn first_free_in(&self, span: Span) -> Option<u32> {
         if span.is_empty() {
             return None;
         }
@@ -213,7 +210,7 @@ impl AddrSet {
     }
 
     /// The lowest member >= `a`, if any.
-    pub fn next_member_from(&self, a: u32) -> Option<u32> {
+    pub(crate) fn next_member_from(&self, a: u32) -> Option<u32> {
         if self.contains(a) {
             return Some(a);
         }
@@ -221,7 +218,7 @@ impl AddrSet {
     }
 
     /// How many members fall inside `span`.
-    pub fn count_in(&self, span: Span) -> u64 {
+    pub(crate) fn count_in(&self, span: Span) -> u64 {
         if span.is_empty() {
             return 0;
         }
@@ -240,6 +237,7 @@ impl AddrSet {
         total
     }
 
+    #[cfg(test)]
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
         self.runs
             .iter()

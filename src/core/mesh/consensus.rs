@@ -291,7 +291,7 @@ impl Node {
     }
 
     /// A target turned out to be this node: it no longer counts towards consensus.
-    pub fn target_is_self(&mut self) -> super::effects::Effects {
+    pub(crate) fn target_is_self(&mut self) -> super::effects::Effects {
         self.consensus.self_targets += 1;
         let mut out = Outbox::default();
         self.maybe_propose(&mut out);

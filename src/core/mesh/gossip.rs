@@ -332,7 +332,7 @@ impl Node {
 
     /// The I/O layer dials these targets itself (its peer sources); remembering them
     /// avoids asking for a second dialler when gossip names the same address.
-    pub fn note_target(&mut self, target: SocketAddrV4) {
+    pub(crate) fn note_target(&mut self, target: SocketAddrV4) {
         self.gossip.dialled.insert(target);
     }
 

@@ -110,7 +110,7 @@ impl Node {
 
     /// Ring ranges with their owners and the data addresses of all known peers, for the
     /// route table.
-    pub fn route_inputs(&self) -> (Vec<(u32, u32, PeerName)>, Vec<PeerEndpoint>) {
+    pub(crate) fn route_inputs(&self) -> (Vec<(u32, u32, PeerName)>, Vec<PeerEndpoint>) {
         let ranges = match self.ipam.ring() {
             Some(r) => r
                 .ranges()

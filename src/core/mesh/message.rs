@@ -13,10 +13,10 @@ use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 
 pub const PROTOCOL: &str = "weft";
-pub const PROTOCOL_VERSION: u32 = 2;
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
 /// Large enough for a ring of thousands of entries; a peer announcing more is broken or
 /// hostile and is disconnected rather than buffered.
-pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_FRAME: usize = 16 * 1024 * 1024;
 
 /// The first message on every connection, in both directions.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -111,7 +111,7 @@ impl Message {
     /// and so may leave only once that state is durable. Hellos, heartbeats, digests and
     /// peer summaries do not: a peer acting on them learns nothing a crash could take
     /// back.
-    pub fn carries_state(&self) -> bool {
+    pub(crate) fn carries_state(&self) -> bool {
         !matches!(
             self,
             Message::Hello(_)
@@ -143,18 +143,18 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
 
 /// Incremental frame decoder.
 #[derive(Default)]
-pub struct Decoder {
+pub(crate) struct Decoder {
     buf: Vec<u8>,
 }
 
 impl Decoder {
-    pub fn feed(&mut self, bytes: &[u8]) {
+    pub(crate) fn feed(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }
 
     /// The next whole message, `Ok(None)` if more bytes are needed. After an error the
     /// stream is out of sync and the connection must be dropped.
-    pub fn next_message(&mut self) -> Result<Option<Message>, FrameError> {
+    pub(crate) fn next_message(&mut self) -> Result<Option<Message>, FrameError> {
         if self.buf.len() < 4 {
             return Ok(None);
         }

@@ -26,16 +26,16 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 
 /// Every `PEERS_EVERY` ticks the peer summaries go to the anti-entropy neighbour.
-pub const PEERS_EVERY: u64 = 6;
+pub(crate) const PEERS_EVERY: u64 = 6;
 /// Neighbours an ownership change is pushed to at once.
-pub const FANOUT: usize = 3;
+pub(crate) const FANOUT: usize = 3;
 /// Ticks before a space request is sent to another donor.
-pub const SPACE_RETRY: u64 = 2;
+pub(crate) const SPACE_RETRY: u64 = 2;
 /// A restarted node that has heard only other restarted nodes' rings allocates again
 /// after this many ticks (a whole cluster restarting must not wait forever).
-pub const GATE_TICKS: u64 = 6;
+pub(crate) const GATE_TICKS: u64 = 6;
 /// Ticks before an unfinished Paxos round is abandoned.
-pub const PAXOS_TIMEOUT: u64 = 4;
+pub(crate) const PAXOS_TIMEOUT: u64 = 4;
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -330,7 +330,7 @@ impl Node {
     }
 
     /// Whether an established connection leads to a peer at this underlay address.
-    pub fn is_connected_to_ip(&self, ip: Ipv4Addr) -> bool {
+    pub(crate) fn is_connected_to_ip(&self, ip: Ipv4Addr) -> bool {
         self.conns.values().any(|c| {
             c.peer.is_some()
                 && match c.remote {

@@ -48,7 +48,7 @@ impl PeerName {
 
     /// A stable name derived from a machine id (the contents of /etc/machine-id): the same
     /// machine always gets the same name, different machines practically never share one.
-    pub fn from_machine_id(machine_id: &str) -> Self {
+    pub(crate) fn from_machine_id(machine_id: &str) -> Self {
         // FNV-1a 64: stable across Rust versions, unlike `DefaultHasher`.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in b"weft-peer-name:"

@@ -106,7 +106,7 @@ pub struct IpamView {
 }
 
 impl Node {
-    pub fn ipam_status(&self) -> IpamStatus {
+    pub(crate) fn ipam_status(&self) -> IpamStatus {
         if !self.ipam.is_ready() {
             if let Some(e) = &self.gossip.ring_error {
                 return IpamStatus::RingRefused(e.clone());
@@ -170,7 +170,7 @@ impl Node {
     }
 
     /// This node (first) with its own connections, then every peer it knows.
-    pub fn peers_view(&self) -> Vec<PeerView> {
+    pub(crate) fn peers_view(&self) -> Vec<PeerView> {
         let own_links = self
             .conns
             .values()
@@ -213,7 +213,7 @@ impl Node {
     }
 
     /// Control connections past the handshake or in it.
-    pub fn connections_view(&self) -> Vec<ConnectionView> {
+    pub(crate) fn connections_view(&self) -> Vec<ConnectionView> {
         self.conns
             .iter()
             .map(|(&id, c)| ConnectionView {

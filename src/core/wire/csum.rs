@@ -60,7 +60,7 @@ fn sum_portable(data: &[u8], initial: u64) -> u64 {
 /// Folds a sum to 16 bits with end-around carry (not complemented): the value a
 /// `CHECKSUM_PARTIAL` packet carries in its checksum field.
 #[inline]
-pub fn fold(mut s: u64) -> u16 {
+pub(crate) fn fold(mut s: u64) -> u16 {
     while s >> 16 != 0 {
         s = (s & 0xffff) + (s >> 16);
     }

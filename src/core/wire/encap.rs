@@ -60,7 +60,7 @@ pub enum DecapError {
 
 impl DecapError {
     /// Number of distinct kinds, for per-kind counter arrays.
-    pub const KINDS: usize = 7;
+    pub(crate) const KINDS: usize = 7;
 
     /// Stable index in `0..KINDS`.
     pub fn index(&self) -> usize {
@@ -76,7 +76,7 @@ impl DecapError {
     }
 
     /// Metric-friendly name of the kind with index `i` (`None` past the end).
-    pub fn kind_name(i: usize) -> Option<&'static str> {
+    pub(crate) fn kind_name(i: usize) -> Option<&'static str> {
         [
             "truncated",
             "no_vni_flag",

@@ -1,31 +1,33 @@
 //! Ethernet II header: destination, source, ethertype (no 802.1Q tags: weft never emits
 //! them, and a tagged inner frame is rejected by its ethertype).
 
+#[cfg(test)]
 use super::WireError;
 
 pub const HEADER_LEN: usize = 14;
-pub const ETHERTYPE_IPV4: u16 = 0x0800;
+pub(crate) const ETHERTYPE_IPV4: u16 = 0x0800;
 
 mod field {
     use std::ops::Range;
-    pub const DST: Range<usize> = 0..6;
-    pub const SRC: Range<usize> = 6..12;
-    pub const ETHERTYPE: Range<usize> = 12..14;
+    pub(crate) const DST: Range<usize> = 0..6;
+    pub(crate) const SRC: Range<usize> = 6..12;
+    pub(crate) const ETHERTYPE: Range<usize> = 12..14;
 }
 
 /// A view of an Ethernet frame over `buffer`.
 #[derive(Debug, Clone)]
-pub struct Frame<T: AsRef<[u8]>> {
+pub(crate) struct Frame<T: AsRef<[u8]>> {
     buffer: T,
 }
 
 impl<T: AsRef<[u8]>> Frame<T> {
     /// Wraps a buffer already known to hold at least [`HEADER_LEN`] bytes; accessors on a
     /// shorter buffer panic, so external input goes through [`Frame::new_checked`].
-    pub fn new_unchecked(buffer: T) -> Self {
+    pub(crate) fn new_unchecked(buffer: T) -> Self {
         Frame { buffer }
     }
 
+    #[cfg(test)]
     pub fn new_checked(buffer: T) -> Result<Self, WireError> {
         if buffer.as_ref().len() < HEADER_LEN {
             return Err(WireError::Truncated);
@@ -33,14 +35,12 @@ impl<T: AsRef<[u8]>> Frame<T> {
         Ok(Frame { buffer })
     }
 
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
+    #[cfg(test)]
     pub fn dst_addr(&self) -> [u8; 6] {
         mac(&self.buffer.as_ref()[field::DST])
     }
 
+    #[cfg(test)]
     pub fn src_addr(&self) -> [u8; 6] {
         mac(&self.buffer.as_ref()[field::SRC])
     }
@@ -56,7 +56,7 @@ impl<T: AsRef<[u8]>> Frame<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Frame<T> {
-    pub fn set_dst_addr(&mut self, addr: [u8; 6]) {
+    pub(crate) fn set_dst_addr(&mut self, addr: [u8; 6]) {
         self.buffer.as_mut()[field::DST].copy_from_slice(&addr);
     }
 
@@ -67,12 +67,9 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Frame<T> {
     pub fn set_ethertype(&mut self, ethertype: u16) {
         self.buffer.as_mut()[field::ETHERTYPE].copy_from_slice(&ethertype.to_be_bytes());
     }
-
-    pub fn payload_mut(&mut self) -> &mut [u8] {
-        &mut self.buffer.as_mut()[HEADER_LEN..]
-    }
 }
 
+#[cfg(test)]
 fn mac(b: &[u8]) -> [u8; 6] {
     let mut m = [0u8; 6];
     m.copy_from_slice(b);
@@ -81,13 +78,16 @@ fn mac(b: &[u8]) -> [u8; 6] {
 
 /// The header's fields, for parsing and emitting in one step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg(test)]
 pub struct Repr {
     pub dst: [u8; 6],
     pub src: [u8; 6],
     pub ethertype: u16,
 }
 
+#[cfg(test)]
 impl Repr {
+    #[cfg(test)]
     pub fn parse<T: AsRef<[u8]>>(frame: &Frame<T>) -> Repr {
         Repr {
             dst: frame.dst_addr(),
@@ -97,6 +97,7 @@ impl Repr {
     }
 
     /// Writes the header into the first [`HEADER_LEN`] bytes of `buf`.
+    #[cfg(test)]
     pub fn emit(&self, buf: &mut [u8]) -> Result<(), WireError> {
         let mut frame = Frame::new_checked(buf)?;
         frame.set_dst_addr(self.dst);

@@ -21,9 +21,9 @@ use super::virtio::{self, VnetHdr};
 use std::ops::Range;
 
 /// Flows coalescing at the same time; older ones are closed when more arrive.
-pub const MAX_OPEN: usize = 8;
+pub(crate) const MAX_OPEN: usize = 8;
 /// Segments per super-packet (bounds the `writev` iovec count).
-pub const MAX_SEGMENTS: usize = 64;
+pub(crate) const MAX_SEGMENTS: usize = 64;
 const MAX_IP_LEN: usize = 65_535;
 /// `virtio_net_hdr` + IPv4 (20, options are not coalesced) + TCP (up to 60).
 const ITEM_HDR: usize = virtio::LEN + 20 + 60;
@@ -62,7 +62,7 @@ const NONE: u32 = u32::MAX;
 
 /// Per-batch coalescing state; allocate once, reuse with [`Gro::clear`].
 #[derive(Debug)]
-pub struct Gro<R: Copy> {
+pub(crate) struct Gro<R: Copy> {
     items: Vec<Item>,
     members: Vec<Member<R>>,
     /// Indexes of items still accepting segments, oldest first.
@@ -107,6 +107,7 @@ impl<R: Copy> Gro<R> {
     }
 
     /// Packets that were appended to another one (since creation).
+    #[cfg(test)]
     pub fn merged(&self) -> u64 {
         self.merged
     }
@@ -281,7 +282,8 @@ impl<R: Copy> Gro<R> {
     }
 
     /// IPv4 length of output `i`.
-    pub fn ip_len(&self, i: usize) -> usize {
+    #[cfg(test)]
+    pub(crate) fn ip_len(&self, i: usize) -> usize {
         self.items[i].ip_len
     }
 

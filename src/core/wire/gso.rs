@@ -14,10 +14,10 @@ use super::virtio::{self, VnetHdr};
 use std::ops::Range;
 
 /// Largest IPv4 + TCP header pair (60 + 60 bytes).
-pub const MAX_HEADERS: usize = 120;
+pub(crate) const MAX_HEADERS: usize = 120;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum GsoError {
+pub(crate) enum GsoError {
     #[error("packet shorter than its headers")]
     Truncated,
     #[error("super-packet is not IPv4")]
@@ -32,7 +32,7 @@ pub enum GsoError {
 
 /// One segment: `hdr` indexes the arena, `payload` the original packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Segment {
+pub(crate) struct Segment {
     pub hdr: Range<usize>,
     pub payload: Range<usize>,
 }
@@ -42,15 +42,11 @@ impl Segment {
     pub fn len(&self) -> usize {
         self.hdr.len() + self.payload.len()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// A bump allocator for segment headers, reset once per batch.
 #[derive(Debug)]
-pub struct Arena {
+pub(crate) struct Arena {
     buf: Box<[u8]>,
     used: usize,
 }
@@ -72,7 +68,7 @@ impl Arena {
     }
 
     /// Frees everything allocated after `mark` (a value of [`Arena::used`]).
-    pub fn rewind(&mut self, mark: usize) {
+    pub(crate) fn rewind(&mut self, mark: usize) {
         self.used = self.used.min(mark);
     }
 
@@ -94,15 +90,11 @@ impl Arena {
     pub fn get_mut(&mut self, r: Range<usize>) -> &mut [u8] {
         &mut self.buf[r]
     }
-
-    pub fn as_slice(&self) -> &[u8] {
-        &self.buf
-    }
 }
 
 /// The result of splitting one TUN read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Split {
+pub(crate) struct Split {
     /// Segments appended to the output.
     pub segments: usize,
     /// IPv4 length of the largest segment: what has to fit the path MTU.
@@ -254,7 +246,11 @@ pub fn split(
 
 /// Completes a `CHECKSUM_PARTIAL` packet: the field at `start + offset` holds the
 /// pseudo-header sum; the sum over `start..` goes in its place.
-pub fn complete_checksum(packet: &mut [u8], start: usize, offset: usize) -> Result<(), GsoError> {
+pub(crate) fn complete_checksum(
+    packet: &mut [u8],
+    start: usize,
+    offset: usize,
+) -> Result<(), GsoError> {
     let at = start
         .checked_add(offset)
         .filter(|&at| at + 2 <= packet.len())

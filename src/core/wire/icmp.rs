@@ -9,7 +9,7 @@ use super::csum;
 use super::ipv4;
 
 pub const TYPE_DEST_UNREACHABLE: u8 = 3;
-pub const CODE_FRAG_NEEDED: u8 = 4;
+pub(crate) const CODE_FRAG_NEEDED: u8 = 4;
 /// RFC 1812 4.3.2.3: an ICMP error should not exceed 576 bytes.
 pub const MAX_LEN: usize = 576;
 const HEADER_LEN: usize = 8;
@@ -18,7 +18,7 @@ const HEADER_LEN: usize = 8;
 /// or `None` when no error may be sent: `orig` is malformed, a non-first fragment, an
 /// ICMP error itself, or from an unspecified, broadcast or multicast source (RFC 1122
 /// 3.2.2), or `out` is too small.
-pub fn frag_needed(orig: &[u8], mtu: u16, out: &mut [u8]) -> Option<usize> {
+pub(crate) fn frag_needed(orig: &[u8], mtu: u16, out: &mut [u8]) -> Option<usize> {
     let ip = ipv4::Packet::new_checked(orig).ok()?;
     if ip.frag_offset() != 0 {
         return None;

@@ -7,43 +7,45 @@ pub const MIN_HEADER_LEN: usize = 20;
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
+#[cfg(test)]
+pub(crate) const PROTO_UDP: u8 = 17;
 
 const FLAG_DF: u8 = 0x40;
+#[cfg(test)]
 const FLAG_MF: u8 = 0x20;
 
 mod field {
     use std::ops::Range;
-    pub const VER_IHL: usize = 0;
-    pub const DSCP_ECN: usize = 1;
-    pub const LENGTH: Range<usize> = 2..4;
-    pub const IDENT: Range<usize> = 4..6;
-    pub const FLG_OFF: Range<usize> = 6..8;
-    pub const TTL: usize = 8;
-    pub const PROTOCOL: usize = 9;
-    pub const CHECKSUM: Range<usize> = 10..12;
-    pub const SRC: Range<usize> = 12..16;
-    pub const DST: Range<usize> = 16..20;
+    pub(crate) const VER_IHL: usize = 0;
+    pub(crate) const DSCP_ECN: usize = 1;
+    pub(crate) const LENGTH: Range<usize> = 2..4;
+    pub(crate) const IDENT: Range<usize> = 4..6;
+    pub(crate) const FLG_OFF: Range<usize> = 6..8;
+    pub(crate) const TTL: usize = 8;
+    pub(crate) const PROTOCOL: usize = 9;
+    pub(crate) const CHECKSUM: Range<usize> = 10..12;
+    pub(crate) const SRC: Range<usize> = 12..16;
+    pub(crate) const DST: Range<usize> = 16..20;
 }
 
 /// A view of an IPv4 packet. Once built with [`Packet::new_checked`], the header length
 /// and total length are known to lie within the buffer, so the accessors never panic.
 #[derive(Debug, Clone)]
-pub struct Packet<T: AsRef<[u8]>> {
+pub(crate) struct Packet<T: AsRef<[u8]>> {
     buffer: T,
 }
 
 impl<T: AsRef<[u8]>> Packet<T> {
     /// Wraps a buffer without checks; accessors may panic on a short or inconsistent
     /// buffer, so external input goes through [`Packet::new_checked`].
-    pub fn new_unchecked(buffer: T) -> Self {
+    pub(crate) fn new_unchecked(buffer: T) -> Self {
         Packet { buffer }
     }
 
     /// Validates version 4, IHL >= 5, header within the buffer and
     /// `header_len <= total_len <= buffer.len()` (trailing bytes, e.g. Ethernet padding,
     /// are allowed and excluded from [`Packet::payload`]).
-    pub fn new_checked(buffer: T) -> Result<Self, WireError> {
+    pub(crate) fn new_checked(buffer: T) -> Result<Self, WireError> {
         let b = buffer.as_ref();
         if b.len() < MIN_HEADER_LEN {
             return Err(WireError::Truncated);
@@ -62,44 +64,41 @@ impl<T: AsRef<[u8]>> Packet<T> {
         Ok(Packet { buffer })
     }
 
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
+    #[cfg(test)]
     pub fn version(&self) -> u8 {
         self.buffer.as_ref()[field::VER_IHL] >> 4
     }
 
     /// Header length in bytes (IHL * 4).
-    pub fn header_len(&self) -> usize {
+    pub(crate) fn header_len(&self) -> usize {
         usize::from(self.buffer.as_ref()[field::VER_IHL] & 0x0f) * 4
-    }
-
-    pub fn dscp_ecn(&self) -> u8 {
-        self.buffer.as_ref()[field::DSCP_ECN]
     }
 
     pub fn total_len(&self) -> usize {
         usize::from(self.be16(field::LENGTH.start))
     }
 
+    #[cfg(test)]
     pub fn ident(&self) -> u16 {
         self.be16(field::IDENT.start)
     }
 
+    #[cfg(test)]
     pub fn dont_frag(&self) -> bool {
         self.buffer.as_ref()[field::FLG_OFF.start] & FLAG_DF != 0
     }
 
+    #[cfg(test)]
     pub fn more_frags(&self) -> bool {
         self.buffer.as_ref()[field::FLG_OFF.start] & FLAG_MF != 0
     }
 
     /// Fragment offset in bytes.
-    pub fn frag_offset(&self) -> usize {
+    pub(crate) fn frag_offset(&self) -> usize {
         usize::from(self.be16(field::FLG_OFF.start) & 0x1fff) * 8
     }
 
+    #[cfg(test)]
     pub fn ttl(&self) -> u8 {
         self.buffer.as_ref()[field::TTL]
     }
@@ -108,6 +107,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
         self.buffer.as_ref()[field::PROTOCOL]
     }
 
+    #[cfg(test)]
     pub fn checksum(&self) -> u16 {
         self.be16(field::CHECKSUM.start)
     }
@@ -123,7 +123,8 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Whether the header checksum is valid (a valid header sums to zero).
-    pub fn verify_checksum(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn verify_checksum(&self) -> bool {
         checksum(&self.buffer.as_ref()[..self.header_len()]) == 0
     }
 
@@ -139,7 +140,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
-    pub fn set_version_and_header_len(&mut self, header_len: usize) {
+    pub(crate) fn set_version_and_header_len(&mut self, header_len: usize) {
         self.buffer.as_mut()[field::VER_IHL] = 0x40 | ((header_len / 4) as u8 & 0x0f);
     }
 
@@ -156,7 +157,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
 
     /// Sets DF and clears MF and the fragment offset (weft only emits whole packets).
-    pub fn set_flags_unfragmented(&mut self, dont_frag: bool) {
+    pub(crate) fn set_flags_unfragmented(&mut self, dont_frag: bool) {
         let v: u16 = if dont_frag {
             u16::from(FLAG_DF) << 8
         } else {
@@ -182,17 +183,12 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
 
     /// Computes the header checksum and stores it.
-    pub fn fill_checksum(&mut self) {
+    pub(crate) fn fill_checksum(&mut self) {
         let header_len = self.header_len();
         let b = self.buffer.as_mut();
         b[field::CHECKSUM].copy_from_slice(&[0, 0]);
         let sum = checksum(&b[..header_len]);
         b[field::CHECKSUM].copy_from_slice(&sum.to_be_bytes());
-    }
-
-    pub fn payload_mut(&mut self) -> &mut [u8] {
-        let (start, end) = (self.header_len(), self.total_len());
-        &mut self.buffer.as_mut()[start..end]
     }
 }
 
@@ -209,7 +205,7 @@ pub struct Repr {
 
 impl Repr {
     /// Length of the packet this repr emits.
-    pub fn total_len(&self) -> usize {
+    pub(crate) fn total_len(&self) -> usize {
         MIN_HEADER_LEN + self.payload_len
     }
 

@@ -9,9 +9,9 @@
 
 pub mod csum;
 pub mod encap;
-pub mod ethernet;
-pub mod gro;
-pub mod gso;
+pub(crate) mod ethernet;
+pub(crate) mod gro;
+pub(crate) mod gso;
 pub mod icmp;
 pub mod ipv4;
 pub mod virtio;

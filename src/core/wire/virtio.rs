@@ -13,16 +13,16 @@ pub const LEN: usize = 10;
 /// sum over `csum_start..` is still to be added (the kernel's `CHECKSUM_PARTIAL`).
 pub const F_NEEDS_CSUM: u8 = 1;
 /// `VIRTIO_NET_HDR_F_DATA_VALID`: the checksum was verified (`CHECKSUM_UNNECESSARY`).
-pub const F_DATA_VALID: u8 = 2;
+pub(crate) const F_DATA_VALID: u8 = 2;
 
 pub const GSO_NONE: u8 = 0;
 pub const GSO_TCPV4: u8 = 1;
-pub const GSO_UDP: u8 = 3;
-pub const GSO_TCPV6: u8 = 4;
-pub const GSO_UDP_L4: u8 = 5;
+#[cfg(test)]
+pub(crate) const GSO_TCPV6: u8 = 4;
+pub(crate) const GSO_UDP_L4: u8 = 5;
 /// Flag bit of `gso_type`: the super-packet had ECN CWR set (TCP's segmentation keeps
 /// CWR on the first segment only, which splitting does anyway).
-pub const GSO_ECN: u8 = 0x80;
+pub(crate) const GSO_ECN: u8 = 0x80;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VnetHdr {

@@ -10,34 +10,36 @@
 //! Senders write reserved fields as zero; receivers ignore them (RFC 7348), so a view
 //! only exposes the I flag and the VNI.
 
+#[cfg(test)]
 use super::WireError;
 
 pub const HEADER_LEN: usize = 8;
 /// The I flag: the VNI field is valid. Required on receipt.
-pub const FLAG_I: u8 = 0x08;
+pub(crate) const FLAG_I: u8 = 0x08;
 /// VNIs are 24 bits wide.
-pub const MAX_VNI: u32 = 0x00ff_ffff;
+pub(crate) const MAX_VNI: u32 = 0x00ff_ffff;
 
 mod field {
     use std::ops::Range;
-    pub const FLAGS: usize = 0;
-    pub const RESERVED1: Range<usize> = 1..4;
+    pub(crate) const FLAGS: usize = 0;
+    pub(crate) const RESERVED1: Range<usize> = 1..4;
     pub const VNI: Range<usize> = 4..7;
-    pub const RESERVED2: usize = 7;
+    pub(crate) const RESERVED2: usize = 7;
 }
 
 #[derive(Debug, Clone)]
-pub struct Packet<T: AsRef<[u8]>> {
+pub(crate) struct Packet<T: AsRef<[u8]>> {
     buffer: T,
 }
 
 impl<T: AsRef<[u8]>> Packet<T> {
     /// Wraps a buffer known to hold at least [`HEADER_LEN`] bytes; external input goes
     /// through [`Packet::new_checked`].
-    pub fn new_unchecked(buffer: T) -> Self {
+    pub(crate) fn new_unchecked(buffer: T) -> Self {
         Packet { buffer }
     }
 
+    #[cfg(test)]
     pub fn new_checked(buffer: T) -> Result<Self, WireError> {
         if buffer.as_ref().len() < HEADER_LEN {
             return Err(WireError::Truncated);
@@ -45,16 +47,12 @@ impl<T: AsRef<[u8]>> Packet<T> {
         Ok(Packet { buffer })
     }
 
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
     pub fn flags(&self) -> u8 {
         self.buffer.as_ref()[field::FLAGS]
     }
 
     /// Whether the I flag is set (reserved flag bits are ignored).
-    pub fn vni_valid(&self) -> bool {
+    pub(crate) fn vni_valid(&self) -> bool {
         self.flags() & FLAG_I != 0
     }
 
@@ -70,16 +68,12 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     /// Writes the I flag, the VNI (its low 24 bits) and zeroes every reserved field.
-    pub fn set_header(&mut self, vni: u32) {
+    pub(crate) fn set_header(&mut self, vni: u32) {
         let b = self.buffer.as_mut();
         b[field::FLAGS] = FLAG_I;
         b[field::RESERVED1].fill(0);
         b[field::VNI].copy_from_slice(&vni.to_be_bytes()[1..]);
         b[field::RESERVED2] = 0;
-    }
-
-    pub fn payload_mut(&mut self) -> &mut [u8] {
-        &mut self.buffer.as_mut()[HEADER_LEN..]
     }
 }
 
