@@ -5,8 +5,10 @@
 #   B  Linux kernel VXLAN between the nodes (pod MTU 1450)
 #   C  weft: two `weft router` daemons, pods attached by executing weft-cni as a runtime
 #      does (CNI_* environment + network config on stdin)
+#   D  (with -B DIR) the same with another build of weft, e.g. the one before a change,
+#      so that both are measured interleaved in one run
 # Each topology: two node namespaces joined by a veth "underlay" (MTU 1500), one pod
-# namespace per node. Every round runs A, B, C in turn; the table shows medians.
+# namespace per node. Every round runs A, B, C (, D) in turn; the table shows medians.
 #
 # Run as root after `cargo build --release --workspace`:
 #   benches/iperf.sh                 # 3 rounds of 10 s
@@ -21,25 +23,28 @@ BIN_DIR=""
 PINGS=20
 ONLY="ABC"
 CAPTURE=""
+BASE_DIR=""
 
 usage() {
     cat <<EOF
-usage: $0 [-d seconds] [-r rounds] [-b bin_dir] [-p pings] [-o ABC]
+usage: $0 [-d seconds] [-r rounds] [-b bin_dir] [-B baseline_bin_dir] [-p pings] [-o ABCD]
   -d  iperf3 duration per test (default $DURATION)
   -r  rounds (default $ROUNDS)
   -b  directory holding weft and weft-cni (default: target/release next to this script)
   -p  ping count for RTT (default $PINGS, 50 ms apart)
-  -o  datapaths to run, subset of ABC (default ABC)
+  -B  directory holding another build of weft and weft-cni, measured as datapath D
+  -o  datapaths to run, subset of ABCD (default ABC, plus D with -B)
   -t  also capture weft's underlay traffic during a 1 s transfer and check it with
       tshark: every datagram must decode as VXLAN, with valid inner checksums
 EOF
 }
 
-while getopts "d:r:b:p:o:th" opt; do
+while getopts "d:r:b:B:p:o:th" opt; do
     case "$opt" in
         d) DURATION=$OPTARG ;;
         r) ROUNDS=$OPTARG ;;
         b) BIN_DIR=$OPTARG ;;
+        B) BASE_DIR=$OPTARG ;;
         p) PINGS=$OPTARG ;;
         o) ONLY=$OPTARG ;;
         t) CAPTURE=1 ;;
@@ -52,7 +57,13 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 BIN_DIR=${BIN_DIR:-$HERE/../target/release}
 WEFT=$(realpath "$BIN_DIR/weft")
 WEFT_CNI=$(realpath "$BIN_DIR/weft-cni")
-for t in ip iperf3 ping python3 "$WEFT" "$WEFT_CNI"; do
+BASE_WEFT=""; BASE_WEFT_CNI=""
+if [ -n "$BASE_DIR" ]; then
+    BASE_WEFT=$(realpath "$BASE_DIR/weft")
+    BASE_WEFT_CNI=$(realpath "$BASE_DIR/weft-cni")
+    [[ $ONLY == *D* ]] || ONLY="${ONLY}D"
+fi
+for t in ip iperf3 ping python3 "$WEFT" "$WEFT_CNI" ${BASE_WEFT:+"$BASE_WEFT" "$BASE_WEFT_CNI"}; do
     command -v "$t" >/dev/null || { echo "missing: $t" >&2; exit 1; }
 done
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
@@ -148,13 +159,13 @@ setup_vxlan() {
     SRC[B]=$p-p1; DST_IP[B]=192.168.2.2; SRV_NS[B]=$p-p2
 }
 
-# Executes weft-cni ADD in node $1 for pod namespace $2; prints the pod's IPv4 address.
+# Executes weft-cni ($3) ADD in node $1 for pod namespace $2; prints the pod's IPv4 address.
 cni_add() {
-    local node=$1 pod=$2 out
+    local node=$1 pod=$2 cni=$3 out
     out=$(echo '{"cniVersion":"1.0.0","name":"weave","type":"weft"}' |
         ip netns exec "$node" env CNI_COMMAND=ADD CNI_CONTAINERID="bench-$pod" \
-            CNI_NETNS="/var/run/netns/$pod" CNI_IFNAME=eth0 CNI_PATH="$(dirname "$WEFT_CNI")" \
-            CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAME=$pod" "$WEFT_CNI")
+            CNI_NETNS="/var/run/netns/$pod" CNI_IFNAME=eth0 CNI_PATH="$(dirname "$cni")" \
+            CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAME=$pod" "$cni")
     echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["ips"][0]["address"].split("/")[0])'
 }
 
@@ -173,25 +184,29 @@ EOF
     exit 1
 }
 
-WEFT_PIDS=()
+# The weft daemons of datapath C and D, by letter.
+declare -A WEFT_PIDS
+# setup_weft LETTER WEFT WEFT_CNI: two weft routers and their pods as datapath LETTER.
 setup_weft() {
-    local p=$TAG-c i other
+    local dp=$1 weft=$2 cni=$3
+    local p=$TAG-${dp,,} i other pids=()
     make_nodes "$p"
     for i in 1 2; do
         other=$((3 - i))
-        mkdir -p "$WORK/db$i"
-        ip netns exec "$p-n$i" env RUST_LOG=warn "$WEFT" router --name "02:77:66:be:00:0$i" \
-            --nickname "bench$i" --db-dir "$WORK/db$i" --ipalloc-range 10.32.0.0/12 \
+        mkdir -p "$WORK/db-$dp$i"
+        ip netns exec "$p-n$i" env RUST_LOG=warn "$weft" router --name "02:77:66:be:00:0$i" \
+            --nickname "bench$i" --db-dir "$WORK/db-$dp$i" --ipalloc-range 10.32.0.0/12 \
             --metrics-addr 127.0.0.1:6782 "10.99.0.$other" >"$WORK/$p-n$i.log" 2>&1 &
         PIDS+=($!)
-        WEFT_PIDS+=($!)
+        pids+=($!)
     done
-    for i in 1 2; do wait_http "$p-n$i" "${WEFT_PIDS[$((i - 1))]}"; done
+    WEFT_PIDS[$dp]="${pids[*]}"
+    for i in 1 2; do wait_http "$p-n$i" "${pids[$((i - 1))]}"; done
     new_ns "$p-p1"
     new_ns "$p-p2"
     local ip1 ip2
-    ip1=$(cni_add "$p-n1" "$p-p1")
-    ip2=$(cni_add "$p-n2" "$p-p2")
+    ip1=$(cni_add "$p-n1" "$p-p1" "$cni")
+    ip2=$(cni_add "$p-n2" "$p-p2" "$cni")
     [ -n "$ip1" ] && [ -n "$ip2" ] || { echo "weft-cni ADD failed" >&2; exit 1; }
     # The ring may still be settling: wait until the pods reach each other.
     for _ in $(seq 1 100); do
@@ -199,7 +214,7 @@ setup_weft() {
         sleep 0.2
     done
     nsx "$p-p1" ping -c 1 -W 1 "$ip2" >/dev/null || { echo "weft pods cannot reach each other" >&2; exit 1; }
-    SRC[C]=$p-p1; DST_IP[C]=$ip2; SRV_NS[C]=$p-p2
+    SRC[$dp]=$p-p1; DST_IP[$dp]=$ip2; SRV_NS[$dp]=$p-p2
 }
 
 cpu_ticks() { # utime + stime of the given PIDs, in clock ticks
@@ -244,17 +259,18 @@ EOF
 
 run_one() {
     local dp=$1 before after rtt
-    [ "$dp" = C ] && before=$(cpu_ticks "${WEFT_PIDS[@]}")
+    local pids=(${WEFT_PIDS[$dp]:-})
+    [ ${#pids[@]} -gt 0 ] && before=$(cpu_ticks "${pids[@]}")
     run_iperf "$dp" 1
     run_iperf "$dp" 4
     nsx "${SRC[$dp]}" ping -q -c "$PINGS" -i 0.05 "${DST_IP[$dp]}" >"$WORK/ping-$dp"
     echo "  ping ${NAME[$dp]}: $(grep -E '^rtt|^round-trip' "$WORK/ping-$dp")" >&2
     rtt=$(awk -F'/' '/^rtt|^round-trip/ {print $5}' "$WORK/ping-$dp")
     record "$dp" rtt "$rtt"
-    if [ "$dp" = C ]; then
-        after=$(cpu_ticks "${WEFT_PIDS[@]}")
-        record C cpu "$(python3 -c "print(($after - $before) / $(getconf CLK_TCK))")"
-        record C rss "$(python3 -c "print($(rss_kib "${WEFT_PIDS[@]}") / 1024)")"
+    if [ ${#pids[@]} -gt 0 ]; then
+        after=$(cpu_ticks "${pids[@]}")
+        record "$dp" cpu "$(python3 -c "print(($after - $before) / $(getconf CLK_TCK))")"
+        record "$dp" rss "$(python3 -c "print($(rss_kib "${pids[@]}") / 1024)")"
     fi
 }
 
@@ -300,12 +316,13 @@ verify_wire() {
 }
 
 declare -A SRC DST_IP SRV_NS NAME
-NAME[A]="plain routing"; NAME[B]="kernel VXLAN"; NAME[C]="weft"
+NAME[A]="plain routing"; NAME[B]="kernel VXLAN"; NAME[C]="weft"; NAME[D]="weft (baseline)"
 echo "setting up namespaces (prefix $TAG)..." >&2
 [[ $ONLY == *A* ]] && setup_plain
 [[ $ONLY == *B* ]] && setup_vxlan
-[[ $ONLY == *C* ]] && setup_weft
-for dp in A B C; do
+[[ $ONLY == *C* ]] && setup_weft C "$WEFT" "$WEFT_CNI"
+[[ $ONLY == *D* ]] && setup_weft D "$BASE_WEFT" "$BASE_WEFT_CNI"
+for dp in A B C D; do
     [[ $ONLY == *$dp* ]] || continue
     # Directly, not through nsx: $! must be iperf3's own PID for cleanup to stop it.
     ip netns exec "${SRV_NS[$dp]}" iperf3 -s >"$WORK/server-$dp.log" 2>&1 &
@@ -314,7 +331,7 @@ done
 sleep 0.5
 
 for r in $(seq 1 "$ROUNDS"); do
-    for dp in A B C; do
+    for dp in A B C D; do
         [[ $ONLY == *$dp* ]] || continue
         echo "round $r/$ROUNDS: ${NAME[$dp]}..." >&2
         run_one "$dp"
@@ -323,7 +340,7 @@ done
 
 [ -n "$CAPTURE" ] && [[ $ONLY == *C* ]] && verify_wire
 
-python3 - "$RESULTS" "$DURATION" "$ROUNDS" <<'EOF'
+python3 - "$RESULTS" "$DURATION" "$ROUNDS" "$BASE_DIR" <<'EOF'
 import statistics, sys
 from collections import defaultdict
 vals = defaultdict(list)
@@ -335,18 +352,19 @@ def med(dp, m):
     return statistics.median(v) if v else None
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
-names = {"A": "plain routing", "B": "kernel VXLAN", "C": "weft"}
+names = {"A": "plain routing", "B": "kernel VXLAN", "C": "weft",
+         "D": f"weft baseline ({sys.argv[4]})"}
 print(f"\n{sys.argv[3]} rounds x {sys.argv[2]} s, medians")
 print("| datapath | 1 stream Gbit/s | 4 streams Gbit/s | RTT ms | retransmits 1 / 4 streams | weft CPU s per round (2 daemons) | weft peak RSS MiB (2 daemons) |")
 print("|---|---|---|---|---|---|---|")
-for dp in "ABC":
+for dp in "ABCD":
     if (dp, "gbps1") not in vals:
         continue
     print(f"| {dp} {names[dp]} | {fmt(med(dp,'gbps1'),'.2f')} | {fmt(med(dp,'gbps4'),'.2f')} | "
           f"{fmt(med(dp,'rtt'),'.3f')} | {fmt(med(dp,'retr1'),'.0f')} / {fmt(med(dp,'retr4'),'.0f')} | "
           f"{fmt(med(dp,'cpu'),'.1f')} | {fmt(med(dp,'rss'),'.1f')} |")
-def ratio(m):
-    b, c = med("B", m), med("C", m)
+def ratio(m, x="C", base="B"):
+    b, c = med(base, m), med(x, m)
     if b is None or c is None:
         return "-"
     if b == 0:
@@ -356,5 +374,11 @@ if ("B", "gbps1") in vals and ("C", "gbps1") in vals:
     print(f"\nC/B: 1 stream {ratio('gbps1')}, 4 streams {ratio('gbps4')}, RTT {ratio('rtt')}, "
           f"retransmits {ratio('retr1')} (1 stream) / {ratio('retr4')} (4 streams)")
     print("targets: 1 stream >= 0.5, RTT <= 1.5, retransmits <= 2")
-print("\nper round (Gbit/s 1 stream):", {dp: vals.get((dp, "gbps1")) for dp in "ABC"})
+if ("B", "gbps1") in vals and ("D", "gbps1") in vals:
+    print(f"D/B: 1 stream {ratio('gbps1', 'D')}, 4 streams {ratio('gbps4', 'D')}, RTT {ratio('rtt', 'D')}, "
+          f"retransmits {ratio('retr1', 'D')} (1 stream) / {ratio('retr4', 'D')} (4 streams)")
+    print(f"C/D: 1 stream {ratio('gbps1', 'C', 'D')}, RTT {ratio('rtt', 'C', 'D')}, "
+          f"CPU {ratio('cpu', 'C', 'D')}")
+print("\nper round (Gbit/s 1 stream):", {dp: vals.get((dp, "gbps1")) for dp in "ABCD"})
+print("per round (RTT ms):", {dp: vals.get((dp, "rtt")) for dp in "ABCD"})
 EOF

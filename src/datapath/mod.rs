@@ -55,29 +55,28 @@ pub struct SharedCounters {
 }
 
 impl SharedCounters {
-    /// Adds one worker's counts (the atomics it touches: only the non-zero ones).
-    pub fn add(&self, c: &DropCounts) {
-        for (i, n) in c.drops.iter().enumerate() {
-            if *n != 0 {
-                self.drops[i].fetch_add(*n, Ordering::Relaxed);
-            }
-        }
-        for (i, n) in c.malformed.iter().enumerate() {
-            if *n != 0 {
-                self.malformed[i].fetch_add(*n, Ordering::Relaxed);
-            }
-        }
-        let b = &c.batches;
-        for (n, to) in [
-            (b.tun_reads, &self.tun_reads),
-            (b.tun_writes, &self.tun_writes),
-            (b.udp_sends, &self.udp_sends),
-            (b.udp_recvs, &self.udp_recvs),
-        ] {
-            if n != 0 {
-                to.fetch_add(n, Ordering::Relaxed);
-            }
-        }
+    /// Moves one worker's counts here (touching only the atomics that change).
+    pub fn drain(&self, c: &mut DropCounts) {
+        c.drain(
+            |i, n| {
+                self.drops[i].fetch_add(n, Ordering::Relaxed);
+            },
+            |i, n| {
+                self.malformed[i].fetch_add(n, Ordering::Relaxed);
+            },
+            |b| {
+                for (n, to) in [
+                    (b.tun_reads, &self.tun_reads),
+                    (b.tun_writes, &self.tun_writes),
+                    (b.udp_sends, &self.udp_sends),
+                    (b.udp_recvs, &self.udp_recvs),
+                ] {
+                    if n != 0 {
+                        to.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+            },
+        );
     }
 
     pub fn get(&self, reason: DropReason) -> u64 {
@@ -124,8 +123,10 @@ mod tests {
         c.add(DropReason::NoRoute, 2);
         c.malformed(DecapError::WrongVni { got: 1 });
         c.batches.tun_reads = 3;
-        shared.add(&c);
-        shared.add(&c);
+        let mut again = c.clone();
+        shared.drain(&mut c);
+        assert!(c.is_zero(), "drained counts start afresh");
+        shared.drain(&mut again);
         let drops = shared.drops();
         assert_eq!(drops.len(), DropReason::ALL.len());
         assert!(drops.contains(&(DropReason::NoRoute, 4)));

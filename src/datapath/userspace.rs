@@ -520,8 +520,8 @@ impl<T: Transform> TxWorker<T> {
             }
         }
         self.flush(s, &table);
-        s.counters.add(&self.io.take());
-        s.counters.add(&self.plan.take_counts());
+        s.counters.drain(&mut self.io);
+        s.counters.drain(self.plan.counts_mut());
         step
     }
 
@@ -595,9 +595,13 @@ impl<T: Transform> TxWorker<T> {
         for m in self.plan.messages() {
             let start = n_iov;
             for k in m.segments.clone() {
-                let replaced = match self.sealed.get(k) {
-                    Some(Sealed::Replaced(r)) if !T::PASSTHROUGH => Some(r.clone()),
-                    _ => None,
+                let replaced = if T::PASSTHROUGH {
+                    None
+                } else {
+                    match self.sealed.get(k) {
+                        Some(Sealed::Replaced(r)) => Some(r.clone()),
+                        _ => None,
+                    }
                 };
                 if let Some(r) = replaced {
                     iovs[n_iov] = IoSlice::new(&self.transform.output()[r]);
@@ -703,8 +707,8 @@ impl<T: Transform> RxWorker<T> {
                 }
             }
         };
-        s.counters.add(&self.io.take());
-        s.counters.add(&self.plan.take_counts());
+        s.counters.drain(&mut self.io);
+        s.counters.drain(self.plan.counts_mut());
         step
     }
 

@@ -286,3 +286,39 @@ async fn no_donation_and_no_granted_allocation_after_a_failed_save() {
         "{out:?}"
     );
 }
+
+#[tokio::test]
+async fn peer_sources_add_and_remove_targets_at_run_time() {
+    use tokio::io::AsyncReadExt;
+    let h = harness(IpallocInit::Consensus(3), IpallocInit::Consensus(3)).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let target = crate::config::PeerTarget {
+        host: "127.0.0.1".into(),
+        port,
+    };
+    mesh::set_targets(&h.shared, vec![target.clone()]);
+    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+        .await
+        .expect("the new target is dialled")
+        .unwrap();
+    assert_eq!(h.shared.mesh.source_targets(), vec![target.to_string()]);
+    // The router greets with a Hello: a length-prefixed frame.
+    let mut len = [0u8; 4];
+    conn.read_exact(&mut len).await.unwrap();
+    assert!(u32::from_be_bytes(len) > 0);
+
+    // The source drops it: the dialer is cancelled and its connection closed.
+    mesh::set_targets(&h.shared, Vec::new());
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the connection of a removed target is closed"
+    );
+    assert!(h.shared.mesh.source_targets().is_empty());
+    assert!(h.shared.mesh.pending_targets().is_empty());
+    // Nothing dials it again.
+    let again = tokio::time::timeout(Duration::from_secs(3), listener.accept()).await;
+    assert!(again.is_err(), "a removed target was dialled again");
+}

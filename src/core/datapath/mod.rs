@@ -122,6 +122,8 @@ pub struct DropCounts {
     /// Received datagrams counted as `malformed`, by decapsulation failure.
     pub malformed: [u64; DecapError::KINDS],
     pub batches: BatchStats,
+    /// Some drop was counted since the last drain: the arrays need a look.
+    touched: bool,
 }
 
 impl Default for DropCounts {
@@ -130,6 +132,7 @@ impl Default for DropCounts {
             drops: [0; DropReason::COUNT],
             malformed: [0; DecapError::KINDS],
             batches: BatchStats::default(),
+            touched: false,
         }
     }
 }
@@ -137,6 +140,7 @@ impl Default for DropCounts {
 impl DropCounts {
     pub fn add(&mut self, r: DropReason, n: u64) {
         self.drops[r.index()] += n;
+        self.touched = true;
     }
 
     /// A datagram that failed decapsulation: `malformed`, and its kind.
@@ -145,6 +149,7 @@ impl DropCounts {
         if let Some(c) = self.malformed.get_mut(e.index()) {
             *c += 1;
         }
+        self.touched = true;
     }
 
     pub fn get(&self, r: DropReason) -> u64 {
@@ -154,6 +159,33 @@ impl DropCounts {
     /// Hands the counts over (for adding to the shared counters) and starts afresh.
     pub fn take(&mut self) -> DropCounts {
         std::mem::take(self)
+    }
+
+    /// Passes every non-zero count to `add` (drops by reason index, then malformed kinds
+    /// by index, then the batch counts) and zeroes it. Cheap when nothing was dropped: the
+    /// workers call this once per batch.
+    pub fn drain(
+        &mut self,
+        mut drop: impl FnMut(usize, u64),
+        mut malformed: impl FnMut(usize, u64),
+        mut batches: impl FnMut(BatchStats),
+    ) {
+        if self.touched {
+            for (i, n) in self.drops.iter_mut().enumerate() {
+                if *n != 0 {
+                    drop(i, std::mem::take(n));
+                }
+            }
+            for (i, n) in self.malformed.iter_mut().enumerate() {
+                if *n != 0 {
+                    malformed(i, std::mem::take(n));
+                }
+            }
+            self.touched = false;
+        }
+        if self.batches != BatchStats::default() {
+            batches(std::mem::take(&mut self.batches));
+        }
     }
 
     pub fn is_zero(&self) -> bool {

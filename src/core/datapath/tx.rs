@@ -273,8 +273,13 @@ impl<T: Transform> TxPlan<T> {
     }
 
     /// The drops counted since the last call.
+    #[cfg(test)]
     pub(crate) fn take_counts(&mut self) -> DropCounts {
         self.counts.take()
+    }
+
+    pub fn counts_mut(&mut self) -> &mut DropCounts {
+        &mut self.counts
     }
 }
 
