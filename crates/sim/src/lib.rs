@@ -98,6 +98,8 @@ pub struct Sim {
     /// Per node, the spans it owns in its own view (empty when down or gated).
     owned_cache: Vec<Vec<(u64, u64)>>,
     pods_by_node: Vec<BTreeSet<String>>,
+    /// Why each node's last connection was closed (for failure messages).
+    last_close: BTreeMap<usize, String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -141,6 +143,7 @@ impl Sim {
             dirty: BTreeSet::new(),
             owned_cache: Vec::new(),
             pods_by_node: Vec::new(),
+            last_close: BTreeMap::new(),
         }
     }
 
@@ -182,15 +185,19 @@ impl Sim {
     /// most `degree` random live nodes.
     fn boot(&mut self, i: usize, state: Option<PersistedState>, degree: usize) {
         let name = self.nodes[i].name.clone();
-        let (ipam, acceptor) = match state {
+        let (ipam, acceptor, nicknames) = match state {
             Some(st) => {
                 // Through the bytes, as the daemon's store does.
                 let back = persist::decode(&persist::encode(&st)).expect("state decodes");
                 let ipam = Ipam::restore(name.clone(), self.range, back.ipam_state())
                     .expect("saved state restores");
-                (ipam, back.acceptor().clone())
+                (ipam, back.acceptor().clone(), back.nicknames)
             }
-            None => (Ipam::new(name.clone(), self.range), Default::default()),
+            None => (
+                Ipam::new(name.clone(), self.range),
+                Default::default(),
+                Default::default(),
+            ),
         };
         let cfg = NodeConfig {
             name,
@@ -202,6 +209,7 @@ impl Sim {
             init: self.nodes[i].init.clone(),
         };
         let mut node = Node::new(cfg, ipam, acceptor);
+        node.remember_nicknames(nicknames);
         let fx = node.start();
         self.nodes[i].node = Some(node);
         self.nodes[i].life = Life::Up;
@@ -344,6 +352,8 @@ impl Sim {
 
     fn close(&mut self, id: ConnId, why: &str) {
         if let Some((a, b)) = self.links.remove(&id) {
+            self.last_close.insert(a, why.to_string());
+            self.last_close.insert(b, why.to_string());
             for (x, reason) in [(a, why), (b, "closed by peer")] {
                 if self.nodes[x].life == Life::Up {
                     let fx = self.node_mut(x).on_closed(id, reason);
@@ -578,13 +588,47 @@ impl Sim {
             }
             if steps >= max_steps {
                 break Err(format!(
-                    "rings did not converge within {max_steps} steps: {} distinct digests",
-                    self.digests().len()
+                    "rings did not converge within {max_steps} steps: {} distinct digests: {}",
+                    self.digests().len(),
+                    self.describe_rings()
                 ));
             }
         };
         self.faults = saved;
         result
+    }
+
+    /// Which node holds which ring (for a failure message): digest, gating, unsaved
+    /// state and connections of each live node.
+    fn describe_rings(&self) -> String {
+        let mut by: BTreeMap<Option<u64>, Vec<String>> = BTreeMap::new();
+        for i in self.up() {
+            let n = self.node(i);
+            let links = self
+                .links
+                .values()
+                .filter(|&&(a, b)| a == i || b == i)
+                .count();
+            by.entry(n.ipam().ring().map(Ring::digest))
+                .or_default()
+                .push(format!(
+                    "{i}{}{} ({links} links{})",
+                    if n.is_gated() { " gated" } else { "" },
+                    if n.has_unsaved_state() {
+                        " unsaved"
+                    } else {
+                        ""
+                    },
+                    match (links, self.last_close.get(&i)) {
+                        (0, Some(why)) => format!(", last closed: {why}"),
+                        _ => String::new(),
+                    }
+                ));
+        }
+        by.into_iter()
+            .map(|(d, nodes)| format!("{d:x?}: [{}]", nodes.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     fn digests(&self) -> BTreeSet<Option<u64>> {

@@ -7,13 +7,14 @@
 //! join: commutative, associative and idempotent.
 //!
 //! - `version` is bumped by the owner on every change of its entry (free count, cut).
-//! - `era` is bumped whenever the entry changes hands as a whole: a peer taking over the
-//!   entries of a removed peer (`rmpeer`), or a removed peer surrendering them when it
-//!   comes back. A stale replica of the old owner, whatever its version, always loses to
-//!   the new era, so a removed peer that restarts with old state cannot resurrect its
-//!   ranges. Two peers that take over the same entry concurrently both produce era+1; the
-//!   lower owner name wins, the same tie-break as for the tombstone's heir below, so both
-//!   decide the same owner.
+//! - `era` is bumped whenever the entry changes hands as a whole: by one when its owner
+//!   gives it away or a removed peer surrenders it when it comes back, by two when a peer
+//!   takes over the entries of a removed peer (`rmpeer`). A stale replica of the old
+//!   owner, whatever its version, always loses to the new era, so a removed peer that
+//!   restarts with old state cannot resurrect its ranges, nor make a gift it made just
+//!   before dying (which nobody heard) win over the takeover. Two peers that take over the
+//!   same entry concurrently both produce era+2; the lower owner name wins, the same
+//!   tie-break as for the tombstone's heir below, so both decide the same owner.
 //!
 //! Rule that makes splits checkable: an owner that cuts a new token into one of its
 //! entries bumps that entry's version in the same update. Any ring that knows the new
@@ -39,6 +40,13 @@ use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+
+/// Eras a takeover of a removed peer's entry jumps. A removed peer may have given the
+/// entry away just before it died, and the gift (one era up) may reach the others only
+/// later, e.g. from its disk when the machine returns: the takeover, two eras up, wins over
+/// such an unseen gift instead of tying with it (a tie would go to the lower owner name,
+/// an arbitrary winner that may be the peer that never received the gift).
+pub const TAKEOVER_ERAS: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -572,14 +580,17 @@ impl Ring {
 
     /// Hands entry `i` as a whole to `to`: era+1, version 0, same free count. The same
     /// change made by the heir and by the surrendering peer gives the same entry.
-    fn hand_over(&mut self, i: usize, to: &PeerName) -> Result<u64, RingError> {
+    /// Hands entry `i` to `to` as a whole, `bump` eras up: 1 for a transfer its owner
+    /// makes (a gift, a surrender), [`TAKEOVER_ERAS`] for a takeover of a removed peer's
+    /// entry.
+    fn hand_over(&mut self, i: usize, to: &PeerName, bump: u32) -> Result<u64, RingError> {
         let span = self.span_of(i);
         let inc = self.record(to).incarnation;
         let e = &mut self.entries[i];
-        if e.era == u32::MAX {
+        let Some(era) = e.era.checked_add(bump) else {
             return Err(RingError::VersionExhausted(space::addr(e.start)));
-        }
-        e.era += 1;
+        };
+        e.era = era;
         e.version = 0;
         e.owner = to.clone();
         e.inc = inc;
@@ -589,7 +600,7 @@ impl Ring {
     /// Owner-only: hands my entry at `token` as a whole to `to` (era+1).
     pub fn give(&mut self, me: &PeerName, token: u32, to: &PeerName) -> Result<(), RingError> {
         let i = self.my_entry(me, token)?;
-        self.hand_over(i, to).map(|_| ())
+        self.hand_over(i, to, 1).map(|_| ())
     }
 
     /// The index of the entry at `token`, which must be mine: only owners change entries.
@@ -644,7 +655,7 @@ impl Ring {
                 .or_insert_with(|| self.heir_of(owner))
                 .clone();
             if heir.as_ref() == Some(me) {
-                total += self.hand_over(i, me)?;
+                total += self.hand_over(i, me, TAKEOVER_ERAS)?;
             }
         }
         Ok(total)
@@ -656,7 +667,7 @@ impl Ring {
         if let Some(heir) = self.heir_of(me) {
             for i in 0..self.entries.len() {
                 if &self.entries[i].owner == me && self.entries[i].inc < incarnation {
-                    self.hand_over(i, &heir)?;
+                    self.hand_over(i, &heir, 1)?;
                 }
             }
         }
@@ -758,10 +769,14 @@ impl Fnv {
 /// addresses in a dropped cut refuses the merge through `merge_as`.) Anything else means
 /// two peers cut the same addresses without seeing each other: an error.
 fn check_split(new: &Entry, with: &[Entry], cover: &Entry) -> Result<bool, RingError> {
-    let ours = with
-        .binary_search_by_key(&cover.start, |e| e.start)
-        .ok()
-        .map(|k| &with[k]);
+    // The entry of `with` that holds the cover's first address: the same token when both
+    // rings know it; otherwise the cover's token is one `with` never saw (an older era's
+    // cut that `with` superseded, or a newer cut), and the entry containing it stands for
+    // it.
+    let ours = match with.binary_search_by_key(&cover.start, |e| e.start) {
+        Ok(k) => with.get(k),
+        Err(k) => k.checked_sub(1).and_then(|k| with.get(k)),
+    };
     match ours {
         Some(o) if o.key() > cover.key() => Ok(true),
         Some(o) if cover.era > o.era && new.era <= o.era => Ok(false),
@@ -1118,6 +1133,59 @@ mod tests {
             e.merge(&f),
             Err(RingError::InconsistentSplit { .. })
         ));
+    }
+
+    #[test]
+    fn a_cut_superseded_by_a_takeover_is_dropped_in_either_merge_order() {
+        let base = Ring::seeded(net("10.0.0.0/24"), &[p(1), p(2)]).unwrap();
+        // A stale view: p1 cut its entry at .64 for p3, then died before the others heard.
+        let mut stale = base.clone();
+        stale.split(&p(1), ip("10.0.0.64"), &p(3)).unwrap();
+        // The others: p2 took p1's entries over (rmpeer) and cut the entry at .32.
+        let mut current = base.clone();
+        current.remove_peer(&p(2), &p(1)).unwrap();
+        current.split(&p(2), ip("10.0.0.32"), &p(4)).unwrap();
+        let mut x = stale.clone();
+        x.merge(&current).unwrap();
+        let mut y = current.clone();
+        y.merge(&stale).unwrap();
+        assert_eq!(x, y);
+        let tokens: Vec<u32> = x.entries.iter().map(|e| e.start).collect();
+        assert_eq!(
+            tokens,
+            vec![ip("10.0.0.0"), ip("10.0.0.32"), ip("10.0.0.128")],
+            "p1's old cut is gone with its era"
+        );
+        assert_eq!(x.owner_of(ip("10.0.0.10")), Some(&p(2)));
+        assert_eq!(x.owner_of(ip("10.0.0.70")), Some(&p(4)), "not p3's");
+    }
+
+    #[test]
+    fn a_takeover_wins_over_a_gift_the_dead_peer_made_unheard() {
+        let base = Ring::seeded(net("10.0.0.0/24"), &[p(1), p(2)]).unwrap();
+        // p1 gives its whole entry to p0 and dies before anyone hears of it; its disk
+        // keeps the gift.
+        let mut gift = base.clone();
+        gift.give(&p(1), ip("10.0.0.0"), &p(0)).unwrap();
+        // p2 removes p1 and takes its entry over, unaware of the gift.
+        let mut takeover = base.clone();
+        takeover.remove_peer(&p(2), &p(1)).unwrap();
+        assert_eq!(takeover.owner_of(ip("10.0.0.1")), Some(&p(2)));
+        // p1's disk comes back: whatever the merge order, the takeover stands (p0, the
+        // lower name, would have won a tie).
+        for (mut a, b) in [
+            (takeover.clone(), gift.clone()),
+            (gift.clone(), takeover.clone()),
+        ] {
+            a.merge(&b).unwrap();
+            assert_eq!(a.owner_of(ip("10.0.0.1")), Some(&p(2)));
+        }
+        // Two heirs taking over at once still agree on the lower name.
+        let mut h3 = base.clone();
+        h3.remove_peer(&p(3), &p(1)).unwrap();
+        let mut both = takeover.clone();
+        both.merge(&h3).unwrap();
+        assert_eq!(both.owner_of(ip("10.0.0.1")), Some(&p(2)));
     }
 
     #[test]
