@@ -252,14 +252,18 @@ mod tests {
 
     #[test]
     fn server_errors_carry_code_and_message() {
-        // A nickname is not a peer name: the server's 400 and its reason reach the user.
+        // An unknown name: the server's 404 and its reason reach the user.
         let (_ctl, server) = fake(true);
-        match rmpeer(&server.addr, "n3") {
+        match rmpeer(&server.addr, "gone") {
             Err(CliError::Server { code, body, .. }) => {
-                assert_eq!(code, 400);
-                assert!(body.contains("not a peer name"), "{body}");
+                assert_eq!(code, 404);
+                assert!(body.contains("no peer named"), "{body}");
             }
-            other => panic!("expected a 400, got {other:?}"),
+            other => panic!("expected a 404, got {other:?}"),
         }
+        assert_eq!(
+            rmpeer(&server.addr, "n3").unwrap(),
+            "16 IPs taken over from n3\n"
+        );
     }
 }

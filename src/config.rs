@@ -18,8 +18,9 @@ pub struct RouterArgs {
     /// /etc/machine-id, else a random name kept in --db-dir.
     #[arg(long)]
     pub name: Option<String>,
-    /// Human-readable name shown next to the peer name (default: the hostname).
-    #[arg(long, env = "HOSTNAME")]
+    /// Human-readable name shown next to the peer name, and the node's name in
+    /// Kubernetes (default: `NODE_NAME`, else `HOSTNAME`, else the hostname).
+    #[arg(long)]
     pub nickname: Option<String>,
     /// The address range pods get addresses from, split among the nodes.
     #[arg(long, env = "IPALLOC_RANGE", default_value = DEFAULT_RANGE)]
@@ -27,12 +28,13 @@ pub struct RouterArgs {
     /// Control port (tcp); the data port (udp, VXLAN format) is this plus one.
     #[arg(long, default_value_t = DEFAULT_CONTROL_PORT)]
     pub port: u16,
-    /// HTTP API address. Keep it on loopback: it can allocate and free addresses.
+    /// HTTP API address (`host:port`, or `:port` for all addresses). Keep it on
+    /// loopback: it can allocate and free addresses.
     #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = DEFAULT_HTTP_ADDR)]
-    pub http_addr: SocketAddr,
-    /// Prometheus metrics address.
+    pub http_addr: String,
+    /// Prometheus metrics address (`host:port`, or Weave's `:6782` for all addresses).
     #[arg(long, env = "WEAVE_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
-    pub metrics_addr: SocketAddr,
+    pub metrics_addr: String,
     /// MTU of the overlay (TUN and pods). Default: underlay MTU minus 50 bytes of VXLAN
     /// encapsulation.
     #[arg(long, env = "WEAVE_MTU")]
@@ -40,15 +42,39 @@ pub struct RouterArgs {
     /// Where the ring, allocations and peer name are kept across restarts.
     #[arg(long, default_value = DEFAULT_DB_DIR)]
     pub db_dir: PathBuf,
-    /// How the range is first divided: `consensus=N` (the default, N = number of PEERs
-    /// plus one; allocation waits until a quorum of N/2+1 agrees), `seed=NAME,NAME,...`
-    /// (exactly these peers), or `observer` (no space until it asks for some).
+    /// How the range is first divided: `consensus=N` (the default, N = the number of
+    /// nodes known at start: PEERs plus one, or the Kubernetes Nodes; allocation waits
+    /// until a quorum of N/2+1 agrees), `seed=NAME,NAME,...` (exactly these peers), or
+    /// `observer` (no space until it asks for some).
     #[arg(long, env = "IPALLOC_INIT")]
     pub ipalloc_init: Option<String>,
+    /// Most control connections at once (Weave's CONN_LIMIT); further ones are refused.
+    #[arg(long, env = "CONN_LIMIT", default_value_t = DEFAULT_CONN_LIMIT)]
+    pub conn_limit: usize,
+    /// Space-separated peers (Weave's KUBE_PEERS). In Kubernetes mode they replace the
+    /// Nodes listed by the API.
+    #[arg(long, env = "KUBE_PEERS")]
+    pub kube_peers: Option<String>,
+    /// Kubernetes API access from a kubeconfig file (also `KUBECONFIG`); inside a pod the
+    /// service account is used without it.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace of the Leases that make one node reclaim a deleted Node's addresses.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    pub kube_namespace: String,
+    /// Never use the Kubernetes API, even inside a pod.
+    #[arg(long)]
+    pub no_kube: bool,
     /// Other nodes' control addresses: `host` or `host:port`.
     #[arg(value_name = "PEER")]
     pub peers: Vec<String>,
 }
+
+/// Weave's default `CONN_LIMIT`.
+pub const DEFAULT_CONN_LIMIT: usize = 200;
+
+/// Where the Kubernetes service account's token is mounted in a pod.
+pub const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -66,6 +92,10 @@ pub enum ConfigError {
     Nickname(String),
     #[error("{0}")]
     Init(#[from] crate::core::ipam::init::IpallocInitError),
+    #[error("{what} address {given:?}: expected host:port or :port")]
+    Addr { what: &'static str, given: String },
+    #[error("--conn-limit (CONN_LIMIT) must be at least 1")]
+    ConnLimit,
 }
 
 /// A PEER argument split into host and control port.
@@ -99,6 +129,17 @@ pub fn parse_peer(s: &str, default_port: u16) -> Result<PeerTarget, ConfigError>
     }
 }
 
+/// How the router reaches the Kubernetes API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeSettings {
+    /// This node's Node name (the router's nickname).
+    pub node_name: String,
+    /// Namespace of weft's Leases.
+    pub namespace: String,
+    /// A kubeconfig file; `None` inside a pod (service account).
+    pub kubeconfig: Option<PathBuf>,
+}
+
 /// Validated router configuration.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
@@ -112,11 +153,57 @@ pub struct RouterConfig {
     pub mtu: Option<u32>,
     pub db_dir: PathBuf,
     pub init: IpallocInit,
+    /// `init` was given (`--ipalloc-init`, `IPALLOC_INIT`), not derived from the peers.
+    pub init_given: bool,
+    /// PEER arguments and KUBE_PEERS.
     pub peers: Vec<PeerTarget>,
+    /// KUBE_PEERS was given: the Kubernetes API's Node list is not used for peers.
+    pub kube_peers_given: bool,
+    pub conn_limit: usize,
+    /// Kubernetes mode: in a pod with a service account, or with a kubeconfig.
+    pub kube: Option<KubeSettings>,
+}
+
+/// `host:port`, or `:port` meaning every address (Weave's `WEAVE_METRICS_ADDR=:6782`).
+fn parse_listen(what: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    let full = match s.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => s.to_string(),
+    };
+    full.parse().map_err(|_| ConfigError::Addr {
+        what,
+        given: s.to_string(),
+    })
+}
+
+/// What the environment holds that clap does not parse itself.
+pub struct Environment<'a> {
+    /// Looks up an environment variable.
+    pub var: &'a dyn Fn(&str) -> Option<String>,
+    /// The machine's hostname.
+    pub hostname: String,
+    /// A service-account token is mounted (running in a pod).
+    pub service_account: bool,
+}
+
+impl Environment<'_> {
+    fn get(&self, key: &str) -> Option<String> {
+        (self.var)(key).filter(|v| !v.trim().is_empty())
+    }
 }
 
 impl RouterArgs {
+    /// Validates with the process environment.
     pub fn validate(self, hostname: &str) -> Result<RouterConfig, ConfigError> {
+        let var = |k: &str| std::env::var(k).ok();
+        self.validate_in(&Environment {
+            var: &var,
+            hostname: hostname.to_string(),
+            service_account: std::path::Path::new(SERVICE_ACCOUNT_TOKEN).exists(),
+        })
+    }
+
+    pub fn validate_in(self, env: &Environment<'_>) -> Result<RouterConfig, ConfigError> {
         if let Some(m) = self.mtu {
             if !(576..=65000).contains(&m) {
                 return Err(ConfigError::Mtu(m));
@@ -135,16 +222,23 @@ impl RouterArgs {
         if self.port == u16::MAX {
             return Err(ConfigError::Port(self.port));
         }
+        if self.conn_limit == 0 {
+            return Err(ConfigError::ConnLimit);
+        }
         let nickname = self
             .nickname
             .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| hostname.to_string());
+            .or_else(|| env.get("NODE_NAME"))
+            .or_else(|| env.get("HOSTNAME"))
+            .unwrap_or_else(|| env.hostname.clone());
         if nickname.len() > 64 || nickname.chars().any(|c| c.is_control()) {
             return Err(ConfigError::Nickname(nickname));
         }
+        let kube_peers = self.kube_peers.filter(|p| !p.trim().is_empty());
+        let kube_peers_given = kube_peers.is_some();
         let mut peers = Vec::new();
-        for p in &self.peers {
-            // KUBE_PEERS arrives as one space-separated argument in some launch scripts.
+        for p in self.peers.iter().chain(kube_peers.iter()) {
+            // KUBE_PEERS arrives as one space-separated argument in launch scripts.
             for one in p.split_whitespace() {
                 let t = parse_peer(one, self.port)?;
                 if !peers.contains(&t) {
@@ -152,30 +246,97 @@ impl RouterArgs {
                 }
             }
         }
-        let init = match self.ipalloc_init.as_deref().map(str::trim) {
-            Some(s) if !s.is_empty() => IpallocInit::parse(s)?,
-            _ => IpallocInit::Consensus(peers.len() + 1),
+        let given = self
+            .ipalloc_init
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty());
+        let init = match given {
+            Some(s) => IpallocInit::parse(s)?,
+            None => IpallocInit::Consensus(peers.len() + 1),
         };
+        let in_pod = env.service_account && env.get("KUBERNETES_SERVICE_HOST").is_some();
+        let kubeconfig = self.kubeconfig.filter(|p| !p.as_os_str().is_empty());
+        let kube = (!self.no_kube && (kubeconfig.is_some() || in_pod)).then(|| KubeSettings {
+            node_name: nickname.clone(),
+            namespace: self.kube_namespace.clone(),
+            kubeconfig: kubeconfig.clone(),
+        });
         Ok(RouterConfig {
             name: self.name,
             nickname,
             range,
             port: self.port,
             data_port: self.port + 1,
-            http_addr: self.http_addr,
-            metrics_addr: self.metrics_addr,
+            http_addr: parse_listen("HTTP API", &self.http_addr)?,
+            metrics_addr: parse_listen("metrics", &self.metrics_addr)?,
             mtu: self.mtu,
             db_dir: self.db_dir,
             init,
+            init_given: given.is_some(),
             peers,
+            kube_peers_given,
+            conn_limit: self.conn_limit,
+            kube,
         })
     }
+}
+
+/// Weave's variables weft does not implement, each with what to know about it; the router
+/// logs one line for every one that is set, so nothing is silently ignored.
+const NOT_IMPLEMENTED: &[(&str, &str)] = &[
+    (
+        "WEAVE_PASSWORD",
+        "weft does not encrypt yet: traffic between nodes is NOT encrypted",
+    ),
+    ("NO_MASQ_LOCAL", "weft does not masquerade pod traffic yet"),
+    ("EXPECT_NPC", "weft has no network policy controller"),
+    ("WEAVE_NPC_", "weft has no network policy controller"),
+    ("CHECKPOINT_DISABLE", "weft never checks for updates"),
+    (
+        "HAIRPIN_MODE",
+        "pods are routed, not bridged: a pod reaches itself through a Service without it",
+    ),
+    (
+        "WEAVE_EXPOSE_IP",
+        "the node's overlay address is allocated by IPAM (weave:expose)",
+    ),
+    (
+        "WEAVE_NO_FASTDP",
+        "weft's data path is its own user-space one; there is no kernel fast path yet",
+    ),
+    (
+        "WEAVE_STATUS_ADDR",
+        "status pages are served on WEAVE_HTTP_ADDR",
+    ),
+    ("IPTABLES_BACKEND", "weft writes no iptables rules"),
+    ("DB_PREFIX", "weft keeps its state in --db-dir"),
+    ("WEAVE_DEBUG", "use RUST_LOG=debug"),
+];
+
+/// One line per Weave variable that is set but not implemented by weft.
+pub fn unimplemented_settings(var: &dyn Fn(&str) -> Option<String>, all: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, why) in NOT_IMPLEMENTED {
+        let set: Vec<&String> = if name.ends_with('_') {
+            all.iter().filter(|k| k.starts_with(name)).collect()
+        } else {
+            all.iter().filter(|k| k.as_str() == *name).collect()
+        };
+        for k in set {
+            if var(k).is_some() {
+                out.push(format!("{k} is set but not used: {why}"));
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::Parser;
+    use std::collections::BTreeMap;
 
     #[derive(Parser)]
     struct Cli {
@@ -189,41 +350,170 @@ mod tests {
         Cli::try_parse_from(v).unwrap().r
     }
 
+    /// Validates with exactly `vars` as the environment.
+    fn validate(args: RouterArgs, vars: &[(&str, &str)], service_account: bool) -> RouterConfig {
+        try_validate(args, vars, service_account).unwrap()
+    }
+
+    fn try_validate(
+        args: RouterArgs,
+        vars: &[(&str, &str)],
+        service_account: bool,
+    ) -> Result<RouterConfig, ConfigError> {
+        let map: BTreeMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let var = move |k: &str| map.get(k).cloned();
+        args.validate_in(&Environment {
+            var: &var,
+            hostname: "host".into(),
+            service_account,
+        })
+    }
+
     #[test]
     fn defaults_and_peers() {
-        let c = parse(&["--nickname", "n1", "10.0.0.2", "10.0.0.3:7000", "10.0.0.2"])
-            .validate("host")
-            .unwrap();
+        let c = validate(
+            parse(&["--nickname", "n1", "10.0.0.2", "10.0.0.3:7000", "10.0.0.2"]),
+            &[],
+            false,
+        );
         assert_eq!(c.range.to_string(), "192.168.0.0/16");
         assert_eq!(c.port, 6783);
         assert_eq!(c.data_port, 6784);
         assert_eq!(c.http_addr.to_string(), "127.0.0.1:6784");
+        assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:6782");
         assert_eq!(c.peers.len(), 2);
         assert_eq!(c.peers[1].port, 7000);
         assert_eq!(c.init, IpallocInit::Consensus(3));
-        let seeded = parse(&["--ipalloc-init", "seed=02:77:66:00:00:01", "10.0.0.2"])
-            .validate("h")
-            .unwrap();
+        assert!(!c.init_given);
+        assert_eq!(c.conn_limit, DEFAULT_CONN_LIMIT);
+        assert_eq!(c.kube, None, "no service account, no kubeconfig");
+        let seeded = validate(
+            parse(&["--ipalloc-init", "seed=02:77:66:00:00:01", "10.0.0.2"]),
+            &[],
+            false,
+        );
         assert!(matches!(seeded.init, IpallocInit::Seed(ref s) if s.len() == 1));
+        assert!(seeded.init_given);
         assert_eq!(c.nickname, "n1");
     }
 
     #[test]
+    fn nickname_comes_from_the_flag_then_node_name_then_hostname() {
+        let env = [("NODE_NAME", "ip-10-0-1-5"), ("HOSTNAME", "weft-abcde")];
+        assert_eq!(
+            validate(parse(&["--nickname", "n1"]), &env, false).nickname,
+            "n1"
+        );
+        assert_eq!(validate(parse(&[]), &env, false).nickname, "ip-10-0-1-5");
+        assert_eq!(
+            validate(parse(&[]), &env[1..], false).nickname,
+            "weft-abcde"
+        );
+        assert_eq!(validate(parse(&[]), &[], false).nickname, "host");
+    }
+
+    #[test]
+    fn kube_peers_join_the_peers_and_count_for_consensus() {
+        let c = validate(
+            parse(&[
+                "--kube-peers",
+                "10.0.0.2 10.0.0.3  10.0.0.4:7000",
+                "10.0.0.2",
+            ]),
+            &[],
+            false,
+        );
+        let targets: Vec<String> = c.peers.iter().map(|p| p.to_string()).collect();
+        assert_eq!(targets, ["10.0.0.2:6783", "10.0.0.3:6783", "10.0.0.4:7000"]);
+        assert!(c.kube_peers_given);
+        assert_eq!(c.init, IpallocInit::Consensus(4));
+        assert!(!validate(parse(&["--kube-peers", "  "]), &[], false).kube_peers_given);
+    }
+
+    #[test]
+    fn kubernetes_mode_in_a_pod_or_with_a_kubeconfig() {
+        let pod = [
+            ("KUBERNETES_SERVICE_HOST", "10.100.0.1"),
+            ("NODE_NAME", "node-a"),
+        ];
+        let c = validate(parse(&[]), &pod, true);
+        assert_eq!(
+            c.kube,
+            Some(KubeSettings {
+                node_name: "node-a".into(),
+                namespace: "kube-system".into(),
+                kubeconfig: None,
+            })
+        );
+        // A token without the service's address is not a pod of this cluster.
+        assert_eq!(validate(parse(&[]), &pod[1..], true).kube, None);
+        assert_eq!(validate(parse(&[]), &pod, false).kube, None);
+        let c = validate(
+            parse(&[
+                "--kubeconfig",
+                "/etc/weft/kubeconfig",
+                "--kube-namespace",
+                "weft",
+            ]),
+            &[],
+            false,
+        );
+        let k = c.kube.unwrap();
+        assert_eq!(k.kubeconfig, Some(PathBuf::from("/etc/weft/kubeconfig")));
+        assert_eq!(k.namespace, "weft");
+        assert_eq!(validate(parse(&["--no-kube"]), &pod, true).kube, None);
+    }
+
+    #[test]
+    fn weaves_listen_addresses_are_accepted() {
+        let c = validate(
+            parse(&["--metrics-addr", ":6782", "--http-addr", "127.0.0.1:7784"]),
+            &[],
+            false,
+        );
+        assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:6782");
+        assert_eq!(c.http_addr.to_string(), "127.0.0.1:7784");
+        assert!(try_validate(parse(&["--metrics-addr", "6782"]), &[], false).is_err());
+    }
+
+    #[test]
     fn rejects_bad_values() {
-        assert!(parse(&["--mtu", "100"]).validate("h").is_err());
-        assert!(parse(&["--ipalloc-range", "192.168.1.0/31"])
-            .validate("h")
-            .is_err());
-        assert!(parse(&["--ipalloc-range", "192.168.1.5/16"])
-            .validate("h")
-            .is_err());
-        assert!(parse(&["a:b:c"]).validate("h").is_err());
-        assert!(parse(&["host:notaport"]).validate("h").is_err());
-        assert!(parse(&["--ipalloc-init", "consensus=zero"])
-            .validate("h")
-            .is_err());
-        assert!(parse(&["--ipalloc-init", "seed=n1,n2"])
-            .validate("h")
-            .is_err());
+        for args in [
+            &["--mtu", "100"][..],
+            &["--ipalloc-range", "192.168.1.0/31"],
+            &["--ipalloc-range", "192.168.1.5/16"],
+            &["a:b:c"],
+            &["host:notaport"],
+            &["--ipalloc-init", "consensus=zero"],
+            &["--ipalloc-init", "seed=n1,n2"],
+            &["--conn-limit", "0"],
+            &["--kube-peers", "a:b:c"],
+        ] {
+            assert!(try_validate(parse(args), &[], false).is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn unimplemented_weave_variables_are_named_not_ignored() {
+        let vars: BTreeMap<&str, &str> = [
+            ("WEAVE_PASSWORD", "secret"),
+            ("WEAVE_NPC_EXTRA_ARGS", "--log-level=debug"),
+            ("CHECKPOINT_DISABLE", "1"),
+            ("IPALLOC_RANGE", "10.32.0.0/12"),
+        ]
+        .into_iter()
+        .collect();
+        let names: Vec<String> = vars.keys().map(|k| k.to_string()).collect();
+        let lines = unimplemented_settings(&|k| vars.get(k).map(|v| v.to_string()), &names);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(lines
+            .iter()
+            .any(|l| l.starts_with("WEAVE_PASSWORD is set but not used")
+                && l.contains("NOT encrypted")));
+        assert!(lines.iter().any(|l| l.starts_with("WEAVE_NPC_EXTRA_ARGS")));
+        assert!(!lines.iter().any(|l| l.contains("IPALLOC_RANGE")));
     }
 }

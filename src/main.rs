@@ -16,7 +16,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the per-node daemon.
-    Router(RouterArgs),
+    #[command(args_override_self = true)]
+    Router(Box<RouterArgs>),
     /// Print the router's status (from its HTTP API).
     Status {
         /// peers | connections | ipam | targets | routes
@@ -29,9 +30,11 @@ enum Command {
         #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weft::config::DEFAULT_HTTP_ADDR)]
         http_addr: String,
     },
-    /// Take over the address ranges of a peer that is gone for good.
+    /// Take over the address ranges of peers that are gone for good: each NAME is a peer
+    /// name (02:..) or a nickname (the Kubernetes Node name).
     Rmpeer {
-        name: String,
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
         #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weft::config::DEFAULT_HTTP_ADDR)]
         http_addr: String,
     },
@@ -45,8 +48,30 @@ enum Command {
     },
 }
 
+/// The command line, with Weave's `EXTRA_ARGS` (router flags in one variable, as Weave's
+/// launch script took them) placed right after `router`: flags given on the command line
+/// come later and so win.
+fn args_with_extra(
+    mut args: Vec<std::ffi::OsString>,
+    extra: Option<String>,
+) -> Vec<std::ffi::OsString> {
+    if args.get(1).is_some_and(|a| a == "router") {
+        if let Some(extra) = extra {
+            let at = 2;
+            for (k, a) in extra.split_whitespace().enumerate() {
+                args.insert(at + k, a.into());
+            }
+        }
+    }
+    args
+}
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let args = args_with_extra(
+        std::env::args_os().collect(),
+        std::env::var("EXTRA_ARGS").ok(),
+    );
+    let cli = Cli::parse_from(args);
     match cli.command {
         Command::Router(args) => {
             tracing_subscriber::fmt()
@@ -61,7 +86,7 @@ fn main() -> anyhow::Result<()> {
                 .ok()
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_default();
-            let cfg = args.validate(&hostname)?;
+            let cfg = (*args).validate(&hostname)?;
             weft::router::run(cfg).context("weft router failed")
         }
         Command::Status { what, http_addr } => {
@@ -74,9 +99,20 @@ fn main() -> anyhow::Result<()> {
             println!("{}", text.trim_end());
             Ok(())
         }
-        Command::Rmpeer { name, http_addr } => {
-            let text = weft::cli::rmpeer(&http_addr, &name)?;
-            println!("{}", text.trim_end());
+        Command::Rmpeer { names, http_addr } => {
+            let mut failed = 0;
+            for name in &names {
+                match weft::cli::rmpeer(&http_addr, name) {
+                    Ok(text) => println!("{}", text.trim_end()),
+                    Err(e) => {
+                        eprintln!("weft rmpeer {name}: {e}");
+                        failed += 1;
+                    }
+                }
+            }
+            if failed > 0 {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Demo { nodes, pods } => {
@@ -89,5 +125,44 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(v: &[&str]) -> Vec<std::ffi::OsString> {
+        v.iter().map(|s| s.into()).collect()
+    }
+
+    #[test]
+    fn extra_args_go_first_so_the_command_line_wins() {
+        let got = args_with_extra(
+            os(&["weft", "router", "--mtu", "1400", "10.0.0.2"]),
+            Some(" --conn-limit 30   --mtu 1300 ".into()),
+        );
+        assert_eq!(
+            got,
+            os(&[
+                "weft",
+                "router",
+                "--conn-limit",
+                "30",
+                "--mtu",
+                "1300",
+                "--mtu",
+                "1400",
+                "10.0.0.2"
+            ])
+        );
+        let cli = Cli::try_parse_from(got).unwrap();
+        let Command::Router(r) = cli.command else {
+            panic!("router")
+        };
+        assert_eq!((r.mtu, r.conn_limit), (Some(1400), 30));
+        // Only the router takes them.
+        let status = os(&["weft", "status"]);
+        assert_eq!(args_with_extra(status.clone(), Some("--x".into())), status);
     }
 }

@@ -265,12 +265,14 @@ async fn ip_free<C: Control>(State(api): St<C>, Path(id): Path<String>) -> Respo
     }
 }
 
-/// Weave's `DELETE /peer/{name}`: answers "N IPs taken over from NAME".
+/// Weave's `DELETE /peer/{name}`: answers "N IPs taken over from NAME". `name` is a peer
+/// name or a nickname (the Kubernetes Node name), as Weave's rmpeer took them.
 async fn peer_remove<C: Control>(State(api): St<C>, Path(name): Path<String>) -> Response {
-    if crate::core::mesh::PeerName::parse(&name).is_err() {
-        return bad_request(&api, format!(
-            "{name:?} is not a peer name (six hex octets like 02:77:66:00:00:01); see `weft status ipam`"
-        ));
+    if name.is_empty() || name.len() > 253 || name.chars().any(|c| c.is_control()) {
+        return bad_request(
+            &api,
+            format!("{name:?} is neither a peer name nor a Node name"),
+        );
     }
     match api.ctl.rmpeer(&name).await {
         Ok(n) => (StatusCode::OK, format!("{n} IPs taken over from {name}\n")).into_response(),
@@ -461,11 +463,15 @@ pub(crate) mod fake {
         }
 
         async fn rmpeer(&self, peer_name: &str) -> Result<u64, IpApiError> {
-            // The fake owns 16 addresses of every peer except 02:..:ff, which is "itself".
+            // The fake owns 16 addresses of every peer except 02:..:ff, which is "itself";
+            // it knows the nicknames n1 to n3 only.
             if peer_name == "02:00:00:00:00:ff" {
                 return Err(IpApiError::Conflict(
                     "cannot remove this peer itself".into(),
                 ));
+            }
+            if !peer_name.starts_with("02:") && !["n1", "n2", "n3"].contains(&peer_name) {
+                return Err(IpApiError::NotFound(format!("no peer named {peer_name:?}")));
             }
             Ok(16)
         }
@@ -784,13 +790,21 @@ mod tests {
         assert_eq!(a.body, "16 IPs taken over from 02:00:00:00:00:01\n");
         let a = call(&router, Method::DELETE, "/peer/02:00:00:00:00:ff").await;
         assert_eq!(a.code, StatusCode::CONFLICT);
-        let a = call(&router, Method::DELETE, "/peer/n1").await;
+        // A nickname (the Node's name) works as in Weave's rmpeer.
+        let a = call(&router, Method::DELETE, "/peer/n2").await;
+        assert_eq!(
+            (a.code, a.body.as_str()),
+            (StatusCode::OK, "16 IPs taken over from n2\n")
+        );
+        let a = call(&router, Method::DELETE, "/peer/nope").await;
+        assert_eq!(a.code, StatusCode::NOT_FOUND);
+        assert!(a.body.contains("no peer named"), "{}", a.body);
+        let a = call(&router, Method::DELETE, "/peer/a%0Ab").await;
         assert_eq!(a.code, StatusCode::BAD_REQUEST);
         assert_eq!(
             ctl.bad_requests.load(std::sync::atomic::Ordering::Relaxed),
             1
         );
-        assert!(a.body.contains("not a peer name"), "{}", a.body);
     }
 
     #[tokio::test]

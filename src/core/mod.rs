@@ -4,6 +4,7 @@
 //! the bytes per cycle of the baseline build on 64 KiB payloads.
 #![deny(unsafe_code)]
 
+pub mod cluster;
 pub mod datapath;
 pub mod ipam;
 pub mod mesh;

@@ -23,6 +23,10 @@ pub struct PersistedState {
     pub version: u32,
     pub peer_name: Option<PeerName>,
     pub ipam: PersistedIpam,
+    /// Nicknames (Kubernetes Node names) of the peers this node has met, so that a Node
+    /// deleted while this node was down can still be matched to its ring member.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nicknames: BTreeMap<PeerName, String>,
 }
 
 /// The IPAM part, laid out as format 2 has it on disk: the acceptor of the consensus that
@@ -50,7 +54,13 @@ impl PersistedState {
                 incarnation: ipam.incarnation,
                 paxos: acceptor,
             },
+            nicknames: BTreeMap::new(),
         }
+    }
+
+    pub fn with_nicknames(mut self, nicknames: BTreeMap<PeerName, String>) -> Self {
+        self.nicknames = nicknames;
+        self
     }
 
     /// The allocator's part.

@@ -159,15 +159,44 @@ impl Control for RouterControl {
         self.0.bad_requests.fetch_add(1, Ordering::Relaxed);
     }
 
-    async fn rmpeer(&self, peer_name: &str) -> Result<u64, IpApiError> {
-        let name = PeerName::parse(peer_name).map_err(|e| IpApiError::BadRequest(e.to_string()))?;
-        let (r, saved) = self.0.request(|n| n.rmpeer(&name));
-        let taken = r.map_err(map_ipam_error)?;
-        saved
-            .wait()
-            .await
-            .map_err(|e| IpApiError::Internal(format!("took over, but not saved: {e}")))?;
-        Ok(taken)
+    /// `name` is a peer name or a nickname (a Kubernetes Node name). A nickname may name
+    /// several peers (a Node re-created under the same name is a new peer): each one not
+    /// connected is removed, the connected one is left alone.
+    async fn rmpeer(&self, name: &str) -> Result<u64, IpApiError> {
+        let peers = match PeerName::parse(name) {
+            Ok(p) => vec![p],
+            Err(_) => {
+                let v = self.0.with_node(|n| n.peers_named(name));
+                if v.is_empty() {
+                    return Err(IpApiError::NotFound(format!(
+                        "no peer named {name:?}: give a peer name (like 02:77:66:00:00:01) or a nickname (the Node name) as `weft status peers` shows them"
+                    )));
+                }
+                v
+            }
+        };
+        let mut taken = 0;
+        let mut first_error = None;
+        let mut removed_any = false;
+        for peer in peers {
+            let (r, saved) = self.0.request(|n| n.rmpeer(&peer));
+            match r {
+                Ok(n) => {
+                    saved.wait().await.map_err(|e| {
+                        IpApiError::Internal(format!("took over, but not saved: {e}"))
+                    })?;
+                    taken += n;
+                    removed_any = true;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match (removed_any, first_error) {
+            (false, Some(e)) => Err(map_ipam_error(e)),
+            _ => Ok(taken),
+        }
     }
 
     async fn free(&self, container_id: &ContainerId) -> Result<Option<Ipv4Addr>, IpApiError> {

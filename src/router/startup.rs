@@ -17,6 +17,7 @@ use crate::datapath::userspace::{UserspaceBackend, WorkerConfig};
 use crate::io::netlink::Netlink;
 use crate::io::store::{Store, StoreError};
 use ipnet::Ipv4Net;
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -58,7 +59,7 @@ pub fn run(cfg: RouterConfig) -> Result<(), RouterError> {
     let persisted = store.load()?;
     let name = choose_name(&cfg, persisted.as_ref())?;
     let name_is_stored = persisted.as_ref().and_then(|p| p.peer_name.as_ref()) == Some(&name);
-    let (ipam, acceptor) = match persisted {
+    let (ipam, acceptor, nicknames) = match persisted {
         Some(p) => {
             let ipam = Ipam::restore(name.clone(), cfg.range, p.ipam_state())?;
             info!(
@@ -66,9 +67,13 @@ pub fn run(cfg: RouterConfig) -> Result<(), RouterError> {
                 cfg.db_dir.display(),
                 ipam.active_count()
             );
-            (ipam, p.acceptor().clone())
+            (ipam, p.acceptor().clone(), p.nicknames)
         }
-        None => (Ipam::new(name.clone(), cfg.range), Acceptor::default()),
+        None => (
+            Ipam::new(name.clone(), cfg.range),
+            Acceptor::default(),
+            Default::default(),
+        ),
     };
     if !name_is_stored {
         // A random name (no machine id) must survive the next restart even if nothing
@@ -84,7 +89,7 @@ pub fn run(cfg: RouterConfig) -> Result<(), RouterError> {
         .enable_all()
         .thread_name("weft-control")
         .build()?;
-    rt.block_on(run_async(cfg, store, name, ipam, acceptor))
+    rt.block_on(run_async(cfg, store, name, ipam, acceptor, nicknames))
 }
 
 fn choose_name(
@@ -132,6 +137,7 @@ async fn run_async(
     name: PeerName,
     ipam: Ipam,
     acceptor: Acceptor,
+    nicknames: BTreeMap<PeerName, String>,
 ) -> Result<(), RouterError> {
     info!(
         "weft {} starting: name {name}({}), range {}, peers {:?}",
@@ -174,7 +180,7 @@ async fn run_async(
         &WorkerConfig::from_env(),
     )?;
 
-    let node = Node::new(
+    let mut node = Node::new(
         NodeConfig {
             name: name.clone(),
             nickname: cfg.nickname.clone(),
@@ -187,6 +193,7 @@ async fn run_async(
         ipam,
         acceptor,
     );
+    node.remember_nicknames(nicknames);
     let control_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.port));
     let listener = bind("control port (tcp)", control_addr).await?;
     let api_listener = bind("HTTP API", cfg.http_addr).await?;

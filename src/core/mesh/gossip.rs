@@ -58,6 +58,9 @@ pub(super) struct Gossip {
     pub(super) gated: bool,
     /// Tick at which a gated node first merged a (gated) peer's ring.
     gate_heard: Option<u64>,
+    /// Every peer's nickname this node has heard (persisted): a ring member whose
+    /// Kubernetes Node is gone is found by it even after a restart.
+    pub(super) nicknames: BTreeMap<PeerName, String>,
 }
 
 impl Gossip {
@@ -68,11 +71,25 @@ impl Gossip {
             ring_error: None,
             gated,
             gate_heard: None,
+            nicknames: BTreeMap::new(),
         }
     }
 }
 
 impl Node {
+    /// Remembers `name`'s nickname; a change is persisted.
+    pub(super) fn learn_nickname(&mut self, name: &PeerName, nickname: &str) {
+        if nickname.is_empty() || name == &self.cfg.name {
+            return;
+        }
+        if self.gossip.nicknames.get(name).map(String::as_str) != Some(nickname) {
+            self.gossip
+                .nicknames
+                .insert(name.clone(), nickname.to_string());
+            self.touch();
+        }
+    }
+
     /// Per tick: heartbeats to all but one neighbour, a digest (and every `PEERS_EVERY`
     /// ticks the peer summaries) to that one, and the restart gate's timer.
     pub(super) fn gossip_tick(&mut self, out: &mut Outbox) {
@@ -303,6 +320,7 @@ impl Node {
             if self.ipam.ring().is_some_and(|r| r.is_removed(&p.name)) {
                 continue;
             }
+            self.learn_nickname(&p.name, &p.nickname);
             let changed = match self.gossip.peers.get(&p.name) {
                 None => true,
                 Some(k) => k.uid != p.uid || k.address != p.address || k.data_port != p.data_port,

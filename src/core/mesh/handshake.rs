@@ -115,6 +115,7 @@ impl Node {
         if let Some(c) = self.conns.get_mut(&id) {
             c.peer = Some((h.name.clone(), h.uid));
         }
+        self.learn_nickname(&h.name, &h.nickname);
         let address = match conn.remote {
             SocketAddr::V4(a) => Some(*a.ip()),
             SocketAddr::V6(a) => a.ip().to_ipv4_mapped(),

@@ -153,6 +153,48 @@ impl Node {
             self.ipam.state(),
             self.consensus.acceptor.clone(),
         )
+        .with_nicknames(self.gossip.nicknames.clone())
+    }
+
+    /// Restores the nicknames of peers met before a restart (from [`PersistedState`]).
+    pub fn remember_nicknames(&mut self, nicknames: BTreeMap<PeerName, String>) {
+        self.gossip.nicknames = nicknames;
+        self.gossip.nicknames.remove(&self.cfg.name);
+    }
+
+    /// The peers known under `nickname` (a Kubernetes Node name), newest knowledge first:
+    /// connected ones, then the rest.
+    pub fn peers_named(&self, nickname: &str) -> Vec<PeerName> {
+        let mut v: Vec<PeerName> = self
+            .gossip
+            .nicknames
+            .iter()
+            .filter(|(_, n)| n.as_str() == nickname)
+            .map(|(p, _)| p.clone())
+            .collect();
+        v.sort_by_key(|p| !self.is_reachable(p));
+        v
+    }
+
+    /// Peers that own part of the ring (this node and removed peers excluded).
+    pub fn ring_members(&self) -> Vec<PeerName> {
+        let Some(ring) = self.ipam.ring() else {
+            return Vec::new();
+        };
+        let mut v: Vec<PeerName> = ring
+            .entries
+            .iter()
+            .map(|e| e.owner.clone())
+            .filter(|o| o != &self.cfg.name && !ring.is_removed(o))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// The nickname this node knows for `name` (empty if none).
+    pub fn nickname(&self, name: &PeerName) -> String {
+        self.nickname_of(name)
     }
 
     /// The I/O layer wrote the state of `generation` durably.
@@ -326,6 +368,7 @@ impl Node {
             .peers
             .get(name)
             .map(|k| k.nickname.clone())
+            .or_else(|| self.gossip.nicknames.get(name).cloned())
             .unwrap_or_default()
     }
 

@@ -510,3 +510,22 @@ fn allocation_answers_wait_for_the_save_and_reclaims_are_saved() {
         .allocations
         .contains_key("running"));
 }
+
+#[test]
+fn nicknames_are_remembered_persisted_and_name_ring_members() {
+    let mut net = Net::new(vec![node(1, 2, 11), node(2, 2, 12)]);
+    net.connect(0, 1);
+    net.run();
+    let n = &net.nodes[0];
+    assert_eq!(n.peers_named("n2"), vec![name(2)]);
+    assert!(n.peers_named("n9").is_empty());
+    assert_eq!(n.ring_members(), vec![name(2)]);
+    let snap = n.snapshot();
+    assert_eq!(snap.nicknames.get(&name(2)).map(String::as_str), Some("n2"));
+    assert!(!snap.nicknames.contains_key(&name(1)), "not its own");
+    // After a restart the nickname is known before the peer is met again.
+    let mut back = node(1, 2, 99);
+    back.remember_nicknames(snap.nicknames.clone());
+    assert_eq!(back.peers_named("n2"), vec![name(2)]);
+    assert_eq!(back.nickname(&name(2)), "n2");
+}
