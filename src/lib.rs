@@ -12,4 +12,5 @@ pub mod core;
 pub mod datapath;
 pub mod demo;
 pub mod io;
+pub mod k8s;
 pub mod router;

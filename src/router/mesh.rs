@@ -62,7 +62,7 @@ struct Dialer {
     cancel: watch::Sender<bool>,
 }
 
-struct ConnHandle {
+pub(crate) struct ConnHandle {
     tx: mpsc::UnboundedSender<ConnCmd>,
     /// The target an outbound connection was dialled for.
     target: Option<String>,
@@ -150,6 +150,11 @@ impl Mesh {
             .collect()
     }
 
+    #[cfg(test)]
+    pub(crate) fn conns_for_test(&self) -> &Mutex<HashMap<ConnId, ConnHandle>> {
+        &self.conns
+    }
+
     /// A connection whose commands the test reads, as a connection task would.
     #[cfg(test)]
     pub(crate) fn register_for_test(&self, id: ConnId) -> mpsc::UnboundedReceiver<ConnCmd> {
@@ -227,8 +232,24 @@ fn spawn_dialer(shared: &Arc<Shared>, target: PeerTarget, origin: Origin) {
 }
 
 pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let mut refused = 0u64;
+    let mut next_log = tokio::time::Instant::now();
     loop {
         match listener.accept().await {
+            Ok((stream, remote)) if lock(&shared.mesh.conns).len() >= shared.cfg.conn_limit => {
+                // Over CONN_LIMIT: refuse at once (the peer redials with backoff).
+                drop(stream);
+                refused += 1;
+                let now = tokio::time::Instant::now();
+                if now >= next_log {
+                    warn!(
+                        "refused {refused} control connection(s), the last from {remote}: already {} connections (CONN_LIMIT)",
+                        shared.cfg.conn_limit
+                    );
+                    refused = 0;
+                    next_log = now + Duration::from_secs(10);
+                }
+            }
             Ok((stream, remote)) => {
                 if let Err(e) = tune(&stream) {
                     warn!("control connection {remote}: cannot set socket options: {e}");

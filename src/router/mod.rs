@@ -16,6 +16,7 @@
 
 mod control;
 mod effects;
+mod kube;
 mod mesh;
 mod peers;
 mod startup;

@@ -4,10 +4,12 @@
 
 use super::control::RouterControl;
 use super::effects::{self, StateStore};
+use super::kube::KubePeers;
 use super::mesh::{self, Mesh};
 use super::peers::{self, StaticPeers};
 use super::{lock, Shared};
 use crate::config::{RouterConfig, TUN_NAME};
+use crate::core::cluster::NodeSet;
 use crate::core::ipam::paxos::Acceptor;
 use crate::core::ipam::{Ipam, IpamError};
 use crate::core::mesh::{Node, NodeConfig, PeerName};
@@ -49,6 +51,8 @@ pub enum RouterError {
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Kube(#[from] crate::k8s::KubeError),
 }
 
 /// Runs the router until SIGTERM or SIGINT.
@@ -147,12 +151,45 @@ async fn run_async(
         cfg.peers.iter().map(|p| p.to_string()).collect::<Vec<_>>()
     );
 
+    let names: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .collect();
+    for line in crate::config::unimplemented_settings(&|k| std::env::var(k).ok(), &names) {
+        warn!("{line}");
+    }
+
+    // Kubernetes mode: follow the Nodes from the start; without a ring yet, their number
+    // decides the first division of the range (as Weave's launch did with KUBE_PEERS).
+    let mut cfg = cfg;
+    let kube = match cfg.kube.clone() {
+        Some(settings) => {
+            let client = crate::k8s::connect(&settings).await?;
+            let (tx, mut rx) = watch::channel(NodeSet::default());
+            tokio::spawn(crate::k8s::watch_nodes(client.clone(), tx));
+            info!(
+                "Kubernetes mode: Node {}, leases in namespace {}",
+                settings.node_name, settings.namespace
+            );
+            if !cfg.init_given && !cfg.kube_peers_given && !ipam.is_ready() {
+                let set = super::kube::first_list(&mut rx).await;
+                let n = set.consensus_size(&settings.node_name);
+                cfg.init = crate::core::ipam::IpallocInit::Consensus(n);
+                info!("{n} Nodes in the cluster: ipalloc-init {}", cfg.init);
+            }
+            Some((settings, client, rx))
+        }
+        None => None,
+    };
+
     let netlink = Netlink::open()?;
-    let peer_ips: Vec<Ipv4Addr> = cfg
+    let mut peer_ips: Vec<Ipv4Addr> = cfg
         .peers
         .iter()
         .filter_map(|p| p.host.parse().ok())
         .collect();
+    if let Some((settings, _, rx)) = &kube {
+        peer_ips.extend(rx.borrow().dial_targets(&settings.node_name));
+    }
     let mtu = match cfg.mtu {
         Some(m) => m,
         None => {
@@ -224,10 +261,44 @@ async fn run_async(
 
     tokio::spawn(overlay_address_task(shared.clone(), netlink));
     tokio::spawn(mesh::accept_loop(shared.clone(), listener));
-    tokio::spawn(peers::follow(
-        shared.clone(),
-        StaticPeers::new(cfg.peers.clone()),
-    ));
+    match &kube {
+        Some((settings, client, rx)) => {
+            if cfg.kube_peers_given {
+                tokio::spawn(peers::follow(
+                    shared.clone(),
+                    StaticPeers::new(cfg.peers.clone()),
+                ));
+            } else {
+                tokio::spawn(peers::follow(
+                    shared.clone(),
+                    KubePeers::new(rx.clone(), &settings.node_name, cfg.port, cfg.peers.clone()),
+                ));
+            }
+            tokio::spawn(super::kube::report_network_up(
+                shared.clone(),
+                client.clone(),
+                settings.node_name.clone(),
+            ));
+            let leases = crate::k8s::Leases::new(
+                client.clone(),
+                &settings.namespace,
+                &settings.node_name,
+                super::kube::LEASE_DURATION,
+            );
+            tokio::spawn(super::kube::reclaim_loop(
+                shared.clone(),
+                leases,
+                rx.clone(),
+                settings.node_name.clone(),
+            ));
+        }
+        None => {
+            tokio::spawn(peers::follow(
+                shared.clone(),
+                StaticPeers::new(cfg.peers.clone()),
+            ));
+        }
+    }
     tokio::spawn(mesh::tick_loop(shared.clone()));
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -82,15 +82,18 @@ struct Harness {
 /// Node 1 (`init`) with its interpreter running and node 2 (`peer_init`) connected on
 /// connection 1; everything saved.
 async fn harness(init: IpallocInit, peer_init: IpallocInit) -> Harness {
+    harness_with(init, peer_init, &[]).await
+}
+
+async fn harness_with(init: IpallocInit, peer_init: IpallocInit, args: &[&str]) -> Harness {
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
         r: RouterArgs,
     }
-    let cfg = Cli::parse_from(["weft", "--nickname", "n1"])
-        .r
-        .validate("n1")
-        .unwrap();
+    let mut argv = vec!["weft", "--nickname", "n1"];
+    argv.extend_from_slice(args);
+    let cfg = Cli::parse_from(argv).r.validate("n1").unwrap();
     let node = Node::new(
         node_cfg(1, init),
         Ipam::new(name(1), cfg.range),
@@ -321,4 +324,27 @@ async fn peer_sources_add_and_remove_targets_at_run_time() {
     // Nothing dials it again.
     let again = tokio::time::timeout(Duration::from_secs(3), listener.accept()).await;
     assert!(again.is_err(), "a removed target was dialled again");
+}
+
+#[tokio::test]
+async fn connections_beyond_conn_limit_are_refused() {
+    use tokio::io::AsyncReadExt;
+    // Node 2 is connected (connection 1): with CONN_LIMIT 1 there is no room for another.
+    let h = harness_with(
+        IpallocInit::Consensus(3),
+        IpallocInit::Consensus(3),
+        &["--conn-limit", "1"],
+    )
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(mesh::accept_loop(h.shared.clone(), listener));
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf))
+        .await
+        .expect("refused at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "no Hello for a connection over the limit");
+    assert_eq!(lock(&h.shared.mesh.conns_for_test()).len(), 1);
 }

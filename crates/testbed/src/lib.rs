@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use weft_contract::{Client, Method};
 
 pub mod harness;
+pub mod kube_api;
 pub use harness::is_root;
 
 /// HTTP API address of a router, inside its node namespace.
@@ -47,9 +48,17 @@ const NETNS_DIR: &str = "/var/run/netns";
 /// harness starts so the caller's environment cannot change what a test exercises.
 const ROUTER_ENV: &[&str] = &[
     "IPALLOC_RANGE",
+    "IPALLOC_INIT",
     "WEAVE_MTU",
     "WEAVE_HTTP_ADDR",
     "WEAVE_METRICS_ADDR",
+    "NODE_NAME",
+    "KUBE_PEERS",
+    "KUBECONFIG",
+    "POD_NAMESPACE",
+    "KUBERNETES_SERVICE_HOST",
+    "CONN_LIMIT",
+    "EXTRA_ARGS",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -717,6 +726,9 @@ pub struct ClusterSpec {
     pub rp_filter: u8,
     /// `RUST_LOG` for the routers.
     pub log_filter: String,
+    /// Give every router the other nodes' addresses as PEER arguments (off when peers
+    /// come from elsewhere, e.g. a Kubernetes API).
+    pub static_peers: bool,
 }
 
 impl ClusterSpec {
@@ -728,6 +740,7 @@ impl ClusterSpec {
             router_args: Vec::new(),
             rp_filter: 1,
             log_filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            static_peers: true,
         }
     }
 }
@@ -919,6 +932,9 @@ impl Cluster {
 
     /// The PEER arguments for node `i`: every other node's underlay address.
     fn peers_of(&self, i: usize) -> Vec<String> {
+        if !self.spec.static_peers {
+            return Vec::new();
+        }
         self.nodes
             .iter()
             .enumerate()
@@ -935,6 +951,16 @@ impl Cluster {
     /// As [`Cluster::start_router`], with extra flags for this node only (before the
     /// PEER arguments).
     pub fn start_router_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
+        self.start_router_env(i, extra, &[])
+    }
+
+    /// Starts node `i`'s router with extra arguments and environment variables.
+    pub fn start_router_env(
+        &mut self,
+        i: usize,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<()> {
         let peers = self.peers_of(i);
         let spec = self.spec.clone();
         let node = self
@@ -966,6 +992,9 @@ impl Cluster {
         cmd.args(&spec.router_args).args(extra).args(&peers);
         for var in ROUTER_ENV {
             cmd.env_remove(var);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
         }
         let _ = writeln!(
             log,

@@ -1,0 +1,394 @@
+//! Kubernetes mode against a stand-in API server (`weft_testbed::kube_api`: the real JSON of
+//! the list/watch, status patch and Lease calls weft makes; no real API server runs on
+//! these machines). Routers run in node namespaces with `KUBECONFIG` and `NODE_NAME`, no
+//! PEER arguments: every peer comes from the API.
+//!
+//! Needs root (network namespaces): ignored without it, failed under CI without it.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+use weft::api::report::Report;
+use weft_testbed::kube_api::FakeKube;
+use weft_testbed::{harness, Binaries, Cluster, ClusterSpec};
+
+const READY: Duration = Duration::from_secs(60);
+
+fn ok<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match cond() {
+            Ok(()) => return,
+            Err(e) if Instant::now() > deadline => panic!("timed out waiting for {what}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}
+
+/// splitmix64, seeded from the clock unless WEFT_TEST_SEED is set; the seed is printed.
+struct Rng(u64);
+impl Rng {
+    fn new() -> Rng {
+        let seed = std::env::var("WEFT_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("random order and delays from WEFT_TEST_SEED={seed}");
+        Rng(seed)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % n.max(1)
+    }
+}
+
+struct KubeCluster {
+    c: Cluster,
+    api: FakeKube,
+    kubeconfig: String,
+}
+
+impl KubeCluster {
+    fn new(nodes: usize) -> KubeCluster {
+        let weft = std::path::PathBuf::from(env!("CARGO_BIN_EXE_weft"));
+        let binaries = ok(Binaries::beside(weft), "binaries");
+        let mut spec = ClusterSpec::new(nodes, binaries);
+        spec.static_peers = false;
+        let mut c = ok(Cluster::create(spec), "building namespaces");
+        let (ns, ip) = ok(c.add_underlay_host("api"), "API host");
+        let api = ok(FakeKube::start(&ns, ip, 6443), "fake API server");
+        let kubeconfig = c.workdir().join("kubeconfig");
+        ok(std::fs::write(&kubeconfig, api.kubeconfig()), "kubeconfig");
+        KubeCluster {
+            c,
+            api,
+            kubeconfig: kubeconfig.display().to_string(),
+        }
+    }
+
+    fn register(&self, i: usize) {
+        let n = &self.c.nodes[i];
+        self.api.add_node(&n.nickname, n.underlay_ip);
+    }
+
+    fn start(&mut self, i: usize) {
+        let nick = self.c.nodes[i].nickname.clone();
+        let kc = self.kubeconfig.clone();
+        ok(
+            self.c.start_router_env(
+                i,
+                &[],
+                &[("KUBECONFIG", kc.as_str()), ("NODE_NAME", nick.as_str())],
+            ),
+            "starting router",
+        );
+    }
+
+    fn report(&self, i: usize) -> Report {
+        ok(self.c.report(i), "GET /report")
+    }
+
+    fn logs(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.c.nodes[i].log).unwrap_or_default()
+    }
+}
+
+/// Ring entries as (token, owner), from a report.
+fn ring(r: &Report) -> BTreeMap<String, String> {
+    r.ipam
+        .entries
+        .iter()
+        .map(|e| (e.token.clone(), e.peer.clone()))
+        .collect()
+}
+
+fn owned_by(r: &Report, peer: &str) -> u64 {
+    r.ipam
+        .entries
+        .iter()
+        .filter(|e| e.peer == peer)
+        .map(|e| e.size)
+        .sum()
+}
+
+fn targets(r: &Report) -> Vec<String> {
+    r.router.targets.clone()
+}
+
+fn nodes_start_in_random_order_agree_on_one_ring_and_reclaim_deleted_nodes() {
+    let mut rng = Rng::new();
+    let mut k = KubeCluster::new(4);
+    // The cluster has three Nodes; their routers start in a random order, with random
+    // pauses (up to 4 s) between them.
+    for i in 0..3 {
+        k.register(i);
+    }
+    let mut order = vec![0usize, 1, 2];
+    for j in (1..order.len()).rev() {
+        order.swap(j, rng.below(j as u64 + 1) as usize);
+    }
+    for &i in &order {
+        k.start(i);
+        std::thread::sleep(Duration::from_millis(rng.below(4000)));
+    }
+    for i in 0..3 {
+        ok(k.c.wait_ready(i, READY), "router ready");
+    }
+    eventually("one ring on every node", Duration::from_secs(30), || {
+        let r0 = ring(&k.report(0));
+        for i in 1..3 {
+            if ring(&k.report(i)) != r0 {
+                return Err(format!("n{} differs", i + 1));
+            }
+        }
+        Ok(())
+    });
+    let r = k.report(0);
+    assert!(
+        r.ipam.seeds.len() >= 2,
+        "a quorum of the 3 Nodes decided: {:?}",
+        r.ipam.seeds
+    );
+    for i in 0..3 {
+        let log = k.logs(i);
+        assert!(
+            log.contains("3 Nodes in the cluster: ipalloc-init consensus=3"),
+            "n{}: {log}",
+            i + 1
+        );
+        // Each router dials the other Nodes' InternalIPs, learnt from the API.
+        let mut want: Vec<String> = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| format!("{}:6783", k.c.nodes[j].underlay_ip))
+            .collect();
+        want.sort();
+        let mut got = targets(&k.report(i));
+        got.sort();
+        assert_eq!(got, want, "n{} targets", i + 1);
+    }
+    // Once ready, each Node says its network is up.
+    eventually(
+        "NetworkUnavailable=False on every Node",
+        Duration::from_secs(20),
+        || {
+            for i in 0..3 {
+                let node = k.api.node(&k.c.nodes[i].nickname).ok_or("node gone")?;
+                let conds = node["status"]["conditions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                let up = conds.iter().any(|c| {
+                    c["type"] == "NetworkUnavailable"
+                        && c["status"] == "False"
+                        && c["reason"] == "WeftIsUp"
+                });
+                let kubelet = conds.iter().any(|c| c["type"] == "Ready");
+                if !(up && kubelet) {
+                    return Err(format!("n{}: {conds:?}", i + 1));
+                }
+            }
+            Ok(())
+        },
+    );
+
+    // A fourth Node joins the running cluster: it adopts the ring (never seeds its own)
+    // and gets space when its first pod needs an address.
+    k.register(3);
+    k.start(3);
+    ok(k.c.wait_ready(3, READY), "n4 ready");
+    let pod = ok(k.c.add_pod(3, "late"), "pod on n4");
+    eventually("n4 known everywhere", Duration::from_secs(30), || {
+        for i in 0..3 {
+            let t = targets(&k.report(i));
+            let want = format!("{}:6783", k.c.nodes[3].underlay_ip);
+            if !t.contains(&want) {
+                return Err(format!("n{} targets {t:?}", i + 1));
+            }
+        }
+        Ok(())
+    });
+    let r4 = k.report(3);
+    assert_eq!(r4.ipam.seeds, r.ipam.seeds, "n4 adopted the existing ring");
+    assert!(owned_by(&r4, &k.c.nodes[3].name) > 0, "n4 got space");
+    assert!(r4
+        .ipam
+        .owned
+        .iter()
+        .any(|o| o.addrs[0].starts_with(&pod.addr.to_string())));
+
+    // Node n2 is deleted (its machine is gone): exactly one survivor takes its ranges over
+    // under the Lease, records it, and logs it.
+    let n2 = k.c.nodes[1].name.clone();
+    let before = owned_by(&k.report(0), &n2);
+    assert!(before > 0, "n2 owned space");
+    ok(k.c.kill_router(1), "kill n2");
+    k.api.delete_node("n2");
+    eventually("n2's ranges taken over", Duration::from_secs(60), || {
+        for i in [0usize, 2, 3] {
+            let r = k.report(i);
+            if owned_by(&r, &n2) != 0 {
+                return Err(format!(
+                    "n{} still sees n2 owning {}",
+                    i + 1,
+                    owned_by(&r, &n2)
+                ));
+            }
+        }
+        Ok(())
+    });
+    let reclaimers: Vec<usize> = [0usize, 2, 3]
+        .into_iter()
+        .filter(|&i| k.logs(i).contains("reclaimed deleted Node n2"))
+        .collect();
+    assert_eq!(
+        reclaimers.len(),
+        1,
+        "exactly one node reclaims: {reclaimers:?}"
+    );
+    let winner = reclaimers[0];
+    let line = k
+        .logs(winner)
+        .lines()
+        .find(|l| l.contains("reclaimed deleted Node n2"))
+        .unwrap()
+        .to_string();
+    eprintln!("reclaim by n{}: {line}", winner + 1);
+    let lease = k
+        .api
+        .lease("kube-system", "weft-reclaim-n2")
+        .expect("the reclaim lease exists");
+    let ann = &lease["metadata"]["annotations"];
+    assert_eq!(ann["weft.works/reclaimed-node"], "n2");
+    assert_eq!(ann["weft.works/reclaimed-peers"], n2.as_str());
+    assert_eq!(
+        ann["weft.works/reclaimed-by"],
+        k.c.nodes[winner].nickname.as_str()
+    );
+    assert_eq!(
+        lease["spec"]["holderIdentity"],
+        k.c.nodes[winner].nickname.as_str()
+    );
+    // Everyone dropped n2 from its targets.
+    eventually("n2 no longer dialled", Duration::from_secs(20), || {
+        let gone = format!("{}:6783", k.c.nodes[1].underlay_ip);
+        for i in [0usize, 2, 3] {
+            if targets(&k.report(i)).contains(&gone) {
+                return Err(format!("n{} still dials n2", i + 1));
+            }
+        }
+        Ok(())
+    });
+}
+
+fn an_unreachable_api_loses_nothing_and_a_relist_catches_up() {
+    let mut k = KubeCluster::new(3);
+    for i in 0..3 {
+        k.register(i);
+    }
+    for i in 0..3 {
+        k.start(i);
+    }
+    for i in 0..3 {
+        ok(k.c.wait_ready(i, READY), "router ready");
+    }
+    let a = ok(k.c.add_pod(0, "a"), "pod a");
+    let ring_before = ring(&k.report(0));
+
+    // The API goes away for a while (every call 503, watches cut): forwarding and
+    // allocation go on with the last known peers, nobody is reclaimed.
+    k.api.set_down(true);
+    k.api.delete_node("n3"); // Not visible while the API is down.
+    std::thread::sleep(Duration::from_secs(5));
+    let b = ok(k.c.add_pod(1, "b"), "pod b while the API is down");
+    let out = ok(
+        k.c.tcp_pod_to_pod(&a, &b),
+        "TCP a -> b while the API is down",
+    );
+    assert_eq!(out.client_seen_as.ip(), std::net::IpAddr::V4(a.addr));
+    for i in 0..3 {
+        let r = k.report(i);
+        assert_eq!(
+            r.router.targets.len(),
+            2,
+            "n{}: last known peers kept",
+            i + 1
+        );
+        assert!(
+            !k.logs(i).contains("reclaimed deleted Node"),
+            "nothing reclaimed"
+        );
+    }
+    assert_eq!(ring(&k.report(0)).keys().len(), ring_before.keys().len());
+
+    // Back, with its watch history compacted: the routers get 410 Gone, relist, and only
+    // then see n3 gone and n4 new.
+    k.api.compact();
+    let n4: Ipv4Addr = "10.254.254.4".parse().unwrap();
+    k.api.add_node("n4", n4);
+    k.api.set_down(false);
+    eventually(
+        "targets follow the relisted Nodes",
+        Duration::from_secs(60),
+        || {
+            // n3's router runs on; its own Node is never among its targets either way.
+            for i in 0..3 {
+                let mut t = targets(&k.report(i));
+                t.sort();
+                let mut want: Vec<String> = (0..2)
+                    .filter(|&j| j != i)
+                    .map(|j| format!("{}:6783", k.c.nodes[j].underlay_ip))
+                    .collect();
+                want.push("10.254.254.4:6783".to_string());
+                want.sort();
+                if t != want {
+                    return Err(format!("n{} targets {t:?}", i + 1));
+                }
+            }
+            Ok(())
+        },
+    );
+    let watched = k
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/nodes?") && !r.contains("watch=true"))
+        .count();
+    assert!(
+        watched >= 6,
+        "every router listed again after 410 ({watched} lists)"
+    );
+    // n3's router still runs (its Node object was deleted, the machine was not): it is
+    // connected, so nobody removes it.
+    std::thread::sleep(Duration::from_secs(3));
+    let r = k.report(0);
+    assert!(
+        owned_by(&r, &k.c.nodes[2].name) > 0,
+        "a connected peer is never reclaimed"
+    );
+    assert!(k.logs(0).contains("Node n3 was deleted"));
+}
+
+fn main() {
+    harness::run(vec![
+        harness::root(
+            "nodes_start_in_random_order_agree_on_one_ring_and_reclaim_deleted_nodes",
+            nodes_start_in_random_order_agree_on_one_ring_and_reclaim_deleted_nodes,
+        ),
+        harness::root(
+            "an_unreachable_api_loses_nothing_and_a_relist_catches_up",
+            an_unreachable_api_loses_nothing_and_a_relist_catches_up,
+        ),
+    ])
+}
