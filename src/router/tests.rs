@@ -346,5 +346,5 @@ async fn connections_beyond_conn_limit_are_refused() {
         .expect("refused at once")
         .unwrap_or(0);
     assert_eq!(n, 0, "no Hello for a connection over the limit");
-    assert_eq!(lock(&h.shared.mesh.conns_for_test()).len(), 1);
+    assert_eq!(lock(h.shared.mesh.conns_for_test()).len(), 1);
 }
