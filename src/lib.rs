@@ -11,6 +11,7 @@ pub mod config;
 pub mod core;
 pub mod datapath;
 pub mod demo;
+pub mod install;
 pub mod io;
 pub mod k8s;
 pub mod router;

@@ -38,6 +38,17 @@ enum Command {
         #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weft::config::DEFAULT_HTTP_ADDR)]
         http_addr: String,
     },
+    /// Install the CNI plugin (as `weft` and `weave-net`) and, unless the node has one for
+    /// weft or Weave already, the conflist: what the DaemonSet's init container runs.
+    InstallCni {
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: std::path::PathBuf,
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: std::path::PathBuf,
+        /// The plugin binary to install [default: weft-cni beside this program]
+        #[arg(long)]
+        plugin: Option<std::path::PathBuf>,
+    },
     /// Build a local cluster in network namespaces, attach pods through weft-cni, send
     /// traffic between all of them and print the result (needs root).
     Demo {
@@ -112,6 +123,39 @@ fn main() -> anyhow::Result<()> {
             }
             if failed > 0 {
                 std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::InstallCni {
+            bin_dir,
+            conf_dir,
+            plugin,
+        } => {
+            let plugin = match plugin {
+                Some(p) => p,
+                None => std::env::current_exe()
+                    .context("where is this program")?
+                    .with_file_name("weft-cni"),
+            };
+            let done = weft::install::install(&weft::install::InstallOptions {
+                bin_dir,
+                conf_dir,
+                plugin,
+            })?;
+            for p in &done.plugins {
+                println!("installed {}", p.display());
+            }
+            match &done.conflist {
+                weft::install::Conflist::Written(p) => println!("wrote {}", p.display()),
+                weft::install::Conflist::Kept(p) => {
+                    println!("kept {} (it runs weft's plugin)", p.display())
+                }
+            }
+            for p in &done.shadowing {
+                eprintln!(
+                    "warning: {} sorts first and is another network's: the runtime attaches pods with it until it is removed",
+                    p.display()
+                );
             }
             Ok(())
         }
