@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod datapath;
 pub mod ipam;
 pub mod mesh;
+pub mod migrate;
 pub mod persist;
 pub mod rng;
 pub mod route;

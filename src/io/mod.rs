@@ -1,6 +1,7 @@
 //! Thin adapters between the pure core and the operating system.
 
 pub mod control;
+pub mod migrate;
 pub mod netlink;
 pub mod store;
 pub mod sysctl;

@@ -33,11 +33,15 @@ impl Netlink {
         Ok(Netlink { handle })
     }
 
-    async fn links(&self) -> Result<Vec<LinkMessage>, NetlinkError> {
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    pub(crate) async fn links(&self) -> Result<Vec<LinkMessage>, NetlinkError> {
         Ok(self.handle.link().get().execute().try_collect().await?)
     }
 
-    async fn ipv4_addresses(&self) -> Result<Vec<(u32, Ipv4Net)>, NetlinkError> {
+    pub(crate) async fn ipv4_addresses(&self) -> Result<Vec<(u32, Ipv4Net)>, NetlinkError> {
         let msgs: Vec<AddressMessage> = self.handle.address().get().execute().try_collect().await?;
         Ok(msgs
             .iter()
@@ -215,7 +219,7 @@ impl Netlink {
 
 use weft_contract::HOST_VETH_PREFIX as POD_VETH_PREFIX;
 
-fn link_name(l: &LinkMessage) -> Option<&str> {
+pub(crate) fn link_name(l: &LinkMessage) -> Option<&str> {
     l.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(n) => Some(n.as_str()),
         _ => None,

@@ -197,6 +197,8 @@ async fn run_async(
             underlay.saturating_sub(ENCAP_OVERHEAD_IPV4).max(576)
         }
     };
+    // Weave's bridge holds the name weft's TUN device takes, and its pods' addresses.
+    let weave_pods = take_over_from_weave(&netlink, cfg.range).await;
     crate::io::sysctl::enable_ip_forward()?;
     let tun = crate::io::tun::create(TUN_NAME, mtu).map_err(|e| RouterError::Tun(e.to_string()))?;
     crate::io::sysctl::configure_overlay_link(TUN_NAME)?;
@@ -256,9 +258,11 @@ async fn run_async(
     tokio::spawn(effects::interpret(shared.clone(), store, job_queue));
 
     // Before anything can allocate: addresses that running pods hold are not free.
-    reclaim_pod_addresses(&shared, &netlink).await;
+    reclaim_pod_addresses(&shared, &netlink, weave_pods).await;
     shared.event(|n| n.start());
 
+    let netlink = Arc::new(netlink);
+    tokio::spawn(release_migrated_addresses(shared.clone(), netlink.clone()));
     tokio::spawn(overlay_address_task(shared.clone(), netlink));
     tokio::spawn(mesh::accept_loop(shared.clone(), listener));
     match &kube {
@@ -351,7 +355,7 @@ async fn wait_for_signal() {
 
 /// Allocates the node's own overlay address once IPAM is ready and puts it on the TUN, so
 /// that `ip route` shows `192.168.0.0/16 dev weave ... src <it>` and pods have a gateway.
-async fn overlay_address_task(shared: Arc<Shared>, netlink: Netlink) {
+async fn overlay_address_task(shared: Arc<Shared>, netlink: Arc<Netlink>) {
     let mut ready = shared.ready.subscribe();
     loop {
         if !*ready.borrow() {
@@ -387,14 +391,19 @@ async fn overlay_address_task(shared: Arc<Shared>, netlink: Netlink) {
 /// Re-claims the addresses that local pods still hold (found on their veths) for their
 /// containers: after a restart from lost or older state, none of them may be handed out
 /// again. Without a ring yet they stay pending (and are never handed out) until it comes.
-async fn reclaim_pod_addresses(shared: &Arc<Shared>, netlink: &Netlink) {
-    let found = match netlink.pod_addresses().await {
+async fn reclaim_pod_addresses(
+    shared: &Arc<Shared>,
+    netlink: &Netlink,
+    weave_pods: Vec<(String, Ipv4Addr)>,
+) {
+    let mut found = match netlink.pod_addresses().await {
         Ok(f) => f,
         Err(e) => {
             error!("cannot list local pod interfaces to re-claim their addresses: {e}");
-            return;
+            Vec::new()
         }
     };
+    found.extend(weave_pods);
     if found.is_empty() {
         return;
     }
@@ -408,5 +417,100 @@ async fn reclaim_pod_addresses(shared: &Arc<Shared>, netlink: &Netlink) {
     );
     if let Err(e) = saved.wait().await {
         error!("re-claimed pod addresses but cannot save them: {e}");
+    }
+}
+
+/// Removes what Weave Net left on this node (its bridge, datapath and VXLAN links) and
+/// returns the addresses its pods still hold in `range`, to be re-claimed before anything
+/// is allocated. Weave's pods lose their network with the bridge: the README says to
+/// drain a node before switching it.
+async fn take_over_from_weave(netlink: &Netlink, range: Ipv4Net) -> Vec<(String, Ipv4Addr)> {
+    let leftovers = match netlink.weave_leftovers().await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("cannot look for Weave Net's links: {e}");
+            return Vec::new();
+        }
+    };
+    if leftovers.is_empty() {
+        return Vec::new();
+    }
+    let pods = if leftovers.ports.is_empty() {
+        Vec::new()
+    } else {
+        let namespaces = tokio::task::spawn_blocking(crate::io::migrate::scan_namespaces)
+            .await
+            .unwrap_or_default();
+        crate::core::migrate::weave_pod_addresses(&leftovers.ports, &namespaces, range)
+    };
+    let mut removed = Vec::new();
+    let targets = leftovers
+        .bridge
+        .map(|b| (crate::core::migrate::WEAVE_BRIDGE.to_string(), b))
+        .into_iter()
+        .chain(leftovers.others);
+    for (name, index) in targets {
+        // Removing one end of a veth pair removes the other: gone is as good as removed.
+        let gone = match netlink.delete_link(index).await {
+            Ok(()) => true,
+            Err(e) => {
+                let gone = netlink
+                    .link_names()
+                    .await
+                    .is_ok_and(|names| !names.contains(&name));
+                if !gone {
+                    warn!("cannot remove Weave Net's link {name}: {e}");
+                }
+                gone
+            }
+        };
+        if gone {
+            removed.push(name);
+        }
+    }
+    info!(
+        "taking over from Weave Net: removed {} ({} pods were attached to its bridge; {} of their addresses are in {range} and are re-claimed)",
+        if removed.is_empty() { "nothing".to_string() } else { removed.join(", ") },
+        leftovers.ports.len(),
+        pods.len()
+    );
+    pods
+}
+
+/// Frees the addresses re-claimed for Weave-attached pods once their veth is gone (the
+/// pod was deleted; Weave's plugin is no longer there to free them).
+async fn release_migrated_addresses(shared: Arc<Shared>, netlink: Arc<Netlink>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        let owned: Vec<String> = shared.with_node(|n| {
+            n.ipam_view()
+                .owned
+                .into_iter()
+                .map(|(id, _)| id)
+                .filter(|id| id.starts_with(crate::core::migrate::MIGRATED_ID_PREFIX))
+                .collect()
+        });
+        if owned.is_empty() {
+            continue;
+        }
+        let links = match netlink.link_names().await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("cannot list links to release Weave pods' addresses: {e}");
+                continue;
+            }
+        };
+        for id in
+            crate::core::migrate::released_migrations(owned.iter().map(String::as_str), &links)
+        {
+            let (freed, saved) = shared.request(|n| n.free(&id));
+            if let Err(e) = saved.wait().await {
+                warn!("freed {id} but cannot save it: {e}");
+            }
+            if let Some(a) = freed {
+                info!("Weave-attached pod {id} is gone: {a} is free again");
+            }
+        }
     }
 }

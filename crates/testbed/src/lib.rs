@@ -246,7 +246,8 @@ fn ip(args: &[&str]) -> Result<String> {
 }
 
 /// `ip -n <ns> <args...>`
-fn ip_in(ns: &str, args: &[&str]) -> Result<String> {
+/// Runs `ip -n NS ARGS...` (tests build their topology with `ip`; weft never does).
+pub fn ip_in(ns: &str, args: &[&str]) -> Result<String> {
     let mut all = vec!["-n", ns];
     all.extend_from_slice(args);
     ip(&all)
@@ -911,6 +912,15 @@ impl Cluster {
 
     /// A namespace on the underlay that is not a node (for traffic from unknown hosts).
     /// Returns its namespace name and underlay address.
+    /// A bare namespace, removed with the cluster: `{prefix}-{name}`.
+    pub fn add_netns(&mut self, name: &str) -> Result<String> {
+        let ns = format!("{}-{name}", self.prefix);
+        create_netns(&ns)?;
+        self.extra_ns.push(ns.clone());
+        prepare_netns(&ns, self.spec.rp_filter)?;
+        Ok(ns)
+    }
+
     pub fn add_underlay_host(&mut self, name: &str) -> Result<(String, Ipv4Addr)> {
         let host = 200 + self.extra_ns.len().min(50) as u8;
         let ns = format!("{}-{name}", self.prefix);
