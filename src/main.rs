@@ -77,7 +77,28 @@ fn args_with_extra(
     args
 }
 
+/// The variables the router's flags read. A manifest lists optional settings with empty
+/// values (`WEAVE_MTU: ""`, as Weave's did): empty means unset, the default applies.
+const ROUTER_ENV: [&str; 10] = [
+    "IPALLOC_RANGE",
+    "WEAVE_HTTP_ADDR",
+    "WEAVE_METRICS_ADDR",
+    "WEAVE_MTU",
+    "IPALLOC_INIT",
+    "CONN_LIMIT",
+    "KUBE_PEERS",
+    "KUBECONFIG",
+    "POD_NAMESPACE",
+    "EXTRA_ARGS",
+];
+
 fn main() -> anyhow::Result<()> {
+    for var in ROUTER_ENV {
+        if std::env::var_os(var).is_some_and(|v| v.to_string_lossy().trim().is_empty()) {
+            // Before any thread exists: nothing else reads the environment concurrently.
+            std::env::remove_var(var);
+        }
+    }
     let args = args_with_extra(
         std::env::args_os().collect(),
         std::env::var("EXTRA_ARGS").ok(),

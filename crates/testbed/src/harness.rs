@@ -51,6 +51,30 @@ pub fn root(name: &str, f: fn()) -> Trial {
     .with_ignored_flag(true)
 }
 
+/// A test that needs root and these programs on PATH (packages `.ci/run` installs):
+/// ignored when one is missing, except under CI, where it fails saying which.
+pub fn root_with(name: &str, programs: &'static [&'static str], f: fn()) -> Trial {
+    let missing: Vec<&str> = programs.iter().copied().filter(|p| !on_path(p)).collect();
+    if missing.is_empty() || !is_root() {
+        return root(name, f);
+    }
+    let why = format!(
+        "needs {} (see .ci/run for the packages)",
+        missing.join(", ")
+    );
+    if under_ci() {
+        return Trial::test(name, move || Err(format!("{why}, and CI is set").into()));
+    }
+    Trial::test(name, move || Err(why.clone().into()))
+        .with_kind("needs programs")
+        .with_ignored_flag(true)
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()))
+}
+
 /// A test that runs anywhere.
 pub fn plain(name: &str, f: fn()) -> Trial {
     Trial::test(name, move || guarded(f))

@@ -112,11 +112,12 @@ fn registry() -> std::sync::MutexGuard<'static, Registry> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn register_pid(pid: i32) {
+/// Kills `pid` with the cluster processes if the test run is interrupted.
+pub fn register_pid(pid: i32) {
     registry().pids.insert(pid);
 }
 
-fn unregister_pid(pid: i32) {
+pub fn unregister_pid(pid: i32) {
     registry().pids.remove(&pid);
 }
 
