@@ -36,9 +36,8 @@ fn main() {
     let exe = std::env::current_exe().unwrap();
     // target/release/deps/rss-HASH -> target/release/weft
     let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
-    let binaries = Binaries::beside(dir.join("weft")).unwrap_or_else(|e| {
-        panic!("{e}: build them first (cargo build --release --workspace)")
-    });
+    let binaries = Binaries::beside(dir.join("weft"))
+        .unwrap_or_else(|e| panic!("{e}: build them first (cargo build --release --workspace)"));
     let mut c = Cluster::create(ClusterSpec::new(2, binaries)).expect("namespaces");
     c.start_all().expect("routers");
     c.wait_all_ready(Duration::from_secs(60)).expect("ready");
@@ -68,7 +67,11 @@ fn main() {
         if idle < 32 * 1024 { "met" } else { "NOT met" }
     );
 
-    if std::process::Command::new("iperf3").arg("--version").output().is_err() {
+    if std::process::Command::new("iperf3")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         println!("iperf3 not installed: no figure under load");
         return;
     }
