@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use weft::core::datapath::{Identity, RxPlan, TxOutcome, TxPlan};
 use weft::core::mesh::PeerName;
-use weft::core::route::{PeerCounters, PeerRoute, RouteTable};
+use weft::core::route::{PeerRoute, PeerState, RouteTable};
 use weft::core::wire::virtio::{self, VnetHdr};
 use weft::core::wire::{self, csum, icmp, ipv4, VXLAN_OVERHEAD_INNER, WEFT_VNI};
 
@@ -75,7 +75,7 @@ fn two_node_table(local: u8) -> RouteTable {
         nickname: format!("n{i}"),
         data_addr: Some(SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, i), 6784)),
         mac: name(i).mac(),
-        counters: Arc::new(PeerCounters::default()),
+        counters: Arc::new(PeerState::default()),
     };
     let ip = |s: &str| u32::from(s.parse::<Ipv4Addr>().unwrap());
     RouteTable::new(
@@ -163,7 +163,7 @@ fn route_lookup(c: &mut Criterion) {
             nickname: format!("node{i}"),
             data_addr: Some(SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + i), 6784)),
             mac: name(i).mac(),
-            counters: Arc::new(PeerCounters::default()),
+            counters: Arc::new(PeerState::default()),
         })
         .collect();
     // 10.32.0.0/12 split into 4 ranges per peer, as a ring after some churn.

@@ -65,6 +65,10 @@ pub struct RouterArgs {
     /// Never use the Kubernetes API, even inside a pod.
     #[arg(long)]
     pub no_kube: bool,
+    /// Weave's NO_MASQ_LOCAL: traffic from outside the cluster to a pod on this node keeps
+    /// its source address (`1`, the default); `0` masquerades it too.
+    #[arg(long, env = "NO_MASQ_LOCAL", default_value = "1", value_parser = parse_switch, action = clap::ArgAction::Set)]
+    pub no_masq_local: bool,
     /// Other nodes' control addresses: `host` or `host:port`.
     #[arg(value_name = "PEER")]
     pub peers: Vec<String>,
@@ -162,6 +166,15 @@ pub struct RouterConfig {
     pub conn_limit: usize,
     /// Kubernetes mode: in a pod with a service account, or with a kubeconfig.
     pub kube: Option<KubeSettings>,
+    pub no_masq_local: bool,
+}
+
+/// A switch as Weave's launch script read it: set to anything but a "no" word is on.
+fn parse_switch(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Ok(true),
+    }
 }
 
 /// `host:port`, or `:port` meaning every address (Weave's `WEAVE_METRICS_ADDR=:6782`).
@@ -278,6 +291,7 @@ impl RouterArgs {
             kube_peers_given,
             conn_limit: self.conn_limit,
             kube,
+            no_masq_local: self.no_masq_local,
         })
     }
 }
@@ -289,7 +303,6 @@ const NOT_IMPLEMENTED: &[(&str, &str)] = &[
         "WEAVE_PASSWORD",
         "weft does not encrypt yet: traffic between nodes is NOT encrypted",
     ),
-    ("NO_MASQ_LOCAL", "weft does not masquerade pod traffic yet"),
     ("EXPECT_NPC", "weft has no network policy controller"),
     ("WEAVE_NPC_", "weft has no network policy controller"),
     ("CHECKPOINT_DISABLE", "weft never checks for updates"),

@@ -49,6 +49,9 @@ enum Command {
         #[arg(long)]
         plugin: Option<std::path::PathBuf>,
     },
+    /// Remove what the router leaves on the node after it stops: its nftables table (NAT
+    /// rules). Pods' addresses and the state in --db-dir are kept.
+    Reset,
     /// Build a local cluster in network namespaces, attach pods through weft-cni, send
     /// traffic between all of them and print the result (needs root).
     Demo {
@@ -79,7 +82,7 @@ fn args_with_extra(
 
 /// The variables the router's flags read. A manifest lists optional settings with empty
 /// values (`WEAVE_MTU: ""`, as Weave's did): empty means unset, the default applies.
-const ROUTER_ENV: [&str; 10] = [
+const ROUTER_ENV: [&str; 11] = [
     "IPALLOC_RANGE",
     "WEAVE_HTTP_ADDR",
     "WEAVE_METRICS_ADDR",
@@ -90,6 +93,7 @@ const ROUTER_ENV: [&str; 10] = [
     "KUBECONFIG",
     "POD_NAMESPACE",
     "EXTRA_ARGS",
+    "NO_MASQ_LOCAL",
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -178,6 +182,11 @@ fn main() -> anyhow::Result<()> {
                     p.display()
                 );
             }
+            Ok(())
+        }
+        Command::Reset => {
+            weft::io::nft::remove()?;
+            println!("removed nftables table ip {}", weft::core::nat::TABLE);
             Ok(())
         }
         Command::Demo { nodes, pods } => {

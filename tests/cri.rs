@@ -337,6 +337,16 @@ impl Node {
     }
 
     fn run_sandbox(&mut self, name: &str, host_network: bool, privileged: bool) -> String {
+        self.run_sandbox_with_ports(name, host_network, privileged, Vec::new())
+    }
+
+    fn run_sandbox_with_ports(
+        &mut self,
+        name: &str,
+        host_network: bool,
+        privileged: bool,
+        port_mappings: Vec<cri::PortMapping>,
+    ) -> String {
         let uid = format!("{:032x}", u128::from_le_bytes(rand_bytes()));
         let namespace = if host_network {
             "kube-system"
@@ -360,6 +370,7 @@ impl Node {
                 name.to_string()
             },
             log_directory: log_dir.display().to_string(),
+            port_mappings,
             linux: Some(cri::LinuxPodSandboxConfig {
                 security_context: Some(cri::LinuxSandboxSecurityContext {
                     namespace_options: Some(cri::NamespaceOption {
@@ -632,7 +643,11 @@ impl Node {
     }
 
     fn run_pod(&mut self, node: usize, name: &str) -> Pod {
-        let sandbox = self.run_sandbox(name, false, false);
+        self.run_pod_with_ports(node, name, Vec::new())
+    }
+
+    fn run_pod_with_ports(&mut self, node: usize, name: &str, ports: Vec<cri::PortMapping>) -> Pod {
+        let sandbox = self.run_sandbox_with_ports(name, false, false, ports);
         let st = ok(
             self.rt.block_on(
                 self.runtime
@@ -948,6 +963,42 @@ fn weft_s_daemonset_pod_and_pods_on_three_nodes_through_containerd_s_cri() {
         assert_eq!(r.status, 200, "{}", r.body);
         assert!(r.body.starts_with(&format!("{}/", p.ip)), "{}", r.body);
     }
+    // A hostPort: containerd hands the mapping to portmap, chained after weft in the
+    // conflist; a host outside the cluster reaches the pod through n2's address and the
+    // pod sees the client's own address (NO_MASQ_LOCAL).
+    let web = nodes[1].run_pod_with_ports(
+        1,
+        "web",
+        vec![cri::PortMapping {
+            protocol: cri::Protocol::Tcp as i32,
+            container_port: 8080,
+            host_port: 30500,
+            host_ip: String::new(),
+        }],
+    );
+    let n2 = c.nodes[1].underlay_ip;
+    let seen = ok(
+        weft_testbed::tcp_check_via(
+            &api_ns,
+            SocketAddrV4::new(n2, 30500),
+            &web.netns,
+            SocketAddrV4::new(web.ip, 8080),
+            Duration::from_secs(10),
+        ),
+        "outside -> hostPort 30500 on n2 -> pod web",
+    )
+    .client_seen_as;
+    assert_eq!(
+        seen.ip(),
+        std::net::IpAddr::V4(api_ip),
+        "the pod sees the client"
+    );
+    eprintln!(
+        "hostPort {n2}:30500 -> pod web ({}:8080) on n2 through portmap: seen as {seen}",
+        web.ip
+    );
+    ok(nodes[1].stop_and_remove(&web.sandbox), "remove pod web");
+
     // Every pod reaches every pod on another node, and its own node's other pod.
     let mut checks = 0;
     for a in &pods {

@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod ipam;
 pub mod mesh;
 pub mod migrate;
+pub mod nat;
 pub mod persist;
 pub mod rng;
 pub mod route;

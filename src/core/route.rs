@@ -8,21 +8,36 @@
 use crate::core::mesh::peer::PeerName;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Traffic counters of one peer. They live in an `Arc` outside the table so that they
-/// survive table rebuilds: the control plane hands the same `Arc` to every new table.
-/// Bytes count the inner (overlay) IP packets, so one node's tx matches its peer's rx.
+/// What the datapath learns about the traffic to one peer: counters, and the path MTU.
+/// It lives in an `Arc` outside the table so that it survives table rebuilds: the control
+/// plane hands the same `Arc` to every new table. Bytes count the inner (overlay) IP
+/// packets, so one node's tx matches its peer's rx.
 #[derive(Debug, Default)]
-pub struct PeerCounters {
+pub struct PeerState {
     pub tx_packets: AtomicU64,
     pub tx_bytes: AtomicU64,
     pub rx_packets: AtomicU64,
     pub rx_bytes: AtomicU64,
+    /// The largest inner packet the underlay path to this peer carries without
+    /// fragmentation, when the underlay said it is less than the overlay MTU (an ICMP
+    /// "fragmentation needed" from a hop); 0 while nothing smaller is known.
+    pub path_mtu: AtomicU32,
 }
 
-impl PeerCounters {
+impl PeerState {
+    /// The MTU for packets to this peer: the overlay's, or the path's if smaller.
+    pub fn mtu(&self, overlay_mtu: usize) -> usize {
+        match self.path_mtu.load(Ordering::Relaxed) as usize {
+            0 => overlay_mtu,
+            path => path.min(overlay_mtu),
+        }
+    }
+}
+
+impl PeerState {
     #[cfg(test)]
     pub(crate) fn count_tx(&self, bytes: usize) {
         self.tx_packets.fetch_add(1, Ordering::Relaxed);
@@ -44,7 +59,7 @@ pub struct PeerRoute {
     pub data_addr: Option<SocketAddrV4>,
     /// Inner Ethernet address of the peer (its name as a MAC).
     pub mac: [u8; 6],
-    pub counters: Arc<PeerCounters>,
+    pub counters: Arc<PeerState>,
 }
 
 /// Where packets to a range go.
@@ -530,7 +545,7 @@ mod tests {
 
     #[test]
     fn counters_accumulate() {
-        let c = PeerCounters::default();
+        let c = PeerState::default();
         c.count_tx(100);
         c.count_tx(50);
         c.count_rx(7);

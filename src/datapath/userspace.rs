@@ -21,7 +21,7 @@ use crate::core::datapath::{
     DropCounts, DropReason, Identity, RxPlan, Sealed, Transform, TxOutcome, TxPlan,
 };
 use crate::core::mesh::{PeerEndpoint, PeerName};
-use crate::core::route::{PeerCounters, PeerRoute, RouteTable};
+use crate::core::route::{PeerRoute, PeerState, RouteTable};
 use crate::core::wire::{self, icmp, virtio};
 use crate::io::tun::Tun;
 use crate::io::udp::{GsoMsg, Receiver, Sender};
@@ -111,7 +111,7 @@ pub struct UserspaceBackend {
     local: PeerName,
     routes: Arc<ArcSwap<RouteTable>>,
     /// Per-peer traffic counters, kept across table rebuilds (control plane only).
-    peer_counters: Mutex<HashMap<PeerName, Arc<PeerCounters>>>,
+    peer_counters: Mutex<HashMap<PeerName, Arc<PeerState>>>,
     counters: Arc<SharedCounters>,
     workers: Workers,
 }
@@ -289,7 +289,56 @@ fn start_workers(
                 })?,
         );
     }
+    let overlay_mtu = usize::from(shared.tun.mtu());
+    let (routes, stop) = (shared.routes.clone(), shared.stop.clone());
+    workers.threads.push(
+        std::thread::Builder::new()
+            .name("weft-pmtu".into())
+            .spawn(move || follow_path_mtu(&routes, &stop, overlay_mtu))?,
+    );
     Ok(workers)
+}
+
+/// How often the path MTU to each peer is read from the kernel.
+const PATH_MTU_POLL: Duration = Duration::from_secs(1);
+
+/// Keeps each peer's path MTU (see [`PeerState::path_mtu`]) in step with what the kernel
+/// learnt from the underlay's ICMP, in both directions: lowered when a hop says so, raised
+/// again when the kernel lets that knowledge expire. Off the forwarding threads: they only
+/// read one atomic per packet.
+fn follow_path_mtu(routes: &ArcSwap<RouteTable>, stop: &AtomicBool, overlay_mtu: usize) {
+    while !stop.load(Ordering::Relaxed) {
+        let table = routes.load();
+        for p in table.peers() {
+            let Some(addr) = p.data_addr else { continue };
+            let Ok(path) = crate::io::udp::path_mtu(addr) else {
+                continue;
+            };
+            let limit = crate::core::datapath::path_limit(path, overlay_mtu);
+            let old = p.counters.path_mtu.swap(limit, Ordering::Relaxed);
+            if old != limit {
+                if limit == 0 {
+                    tracing::info!(
+                        "path MTU to {} ({addr}) is {path} again: the overlay MTU {overlay_mtu} fits",
+                        p.nickname
+                    );
+                } else {
+                    tracing::warn!(
+                        "path MTU to {} ({addr}) dropped to {path}: pods' packets to it over {limit} bytes are answered with ICMP fragmentation needed",
+                        p.nickname
+                    );
+                }
+            }
+        }
+        drop(table);
+        let until = std::time::Instant::now() + PATH_MTU_POLL;
+        while std::time::Instant::now() < until {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 #[derive(Clone)]

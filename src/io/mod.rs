@@ -3,6 +3,7 @@
 pub mod control;
 pub mod migrate;
 pub mod netlink;
+pub mod nft;
 pub mod store;
 pub mod sysctl;
 pub mod tun;

@@ -80,16 +80,30 @@ fn set_buffers(socket: &Socket, bytes: usize) {
     }
 }
 
-/// Sends outer datagrams without DF, as Linux's kernel VXLAN does by default: if some
-/// underlay hop has a smaller MTU than assumed, the outer packet is fragmented instead of
-/// silently lost (weft sees no ICMP errors for datagrams it did not mark DF).
+/// Outer datagrams carry DF while they fit the path MTU the kernel knows for their
+/// destination (IP_PMTUDISC_WANT): a hop with a smaller MTU then answers with ICMP
+/// "fragmentation needed", the kernel lowers its path MTU for that peer, and
+/// [`path_mtu`] reads it, so that pods' senders can be told in turn (a GSO send over the
+/// learnt path MTU is refused meanwhile). A datagram over the known path MTU (inner packet
+/// without DF) is fragmented by the kernel, as Linux's VXLAN does.
 fn allow_outer_fragmentation(socket: &Socket) -> io::Result<()> {
     set_int(
         socket,
         libc::IPPROTO_IP,
         libc::IP_MTU_DISCOVER,
-        libc::IP_PMTUDISC_DONT,
+        libc::IP_PMTUDISC_WANT,
     )
+}
+
+/// The path MTU the kernel knows towards `to` (the route's MTU, lowered by ICMP
+/// "fragmentation needed" until that expires), read with a connected socket that sends
+/// nothing.
+pub fn path_mtu(to: SocketAddrV4) -> io::Result<u32> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.connect(&SocketAddr::V4(to).into())?;
+    let mtu = getsockopt(&socket, sockopt::IpMtu).map_err(io::Error::from)?;
+    Ok(u32::try_from(mtu).unwrap_or(0))
 }
 
 /// Control-message space for one `c_int`/`u16` option (`CMSG_SPACE(sizeof(int))`), as

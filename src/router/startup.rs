@@ -53,6 +53,8 @@ pub enum RouterError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Kube(#[from] crate::k8s::KubeError),
+    #[error("NAT rules: {0}")]
+    Nat(#[from] crate::io::nft::NftError),
 }
 
 /// Runs the router until SIGTERM or SIGINT.
@@ -204,6 +206,7 @@ async fn run_async(
     crate::io::sysctl::configure_overlay_link(TUN_NAME)?;
     netlink.set_link_up_mtu(TUN_NAME, mtu).await?;
     info!("overlay interface {TUN_NAME} up, mtu {mtu}");
+    install_nat(&cfg)?;
 
     let data_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.data_port));
     let socket = crate::io::udp::bind(data_addr).map_err(|source| RouterError::Bind {
@@ -513,4 +516,23 @@ async fn release_migrated_addresses(shared: Arc<Shared>, netlink: Arc<Netlink>) 
             }
         }
     }
+}
+
+/// weft's NAT rules (masquerade out of and into the overlay), replacing any earlier copy.
+fn install_nat(cfg: &RouterConfig) -> Result<(), RouterError> {
+    let rules = crate::core::nat::postrouting_rules(&crate::core::nat::NatConfig {
+        range: cfg.range,
+        overlay_link: TUN_NAME.to_string(),
+        pod_link_prefix: weft_contract::HOST_VETH_PREFIX.to_string(),
+        no_masq_local: cfg.no_masq_local,
+    });
+    crate::io::nft::install(&rules)?;
+    info!(
+        "nftables table ip {}: {} NAT rules (pods masqueraded leaving {}; NO_MASQ_LOCAL {})",
+        crate::core::nat::TABLE,
+        rules.len(),
+        cfg.range,
+        if cfg.no_masq_local { "on" } else { "off" }
+    );
+    Ok(())
 }

@@ -58,6 +58,7 @@ const ROUTER_ENV: &[&str] = &[
     "POD_NAMESPACE",
     "KUBERNETES_SERVICE_HOST",
     "CONN_LIMIT",
+    "NO_MASQ_LOCAL",
     "EXTRA_ARGS",
 ];
 
@@ -449,6 +450,20 @@ pub fn tcp_check(
     to: SocketAddrV4,
     timeout: Duration,
 ) -> Result<TcpOutcome> {
+    tcp_check_via(from_ns, to, to_ns, to, timeout)
+}
+
+/// Like [`tcp_check`], with the client connecting to `connect` while the listener is
+/// bound to `listen` (they differ when something on the way translates: a Service's
+/// DNAT, a NodePort).
+pub fn tcp_check_via(
+    from_ns: &str,
+    connect: SocketAddrV4,
+    to_ns: &str,
+    listen: SocketAddrV4,
+    timeout: Duration,
+) -> Result<TcpOutcome> {
+    let to = listen;
     static SEED: AtomicU32 = AtomicU32::new(0x9e37_79b9);
     let seed = SEED.fetch_add(0x6d2b_79f5, Ordering::Relaxed);
     let up = Arc::new(pattern(seed, UP_BYTES));
@@ -540,6 +555,7 @@ pub fn tcp_check(
     }
 
     let client = spawn_in_netns(from_ns, move || {
+        let to = connect;
         let start = Instant::now();
         let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(to), timeout)
             .map_err(io_err(format!("connect to {to}")))?;
@@ -582,6 +598,170 @@ pub fn tcp_check(
         (Ok(_), Err(s)) => Err(s),
         (Err(c), Err(s)) => Err(failed(format!("{c}; server side: {s}"))),
     }
+}
+
+/// Streams `bytes` over one TCP connection from `from_ns` to a listener on `to` in
+/// `to_ns`, which checks every byte (a position-dependent pattern: loss, duplication or
+/// reordering is detected) and answers with the count. Returns the transfer time.
+pub fn tcp_bulk(
+    from_ns: &str,
+    to_ns: &str,
+    to: SocketAddrV4,
+    bytes: usize,
+    timeout: Duration,
+) -> Result<Duration> {
+    const CHUNK: usize = 1 << 20;
+    // Every 8-byte word holds its own position, scrambled: cheap to make and to check.
+    fn chunk(i: usize) -> Vec<u8> {
+        let first = (i * CHUNK / 8) as u64;
+        (first..first + (CHUNK / 8) as u64)
+            .flat_map(|w| w.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes())
+            .collect()
+    }
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = spawn_in_netns(to_ns, move || {
+        let listener = match TcpListener::bind(to) {
+            Ok(l) => {
+                let _ = ready_tx.send(Ok(()));
+                l
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(format!("listen on {to}: {e}")));
+                return Err(failed(format!("listen on {to}: {e}")));
+            }
+        };
+        let (mut stream, _) = listener.accept().map_err(io_err("accept"))?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(io_err("read timeout"))?;
+        let mut got = 0usize;
+        let mut buf = vec![0u8; CHUNK];
+        while got < bytes {
+            let want = (bytes - got).min(CHUNK);
+            stream
+                .read_exact(&mut buf[..want])
+                .map_err(io_err(format!("reading at byte {got} of {bytes}")))?;
+            if buf[..want] != chunk(got / CHUNK)[..want] {
+                return Err(failed(format!("data differs in the MiB at byte {got}")));
+            }
+            got += want;
+        }
+        stream
+            .write_all(&(got as u64).to_be_bytes())
+            .map_err(io_err("answering"))?;
+        Ok(())
+    })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => {}
+        _ => {
+            return Err(join(server)
+                .err()
+                .unwrap_or_else(|| failed("server vanished")))
+        }
+    }
+    let client = spawn_in_netns(from_ns, move || {
+        let start = Instant::now();
+        let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(to), timeout)
+            .map_err(io_err(format!("connect to {to}")))?;
+        stream
+            .set_write_timeout(Some(timeout))
+            .map_err(io_err("write timeout"))?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(io_err("read timeout"))?;
+        let mut sent = 0usize;
+        while sent < bytes {
+            let n = (bytes - sent).min(CHUNK);
+            stream
+                .write_all(&chunk(sent / CHUNK)[..n])
+                .map_err(io_err(format!("writing at byte {sent}")))?;
+            sent += n;
+        }
+        let mut ack = [0u8; 8];
+        stream
+            .read_exact(&mut ack)
+            .map_err(io_err("reading the count"))?;
+        if u64::from_be_bytes(ack) != bytes as u64 {
+            return Err(failed("the server counted a different length"));
+        }
+        Ok(start.elapsed())
+    })?;
+    let c = join(client);
+    let s = join(server);
+    match (c, s) {
+        (Ok(d), Ok(())) => Ok(d),
+        (Err(e), Ok(())) | (Ok(_), Err(e)) => Err(e),
+        (Err(c), Err(s)) => Err(failed(format!("{c}; server side: {s}"))),
+    }
+}
+
+/// A UDP request and its answer, as a DNS lookup makes them: a server bound to `listen`
+/// in `to_ns` answers each datagram with the sender's address as it saw it; the client in
+/// `from_ns` sends to `connect` and waits for the answer. Returns the source address the
+/// server saw.
+pub fn udp_exchange(
+    from_ns: &str,
+    connect: SocketAddrV4,
+    to_ns: &str,
+    listen: SocketAddrV4,
+    timeout: Duration,
+) -> Result<SocketAddr> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = spawn_in_netns(to_ns, move || {
+        let sock = match UdpSocket::bind(listen) {
+            Ok(s) => {
+                let _ = ready_tx.send(Ok(()));
+                s
+            }
+            Err(e) => {
+                let msg = format!("bind {listen}: {e}");
+                let _ = ready_tx.send(Err(msg.clone()));
+                return Err(failed(msg));
+            }
+        };
+        sock.set_read_timeout(Some(timeout))
+            .map_err(io_err("read timeout"))?;
+        let mut buf = [0u8; 512];
+        let (n, peer) = sock
+            .recv_from(&mut buf)
+            .map_err(io_err(format!("udp server {listen}")))?;
+        let mut answer = buf[..n].to_vec();
+        answer.extend_from_slice(peer.to_string().as_bytes());
+        sock.send_to(&answer, peer)
+            .map_err(io_err(format!("udp answer to {peer}")))?;
+        Ok(peer)
+    })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => {}
+        _ => {
+            return Err(join(server)
+                .err()
+                .unwrap_or_else(|| failed("server vanished")))
+        }
+    }
+    let client = spawn_in_netns(from_ns, move || {
+        let sock = UdpSocket::bind("0.0.0.0:0").map_err(io_err("udp client bind"))?;
+        sock.set_read_timeout(Some(timeout))
+            .map_err(io_err("read timeout"))?;
+        let query = b"weft-query:";
+        sock.send_to(query, connect)
+            .map_err(io_err(format!("udp to {connect}")))?;
+        let mut buf = [0u8; 512];
+        let (n, from) = sock
+            .recv_from(&mut buf)
+            .map_err(io_err(format!("udp answer from {connect}")))?;
+        if from != SocketAddr::V4(connect) || !buf[..n].starts_with(query) {
+            return Err(failed(format!(
+                "unexpected answer from {from}: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            )));
+        }
+        Ok(())
+    })?;
+    let c = join(client);
+    let s = join(server);
+    c?;
+    s
 }
 
 /// Sends one UDP datagram from inside `ns` (from an ephemeral port).
@@ -731,6 +911,21 @@ pub struct ClusterSpec {
     /// Give every router the other nodes' addresses as PEER arguments (off when peers
     /// come from elsewhere, e.g. a Kubernetes API).
     pub static_peers: bool,
+    /// How the nodes are joined.
+    pub underlay: Underlay,
+    /// MTU of every underlay link (the nodes' `eth0` and what they plug into).
+    pub underlay_mtu: u32,
+}
+
+/// The network between the nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Underlay {
+    /// One bridge, one /24: every node and host on the same link.
+    Bridged,
+    /// The underlay namespace is a router; every node and host has a /28 subnet of its
+    /// own behind it, as EC2 instances in different subnets and zones. The router has
+    /// no route for the overlay range: only NAT on the nodes brings replies back to pods.
+    Routed,
 }
 
 impl ClusterSpec {
@@ -743,6 +938,8 @@ impl ClusterSpec {
             rp_filter: 1,
             log_filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             static_peers: true,
+            underlay: Underlay::Bridged,
+            underlay_mtu: 1500,
         }
     }
 }
@@ -865,12 +1062,23 @@ impl Cluster {
         let u = self.underlay_ns.clone();
         create_netns(&u)?;
         prepare_netns(&u, 0)?;
-        ip_in(&u, &["link", "add", "br0", "type", "bridge"])?;
-        ip_in(&u, &["link", "set", "br0", "mtu", "1500", "up"])?;
+        match self.spec.underlay {
+            Underlay::Bridged => {
+                let mtu = self.spec.underlay_mtu.to_string();
+                ip_in(&u, &["link", "add", "br0", "type", "bridge"])?;
+                ip_in(&u, &["link", "set", "br0", "mtu", &mtu, "up"])?;
+            }
+            Underlay::Routed => {
+                in_netns(&u, || write_sysctl("net.ipv4.ip_forward", "1"))?;
+            }
+        }
         for i in 0..self.spec.nodes {
             let ns = format!("{}-n{}", self.prefix, i + 1);
             create_netns(&ns)?;
-            let underlay_ip = self.underlay_host(10 + i as u8);
+            let underlay_ip = match self.spec.underlay {
+                Underlay::Bridged => self.underlay_host(10 + i as u8),
+                Underlay::Routed => self.routed_subnet(i + 1)?.1,
+            };
             let node = Node {
                 ns: ns.clone(),
                 underlay_ip,
@@ -885,7 +1093,7 @@ impl Cluster {
                 .map_err(io_err(format!("creating {}", node.db_dir.display())))?;
             self.nodes.push(node);
             prepare_netns(&ns, self.spec.rp_filter)?;
-            self.attach_to_underlay(&ns, &format!("n{}", i + 1), underlay_ip)?;
+            self.attach(&ns, &format!("n{}", i + 1), underlay_ip)?;
         }
         Ok(())
     }
@@ -895,24 +1103,54 @@ impl Cluster {
         Ipv4Addr::new(o[0], o[1], o[2], host)
     }
 
-    /// A veth `eth0` in `ns`, its peer `port` on the bridge, `addr`/24 on `eth0`.
-    fn attach_to_underlay(&self, ns: &str, port: &str, addr: Ipv4Addr) -> Result<()> {
+    /// Routed underlay: subnet `s` (1..=15) is the /28 at `s * 16` of the cluster's /24;
+    /// the router has `.1` of it, the host `.2`.
+    fn routed_subnet(&self, s: usize) -> Result<(Ipv4Addr, Ipv4Addr)> {
+        if !(1..=15).contains(&s) {
+            return Err(failed(format!(
+                "a routed underlay holds at most 15 nodes and hosts (subnet {s})"
+            )));
+        }
+        let base = (s * 16) as u8;
+        Ok((self.underlay_host(base + 1), self.underlay_host(base + 2)))
+    }
+
+    /// The router's address on the subnet of `addr` (routed underlay only).
+    pub fn router_address_for(&self, addr: Ipv4Addr) -> Ipv4Addr {
+        let o = addr.octets();
+        Ipv4Addr::new(o[0], o[1], o[2], (o[3] & 0xf0) + 1)
+    }
+
+    /// A veth `eth0` in `ns`, its peer `port` in the underlay namespace: on the bridge
+    /// (`addr`/24), or routed (`addr`/28, default route via the router).
+    fn attach(&self, ns: &str, port: &str, addr: Ipv4Addr) -> Result<()> {
         let u = &self.underlay_ns;
+        let mtu = self.spec.underlay_mtu.to_string();
         ip_in(
             u,
             &[
-                "link", "add", port, "mtu", "1500", "type", "veth", "peer", "name", "eth0", "mtu",
-                "1500", "netns", ns,
+                "link", "add", port, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu",
+                &mtu, "netns", ns,
             ],
         )?;
-        ip_in(u, &["link", "set", port, "master", "br0", "up"])?;
-        ip_in(ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-        ip_in(ns, &["link", "set", "eth0", "up"])?;
+        match self.spec.underlay {
+            Underlay::Bridged => {
+                ip_in(u, &["link", "set", port, "master", "br0", "up"])?;
+                ip_in(ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+                ip_in(ns, &["link", "set", "eth0", "up"])?;
+            }
+            Underlay::Routed => {
+                let gw = self.router_address_for(addr);
+                ip_in(u, &["addr", "add", &format!("{gw}/28"), "dev", port])?;
+                ip_in(u, &["link", "set", port, "up"])?;
+                ip_in(ns, &["addr", "add", &format!("{addr}/28"), "dev", "eth0"])?;
+                ip_in(ns, &["link", "set", "eth0", "up"])?;
+                ip_in(ns, &["route", "add", "default", "via", &gw.to_string()])?;
+            }
+        }
         Ok(())
     }
 
-    /// A namespace on the underlay that is not a node (for traffic from unknown hosts).
-    /// Returns its namespace name and underlay address.
     /// A bare namespace, removed with the cluster: `{prefix}-{name}`.
     pub fn add_netns(&mut self, name: &str) -> Result<String> {
         let ns = format!("{}-{name}", self.prefix);
@@ -922,14 +1160,24 @@ impl Cluster {
         Ok(ns)
     }
 
+    /// A namespace on the underlay that is not a node (an API server, a bastion, a host
+    /// outside the cluster). Returns its namespace name and underlay address; on a routed
+    /// underlay it has a subnet of its own, counted down from the last.
     pub fn add_underlay_host(&mut self, name: &str) -> Result<(String, Ipv4Addr)> {
-        let host = 200 + self.extra_ns.len().min(50) as u8;
+        let k = self.extra_ns.len().min(50);
+        let addr = match self.spec.underlay {
+            Underlay::Bridged => self.underlay_host(200 + k as u8),
+            Underlay::Routed => self.routed_subnet(15 - k)?.1,
+        };
+        if self.nodes.iter().any(|n| n.underlay_ip == addr) {
+            return Err(failed("no subnet left for another underlay host"));
+        }
         let ns = format!("{}-{name}", self.prefix);
         create_netns(&ns)?;
         self.extra_ns.push(ns.clone());
         prepare_netns(&ns, self.spec.rp_filter)?;
-        let addr = self.underlay_host(host);
-        self.attach_to_underlay(&ns, &format!("h{host}"), addr)?;
+        let port = format!("h{}", addr.octets()[3]);
+        self.attach(&ns, &port, addr)?;
         Ok((ns, addr))
     }
 

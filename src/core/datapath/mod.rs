@@ -20,7 +20,37 @@ pub use rx::RxPlan;
 pub use transform::{Identity, OpenError, Sealed, Transform};
 pub use tx::{TxMessage, TxOutcome, TxPlan, MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
 
-use crate::core::wire::DecapError;
+use crate::core::wire::{DecapError, ENCAP_OVERHEAD_IPV4};
+
+/// The smallest MTU an IPv4 path may have (RFC 791's 68 is of no use to anyone; below
+/// 576 a hop's report is taken as a misconfiguration and clamped).
+const MIN_PATH_MTU: u32 = 576;
+
+/// The limit for inner packets to a peer whose underlay path MTU is `path` (as the kernel
+/// knows it): 0 when the overlay MTU fits, else the path minus the encapsulation.
+pub fn path_limit(path: u32, overlay_mtu: usize) -> u32 {
+    let inner = path.max(MIN_PATH_MTU) - ENCAP_OVERHEAD_IPV4;
+    if inner as usize >= overlay_mtu {
+        0
+    } else {
+        inner
+    }
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::*;
+
+    #[test]
+    fn the_path_limits_only_when_it_is_smaller_than_the_overlay() {
+        assert_eq!(path_limit(9001, 8951), 0);
+        assert_eq!(path_limit(65535, 8951), 0);
+        assert_eq!(path_limit(1500, 8951), 1450);
+        assert_eq!(path_limit(1500, 1450), 0);
+        assert_eq!(path_limit(1400, 1450), 1350);
+        assert_eq!(path_limit(100, 1450), 526, "a nonsense report is clamped");
+    }
+}
 
 /// Why a packet was not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

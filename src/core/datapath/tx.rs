@@ -13,7 +13,7 @@
 //! buffers unchanged until it has sent the plan and called [`TxPlan::clear`].
 
 use super::{DropCounts, DropReason, Transform};
-use crate::core::route::{Lookup, PeerCounters, PeerRoute, RouteTable};
+use crate::core::route::{Lookup, PeerRoute, PeerState, RouteTable};
 use crate::core::wire::gso::{self, GsoError};
 use crate::core::wire::virtio::{self, VnetHdr};
 use crate::core::wire::{encap, icmp, ipv4, VXLAN_OVERHEAD_INNER};
@@ -39,7 +39,7 @@ pub struct TxMessage {
     /// Inner IP bytes, for the peer's traffic counters.
     pub inner_bytes: usize,
     /// The route's counters (shared with the route table, kept across table rebuilds).
-    pub peer: Arc<PeerCounters>,
+    pub peer: Arc<PeerState>,
     /// Index into the route table's peers at planning time.
     pub peer_index: usize,
     /// A shorter segment ended it, or its segment cannot be batched: nothing more fits.
@@ -59,6 +59,18 @@ pub enum TxOutcome {
     /// The plan has no room left for this packet: send and clear the plan, then offer the
     /// same read again (nothing of it was taken).
     Full,
+}
+
+/// The sizes of one planned segment.
+#[derive(Clone, Copy)]
+struct SegmentSize {
+    /// Bytes on the wire (encapsulated, with the transform's room).
+    wire: usize,
+    /// Bytes of the inner packet.
+    inner: usize,
+    /// Over the path's MTU (no DF: the kernel fragments it), so it cannot be part of a GSO
+    /// message.
+    oversize: bool,
 }
 
 /// A batch of planned segments and messages; allocated once, reused per batch.
@@ -166,13 +178,16 @@ impl<T: Transform> TxPlan<T> {
             Err(GsoError::NotIpv4) => return Err(DropReason::NotIpv4),
             Err(_) => return Err(DropReason::Malformed),
         };
+        // The path to this peer may carry less than the overlay MTU (learnt from the
+        // underlay's ICMP): the sender is told, as a router on the way would tell it.
         // Without DF an oversize packet is sent anyway: the kernel fragments the outer
-        // datagram (the socket does not set DF), as Linux's VXLAN does.
-        if split.max_ip_len > self.mtu && dont_frag {
+        // datagram, as Linux's VXLAN does.
+        let mtu = peer.counters.mtu(self.mtu);
+        if split.max_ip_len > mtu && dont_frag {
             self.arena.rewind(arena_mark);
             self.segs.truncate(seg_mark);
             self.counts.add(DropReason::TooBig, 1);
-            let mtu = u16::try_from(self.mtu).unwrap_or(u16::MAX);
+            let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
             return Ok(match icmp::frag_needed(packet, mtu, icmp_out) {
                 Some(n) => TxOutcome::FragNeeded(n),
                 None => TxOutcome::Dropped(DropReason::TooBig),
@@ -187,25 +202,30 @@ impl<T: Transform> TxPlan<T> {
             self.seg_buf.push(buf);
             let wire = self.segs[k].len() + T::TAILROOM;
             let inner = self.segs[k].len() - T::HEADROOM - VXLAN_OVERHEAD_INNER;
-            self.add_to_message(to, peer_index, counters, k, wire, inner);
+            let seg = SegmentSize {
+                wire,
+                inner,
+                oversize: inner > mtu,
+            };
+            self.add_to_message(to, peer_index, counters, k, seg);
         }
         Ok(TxOutcome::Queued(split.segments))
     }
 
-    /// Appends segment `k` (`wire` bytes on the wire) to the open message for `to`, or
-    /// opens a new one.
+    /// Appends segment `k` to the open message for `to`, or opens a new one.
     fn add_to_message(
         &mut self,
         to: SocketAddrV4,
         peer_index: usize,
-        counters: &Arc<PeerCounters>,
+        counters: &Arc<PeerState>,
         k: usize,
-        wire: usize,
-        inner: usize,
+        seg: SegmentSize,
     ) {
-        // A datagram beyond the underlay MTU (no DF: the kernel fragments it) cannot be
-        // part of a GSO message.
-        let oversize = inner > self.mtu;
+        let SegmentSize {
+            wire,
+            inner,
+            oversize,
+        } = seg;
         let per_message = self.per_message;
         if let Some(m) = self.msgs.last_mut() {
             let fits = m.to == to
@@ -310,6 +330,7 @@ pub(crate) mod tests {
     use crate::core::datapath::Identity;
     use crate::core::mesh::PeerName;
     use crate::core::wire::{self, csum, WEFT_VNI};
+    use std::sync::atomic::Ordering;
 
     pub(crate) fn name(i: u8) -> PeerName {
         PeerName::from_bytes([0x02, 0x77, 0x66, 0, 0, i])
@@ -327,7 +348,7 @@ pub(crate) mod tests {
             nickname: format!("n{i}"),
             data_addr: a.map(|a| a.parse().unwrap()),
             mac: name(i).mac(),
-            counters: Arc::new(PeerCounters::default()),
+            counters: Arc::new(PeerState::default()),
         };
         RouteTable::new(
             name(local),
@@ -489,6 +510,42 @@ pub(crate) mod tests {
         assert_eq!(u16::from_be_bytes([reply[26], reply[27]]), 1450);
         assert_eq!(p.take_counts().get(DropReason::TooBig), 1);
         assert!(p.is_empty(), "nothing of it is planned");
+    }
+
+    #[test]
+    fn a_smaller_path_mtu_to_one_peer_is_what_its_senders_are_told() {
+        let t = table(1);
+        let node2 = t.peers().iter().find(|p| p.name == name(2)).unwrap();
+        node2.counters.path_mtu.store(1200, Ordering::Relaxed);
+        let mut p = plan();
+        let mut icmp = [0u8; icmp::MAX_LEN];
+        // 1400 bytes fit the overlay (1450) but not the path to node 2.
+        let mut r = read("192.168.200.1", 1360, true, 0);
+        let TxOutcome::FragNeeded(n) = p.push(&t, 0, &mut r, &mut icmp) else {
+            panic!("a DF packet over the path MTU must be refused")
+        };
+        assert_eq!(u16::from_be_bytes([icmp[26], icmp[27]]), 1200);
+        assert!(n > 28);
+        // A super-packet whose segments are over it too.
+        let mut big = read("192.168.200.1", 20_000, true, 1398);
+        assert!(matches!(
+            p.push(&t, 0, &mut big, &mut icmp),
+            TxOutcome::FragNeeded(_)
+        ));
+        // Without DF it leaves as a datagram of its own, for the kernel to fragment.
+        let mut nodf = read("192.168.200.1", 1360, false, 0);
+        assert_eq!(p.push(&t, 0, &mut nodf, &mut icmp), TxOutcome::Queued(1));
+        // Small packets are not affected; the path MTU is forgotten when reset to 0.
+        let mut small = read("192.168.200.1", 1000, true, 0);
+        assert_eq!(p.push(&t, 0, &mut small, &mut icmp), TxOutcome::Queued(1));
+        assert_eq!(
+            p.messages().len(),
+            2,
+            "the oversize datagram is not part of a GSO message"
+        );
+        node2.counters.path_mtu.store(0, Ordering::Relaxed);
+        let mut again = read("192.168.200.1", 1360, true, 0);
+        assert_eq!(p.push(&t, 0, &mut again, &mut icmp), TxOutcome::Queued(1));
     }
 
     #[test]
