@@ -34,12 +34,15 @@ usage: $0 [-d seconds] [-r rounds] [-b bin_dir] [-B baseline_bin_dir] [-p pings]
   -p  ping count for RTT (default $PINGS, 50 ms apart)
   -B  directory holding another build of weft and weft-cni, measured as datapath D
   -o  datapaths to run, subset of ABCD (default ABC, plus D with -B)
+  -n  load a NAT table (hence conntrack) in every node namespace, as kube-proxy does on
+      every Kubernetes node: weft always has its own NAT table, so this makes the other
+      datapaths pay the same per-packet connection tracking
   -t  also capture weft's underlay traffic during a 1 s transfer and check it with
       tshark: every datagram must decode as VXLAN, with valid inner checksums
 EOF
 }
 
-while getopts "d:r:b:B:p:o:th" opt; do
+while getopts "d:r:b:B:p:o:nth" opt; do
     case "$opt" in
         d) DURATION=$OPTARG ;;
         r) ROUNDS=$OPTARG ;;
@@ -48,6 +51,7 @@ while getopts "d:r:b:B:p:o:th" opt; do
         p) PINGS=$OPTARG ;;
         o) ONLY=$OPTARG ;;
         t) CAPTURE=1 ;;
+        n) NAT=1 ;;
         h) usage; exit 0 ;;
         *) usage; exit 2 ;;
     esac
@@ -119,6 +123,13 @@ make_nodes() {
     ip -n "$p-n2" addr add 10.99.0.2/24 dev eth0
     ip -n "$p-n1" link set eth0 up mtu 1500
     ip -n "$p-n2" link set eth0 up mtu 1500
+    if [ "${NAT:-0}" = 1 ]; then
+        for n in n1 n2; do
+            nsx "$p-$n" nft add table ip bench-conntrack
+            nsx "$p-$n" nft add chain ip bench-conntrack post \
+                '{ type nat hook postrouting priority 100; policy accept; }'
+        done
+    fi
 }
 
 # A pod namespace $1-p<i> wired to node $1-n<i> by a veth; pod 192.168.<i>.2/24.
