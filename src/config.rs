@@ -2,6 +2,7 @@
 //! [`RouterConfig`]. A flag wins over its environment variable.
 
 use crate::core::ipam::init::IpallocInit;
+use crate::core::mesh::secure::Mode;
 use clap::Args;
 use ipnet::Ipv4Net;
 use std::net::SocketAddr;
@@ -69,6 +70,15 @@ pub struct RouterArgs {
     /// its source address (`1`, the default); `0` masquerades it too.
     #[arg(long, env = "NO_MASQ_LOCAL", default_value = "1", value_parser = parse_switch, action = clap::ArgAction::Set)]
     pub no_masq_local: bool,
+    /// Weave's WEAVE_PASSWORD: only nodes with the same password join, and control
+    /// connections are authenticated and encrypted with it. Prefer --password-file (the
+    /// command line is visible to every user of the machine).
+    #[arg(long, env = "WEAVE_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// A file holding the password (a mounted Kubernetes Secret); trailing newlines are
+    /// ignored.
+    #[arg(long, env = "WEAVE_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
     /// Other nodes' control addresses: `host` or `host:port`.
     #[arg(value_name = "PEER")]
     pub peers: Vec<String>,
@@ -100,6 +110,10 @@ pub enum ConfigError {
     Addr { what: &'static str, given: String },
     #[error("--conn-limit (CONN_LIMIT) must be at least 1")]
     ConnLimit,
+    #[error("password file {path}: {reason}")]
+    PasswordFile { path: PathBuf, reason: String },
+    #[error("give the password once: WEAVE_PASSWORD (--password) or WEAVE_PASSWORD_FILE (--password-file), not both")]
+    TwoPasswords,
 }
 
 /// A PEER argument split into host and control port.
@@ -167,6 +181,8 @@ pub struct RouterConfig {
     /// Kubernetes mode: in a pod with a service account, or with a kubeconfig.
     pub kube: Option<KubeSettings>,
     pub no_masq_local: bool,
+    /// Open, or the pre-shared key from the password.
+    pub secure: Mode,
 }
 
 /// A switch as Weave's launch script read it: set to anything but a "no" word is on.
@@ -268,6 +284,29 @@ impl RouterArgs {
             Some(s) => IpallocInit::parse(s)?,
             None => IpallocInit::Consensus(peers.len() + 1),
         };
+        let password = self.password.filter(|p| !p.is_empty());
+        let password_file = self.password_file.filter(|p| !p.as_os_str().is_empty());
+        let password: Option<Vec<u8>> = match (password, password_file) {
+            (Some(_), Some(_)) => return Err(ConfigError::TwoPasswords),
+            (Some(p), None) => Some(p.into_bytes()),
+            (None, Some(path)) => {
+                let mut bytes = std::fs::read(&path).map_err(|e| ConfigError::PasswordFile {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    bytes.pop();
+                }
+                if bytes.is_empty() {
+                    return Err(ConfigError::PasswordFile {
+                        path,
+                        reason: "empty".into(),
+                    });
+                }
+                Some(bytes)
+            }
+            (None, None) => None,
+        };
         let in_pod = env.service_account && env.get("KUBERNETES_SERVICE_HOST").is_some();
         let kubeconfig = self.kubeconfig.filter(|p| !p.as_os_str().is_empty());
         let kube = (!self.no_kube && (kubeconfig.is_some() || in_pod)).then(|| KubeSettings {
@@ -292,6 +331,7 @@ impl RouterArgs {
             conn_limit: self.conn_limit,
             kube,
             no_masq_local: self.no_masq_local,
+            secure: Mode::from_password(password.as_deref()),
         })
     }
 }
@@ -299,10 +339,6 @@ impl RouterArgs {
 /// Weave's variables weft does not implement, each with what to know about it; the router
 /// logs one line for every one that is set, so nothing is silently ignored.
 const NOT_IMPLEMENTED: &[(&str, &str)] = &[
-    (
-        "WEAVE_PASSWORD",
-        "weft does not encrypt yet: traffic between nodes is NOT encrypted",
-    ),
     ("EXPECT_NPC", "weft has no network policy controller"),
     ("WEAVE_NPC_", "weft has no network policy controller"),
     ("CHECKPOINT_DISABLE", "weft never checks for updates"),
@@ -504,9 +540,31 @@ mod tests {
             &["--ipalloc-init", "seed=n1,n2"],
             &["--conn-limit", "0"],
             &["--kube-peers", "a:b:c"],
+            &["--password", "a", "--password-file", "/etc/hostname"],
+            &["--password-file", "/nonexistent/weft-password"],
         ] {
             assert!(try_validate(parse(args), &[], false).is_err(), "{args:?}");
         }
+    }
+
+    #[test]
+    fn the_password_comes_from_the_environment_or_a_file_and_is_never_printed() {
+        let c = try_validate(parse(&[]), &[], false).unwrap();
+        assert!(!c.secure.is_password());
+        let c = try_validate(parse(&["--password", "hunter2"]), &[], false).unwrap();
+        assert!(c.secure.is_password());
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "hunter2\n").unwrap();
+        let from_file =
+            try_validate(parse(&["--password-file", f.to_str().unwrap()]), &[], false).unwrap();
+        match (&c.secure, &from_file.secure) {
+            (Mode::Password(a), Mode::Password(b)) => assert_eq!(a, b, "newline ignored"),
+            _ => panic!("password expected"),
+        }
+        std::fs::write(&f, "\n").unwrap();
+        assert!(try_validate(parse(&["--password-file", f.to_str().unwrap()]), &[], false).is_err());
     }
 
     #[test]
@@ -521,11 +579,8 @@ mod tests {
         .collect();
         let names: Vec<String> = vars.keys().map(|k| k.to_string()).collect();
         let lines = unimplemented_settings(&|k| vars.get(k).map(|v| v.to_string()), &names);
-        assert_eq!(lines.len(), 3, "{lines:?}");
-        assert!(lines
-            .iter()
-            .any(|l| l.starts_with("WEAVE_PASSWORD is set but not used")
-                && l.contains("NOT encrypted")));
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(!lines.iter().any(|l| l.contains("WEAVE_PASSWORD")), "implemented");
         assert!(lines.iter().any(|l| l.starts_with("WEAVE_NPC_EXTRA_ARGS")));
         assert!(!lines.iter().any(|l| l.contains("IPALLOC_RANGE")));
     }

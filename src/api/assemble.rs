@@ -25,6 +25,8 @@ pub struct RouterFacts {
     pub overlay_address: Option<Ipv4Net>,
     /// The targets the router dials (from its peer sources), as `host:port`.
     pub targets: Vec<String>,
+    /// WEAVE_PASSWORD is set.
+    pub password: bool,
 }
 
 /// A dial target that has no established connection of its own.
@@ -227,6 +229,7 @@ pub fn report(s: Sources) -> Report {
             protocol_min_version: PROTOCOL_VERSION,
             protocol_max_version: PROTOCOL_VERSION,
             encryption: false,
+            authentication: if s.router.password { "password" } else { "none" }.to_string(),
             peer_discovery: true,
             name: s.router.name.to_string(),
             nick_name: s.router.nickname,
@@ -269,6 +272,7 @@ mod tests {
                 mtu: 1450,
                 overlay_address: Some("192.168.0.1/16".parse().unwrap()),
                 targets: vec!["10.0.0.2:6783".into(), "10.0.0.3:6783".into()],
+                password: false,
             },
             peers: vec![
                 PeerView {

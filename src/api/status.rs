@@ -92,7 +92,12 @@ pub fn render_status(r: &Report) -> String {
         ),
     );
     line(&mut out, "Name", display_name(&rt.name, &rt.nick_name));
-    line(&mut out, "Encryption", on_off(rt.encryption));
+    let encryption = match (rt.encryption, rt.authentication.as_str()) {
+        (true, _) => "enabled",
+        (false, "password") => "control plane only (password; data plane not encrypted)",
+        (false, _) => "disabled (no WEAVE_PASSWORD: any host may join)",
+    };
+    line(&mut out, "Encryption", encryption);
     line(&mut out, "PeerDiscovery", on_off(rt.peer_discovery));
     line(&mut out, "Targets", rt.targets.len());
     let counts = connection_counts(&rt.connections);
@@ -322,6 +327,7 @@ pub(crate) mod tests {
                 protocol_min_version: 1,
                 protocol_max_version: 1,
                 encryption: false,
+                authentication: "none".into(),
                 peer_discovery: true,
                 name: n1.into(),
                 nick_name: "n1".into(),
@@ -492,7 +498,7 @@ pub(crate) mod tests {
         Service: router
        Protocol: weft 1..1
            Name: 02:77:76:00:00:01(n1)
-     Encryption: disabled
+     Encryption: disabled (no WEAVE_PASSWORD: any host may join)
   PeerDiscovery: enabled
         Targets: 2
     Connections: 2 (1 established, 1 retrying)

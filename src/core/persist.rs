@@ -6,6 +6,7 @@
 
 use crate::core::ipam::paxos::Acceptor;
 use crate::core::ipam::{IpamState, Ring};
+use crate::core::mesh::secure::PublicKey;
 use crate::core::mesh::PeerName;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -27,6 +28,10 @@ pub struct PersistedState {
     /// deleted while this node was down can still be matched to its ring member.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub nicknames: BTreeMap<PeerName, String>,
+    /// The static key each peer name is bound to since first contact: a Hello under a
+    /// known name with another key is refused (`rmpeer` releases a binding).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub keys: BTreeMap<PeerName, PublicKey>,
 }
 
 /// The IPAM part, laid out as format 2 has it on disk: the acceptor of the consensus that
@@ -55,11 +60,17 @@ impl PersistedState {
                 paxos: acceptor,
             },
             nicknames: BTreeMap::new(),
+            keys: BTreeMap::new(),
         }
     }
 
     pub fn with_nicknames(mut self, nicknames: BTreeMap<PeerName, String>) -> Self {
         self.nicknames = nicknames;
+        self
+    }
+
+    pub fn with_keys(mut self, keys: BTreeMap<PeerName, PublicKey>) -> Self {
+        self.keys = keys;
         self
     }
 

@@ -5,6 +5,7 @@
 //! aside, never overwritten or silently replaced by an empty state: losing the ring or the
 //! allocations could hand out addresses that are still in use.
 
+use crate::core::mesh::secure::{hex, unhex, StaticKey};
 use crate::core::persist::{self, DecodeError, PersistedState};
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -17,6 +18,9 @@ pub const DEFAULT_DIR: &str = "/var/lib/weft";
 pub const FILE_NAME: &str = "weft.json";
 
 const TMP_PREFIX: &str = ".weft.json.tmp-";
+/// The node's static private key (hex), readable by root only.
+pub const KEY_FILE: &str = "weft.key";
+const KEY_TMP_PREFIX: &str = ".weft.key.tmp-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -44,6 +48,10 @@ pub enum StoreError {
         found: u32,
         supported: u32,
     },
+    #[error(
+        "key file {path} is unreadable ({reason}); the node's identity is in it. Restore it, or          delete it and run `weft rmpeer <this node>` on a member so that the new key is accepted"
+    )]
+    BadKey { path: PathBuf, reason: String },
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -70,7 +78,8 @@ impl Store {
         fs::create_dir_all(&dir).map_err(io_err("creating directory", &dir))?;
         let entries = fs::read_dir(&dir).map_err(io_err("reading directory", &dir))?;
         for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(TMP_PREFIX) || name.starts_with(KEY_TMP_PREFIX) {
                 let p = entry.path();
                 fs::remove_file(&p).map_err(io_err("removing stale temp file", &p))?;
             }
@@ -132,6 +141,49 @@ impl Store {
         Err(io_err("moving aside", path)(std::io::Error::other(
             "no free corrupt-<n> name",
         )))
+    }
+
+    /// The node's static key: read from `weft.key`, or made and saved (0600, atomically)
+    /// on first start. Never replaced silently: peers bind this node's name to it.
+    pub fn load_or_create_key(&self) -> Result<StaticKey, StoreError> {
+        let path = self.dir.join(KEY_FILE);
+        let bad = |reason: String| StoreError::BadKey {
+            path: path.clone(),
+            reason,
+        };
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                let bytes = unhex(&text).ok_or_else(|| bad("not hex".into()))?;
+                return StaticKey::from_private(&bytes).map_err(|e| bad(e.to_string()));
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("reading", &path)(e)),
+        }
+        let key = StaticKey::generate().map_err(|e| bad(e.to_string()))?;
+        let tmp = self
+            .dir
+            .join(format!("{KEY_TMP_PREFIX}{}", std::process::id()));
+        let mut text = hex(key.private());
+        text.push('\n');
+        let result = (|| {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io_err("creating", &tmp))?;
+            f.write_all(text.as_bytes())
+                .map_err(io_err("writing", &tmp))?;
+            f.sync_all().map_err(io_err("syncing", &tmp))?;
+            // hard_link, not rename: two routers starting on one directory must not both
+            // believe that their key is the node's.
+            fs::hard_link(&tmp, &path).map_err(io_err("linking into place", &path))?;
+            sync_dir(&self.dir)
+        })();
+        let _ = fs::remove_file(&tmp);
+        result?;
+        Ok(key)
     }
 
     /// Atomically replaces the state file with `state`.
@@ -213,6 +265,23 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn the_key_is_made_once_kept_private_and_never_replaced_silently() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = TempDir::new("key");
+        let s = Store::open(&t.0).unwrap();
+        let k1 = s.load_or_create_key().unwrap();
+        let mode = fs::metadata(t.0.join(KEY_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let k2 = Store::open(&t.0).unwrap().load_or_create_key().unwrap();
+        assert_eq!(k1.public(), k2.public(), "the same identity after a restart");
+        fs::write(t.0.join(KEY_FILE), "not a key").unwrap();
+        let e = s.load_or_create_key().unwrap_err();
+        assert!(matches!(e, StoreError::BadKey { .. }), "{e}");
+        assert_eq!(fs::read_to_string(t.0.join(KEY_FILE)).unwrap(), "not a key");
+        assert_eq!(names_in(&t.0), vec![KEY_FILE.to_string()], "no temp files left");
     }
 
     #[test]

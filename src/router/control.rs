@@ -102,6 +102,7 @@ impl Control for RouterControl {
                 mtu: s.mtu,
                 overlay_address: *lock(&s.overlay),
                 targets: s.mesh.source_targets(),
+                password: s.cfg.secure.is_password(),
             },
             peers,
             connections,

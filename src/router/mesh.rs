@@ -10,15 +10,15 @@ use crate::api::assemble::{PendingState, PendingTarget};
 use crate::config::PeerTarget;
 use crate::core::mesh::message::Message;
 use crate::core::mesh::ConnId;
-use crate::io::control::{tune, FrameReader, FrameWriter};
+use crate::io::control::{handshake, tune, HANDSHAKE_TIMEOUT};
 use std::collections::{BTreeMap, HashMap};
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tracing::{info, warn};
 
 pub(crate) const TICK: Duration = Duration::from_secs(5);
@@ -27,6 +27,15 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// While a target is reached through the peer's own connection to us, how often the
 /// dialer checks that this is still so.
 const INBOUND_RECHECK: Duration = Duration::from_secs(2);
+/// Messages queued for one connection's writer. Gossip is a few messages per tick, so a
+/// full queue means the peer stopped reading: it is disconnected, not buffered for.
+const SEND_QUEUE: usize = 1024;
+/// Connections from one address that may be in their handshake at once: one host cannot
+/// take the whole `CONN_LIMIT` with connections that never finish.
+const PENDING_PER_SOURCE: usize = 4;
+/// A gossip-discovered target that failed this many dials in a row is forgotten (until
+/// gossip names it again), so invented peers are not dialled forever.
+const GOSSIP_DIAL_ATTEMPTS: u32 = 8;
 
 pub(crate) enum ConnCmd {
     Send(Message),
@@ -63,7 +72,9 @@ struct Dialer {
 }
 
 pub(crate) struct ConnHandle {
-    tx: mpsc::UnboundedSender<ConnCmd>,
+    tx: mpsc::Sender<ConnCmd>,
+    /// Woken when the queue overflowed: the connection task closes the connection.
+    overflow: Arc<Notify>,
     /// The target an outbound connection was dialled for.
     target: Option<String>,
 }
@@ -73,25 +84,49 @@ pub(crate) struct Mesh {
     conns: Mutex<HashMap<ConnId, ConnHandle>>,
     dialers: Mutex<BTreeMap<String, Dialer>>,
     next_conn: AtomicU64,
+    /// Inbound connections still in their handshake, by source address.
+    pending: Mutex<HashMap<IpAddr, usize>>,
+    /// Handshakes that failed (wrong or no password, not weft, too slow, too large).
+    pub(crate) handshake_failures: AtomicU64,
+    /// Connections closed because their peer did not read.
+    pub(crate) send_overflows: AtomicU64,
+}
+
+impl ConnHandle {
+    fn command(&self, cmd: ConnCmd, counter: &AtomicU64) {
+        match self.tx.try_send(cmd) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                counter.fetch_add(1, Ordering::Relaxed);
+                self.overflow.notify_one();
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
 }
 
 impl Mesh {
     pub(crate) fn send(&self, id: ConnId, msg: Message) {
         if let Some(c) = lock(&self.conns).get(&id) {
-            let _ = c.tx.send(ConnCmd::Send(msg));
+            c.command(ConnCmd::Send(msg), &self.send_overflows);
         }
     }
 
     pub(crate) fn close(&self, id: ConnId, why: String) {
         if let Some(c) = lock(&self.conns).get(&id) {
-            let _ = c.tx.send(ConnCmd::Close(why));
+            c.command(ConnCmd::Close(why), &self.send_overflows);
         }
     }
 
     pub(crate) fn close_all(&self, why: &str) {
         for c in lock(&self.conns).values() {
-            let _ = c.tx.send(ConnCmd::Close(why.to_string()));
+            c.command(ConnCmd::Close(why.to_string()), &self.send_overflows);
         }
+    }
+
+    /// Control connections open or in their handshake, for `CONN_LIMIT`.
+    fn open_count(&self) -> usize {
+        lock(&self.conns).len() + lock(&self.pending).values().sum::<usize>()
     }
 
     /// Connection `id` leads back to this process: its target is never dialled again.
@@ -116,6 +151,17 @@ impl Mesh {
             if d.state != DialState::IsSelf {
                 d.state = state;
             }
+        }
+    }
+
+    /// Removes the dialer of `target` if gossip (not a peer source) asked for it.
+    fn forget_gossiped(&self, target: &str) -> bool {
+        let mut dialers = lock(&self.dialers);
+        if dialers.get(target).is_some_and(|d| d.origin == Origin::Gossip) {
+            dialers.remove(target);
+            true
+        } else {
+            false
         }
     }
 
@@ -157,9 +203,16 @@ impl Mesh {
 
     /// A connection whose commands the test reads, as a connection task would.
     #[cfg(test)]
-    pub(crate) fn register_for_test(&self, id: ConnId) -> mpsc::UnboundedReceiver<ConnCmd> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        lock(&self.conns).insert(id, ConnHandle { tx, target: None });
+    pub(crate) fn register_for_test(&self, id: ConnId) -> mpsc::Receiver<ConnCmd> {
+        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        lock(&self.conns).insert(
+            id,
+            ConnHandle {
+                tx,
+                overflow: Arc::new(Notify::new()),
+                target: None,
+            },
+        );
         rx
     }
 
@@ -231,36 +284,101 @@ fn spawn_dialer(shared: &Arc<Shared>, target: PeerTarget, origin: Origin) {
     tokio::spawn(dial_loop(shared.clone(), target, cancelled));
 }
 
+/// Counts an inbound connection as pending until dropped (handshake done or failed).
+struct PendingGuard {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut pending = lock(&self.shared.mesh.pending);
+        if let Some(n) = pending.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                pending.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A warning at most every 10 s, with how many times it happened meanwhile: nothing a
+/// stranger sends can flood the log.
+struct Throttled {
+    count: u64,
+    next: tokio::time::Instant,
+}
+
+impl Throttled {
+    fn new() -> Self {
+        Throttled {
+            count: 0,
+            next: tokio::time::Instant::now(),
+        }
+    }
+
+    fn warn(&mut self, line: impl FnOnce(u64) -> String) {
+        self.count += 1;
+        let now = tokio::time::Instant::now();
+        if now >= self.next {
+            warn!("{}", line(self.count));
+            self.count = 0;
+            self.next = now + Duration::from_secs(10);
+        }
+    }
+}
+
+static INBOUND_FAILURES: Mutex<Option<Throttled>> = Mutex::new(None);
+
 pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
-    let mut refused = 0u64;
-    let mut next_log = tokio::time::Instant::now();
+    let mut refused = Throttled::new();
     loop {
-        match listener.accept().await {
-            Ok((stream, remote)) if lock(&shared.mesh.conns).len() >= shared.cfg.conn_limit => {
-                // Over CONN_LIMIT: refuse at once (the peer redials with backoff).
-                drop(stream);
-                refused += 1;
-                let now = tokio::time::Instant::now();
-                if now >= next_log {
-                    warn!(
-                        "refused {refused} control connection(s), the last from {remote}: already {} connections (CONN_LIMIT)",
-                        shared.cfg.conn_limit
-                    );
-                    refused = 0;
-                    next_log = now + Duration::from_secs(10);
-                }
-            }
-            Ok((stream, remote)) => {
-                if let Err(e) = tune(&stream) {
-                    warn!("control connection {remote}: cannot set socket options: {e}");
-                }
-                tokio::spawn(run_connection(shared.clone(), stream, remote, None, None));
-            }
+        let (stream, remote) = match listener.accept().await {
+            Ok(x) => x,
             Err(e) => {
                 warn!("accepting control connection failed: {e}");
                 tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
             }
+        };
+        let limit = shared.cfg.conn_limit;
+        if shared.mesh.open_count() >= limit {
+            // Over CONN_LIMIT: refuse at once (a member redials with backoff).
+            drop(stream);
+            refused.warn(|n| {
+                format!("refused {n} control connection(s), the last from {remote}: already {limit} connections (CONN_LIMIT)")
+            });
+            continue;
         }
+        let ip = remote.ip();
+        {
+            let mut pending = lock(&shared.mesh.pending);
+            let n = pending.entry(ip).or_default();
+            if *n >= PENDING_PER_SOURCE {
+                drop(pending);
+                drop(stream);
+                refused.warn(|n| {
+                    format!("refused {n} control connection(s), the last from {remote}: {PENDING_PER_SOURCE} from that address are already in their handshake")
+                });
+                continue;
+            }
+            *n += 1;
+        }
+        let guard = PendingGuard {
+            shared: shared.clone(),
+            ip,
+        };
+        if let Err(e) = tune(&stream) {
+            warn!("control connection {remote}: cannot set socket options: {e}");
+        }
+        tokio::spawn(run_connection(
+            shared.clone(),
+            stream,
+            remote,
+            None,
+            None,
+            Some(guard),
+        ));
     }
 }
 
@@ -283,6 +401,7 @@ async fn until_cancelled(cancel: &mut Option<watch::Receiver<bool>>) {
 async fn dial_loop(shared: Arc<Shared>, target: PeerTarget, mut cancel: watch::Receiver<bool>) {
     let key = target.to_string();
     let mut backoff = Duration::from_secs(1);
+    let mut failures = 0u32;
     loop {
         if *cancel.borrow()
             || shared
@@ -336,6 +455,7 @@ async fn dial_loop(shared: Arc<Shared>, target: PeerTarget, mut cancel: watch::R
                     addr,
                     Some(key.clone()),
                     Some(cancel.clone()),
+                    None,
                 )
                 .await;
                 if *cancel.borrow() {
@@ -343,6 +463,7 @@ async fn dial_loop(shared: Arc<Shared>, target: PeerTarget, mut cancel: watch::R
                 }
                 if established {
                     backoff = Duration::from_secs(1);
+                    failures = 0;
                 }
                 if let SocketAddr::V4(v4) = addr {
                     // Closed as the duplicate of the peer's own connection to us: not a
@@ -351,12 +472,24 @@ async fn dial_loop(shared: Arc<Shared>, target: PeerTarget, mut cancel: watch::R
                         continue;
                     }
                 }
-                "connection closed".to_string()
+                match shared.mesh.state(&key) {
+                    // The handshake's own reason (say, a wrong password) says more.
+                    Some(DialState::Retrying(r)) if !established => r,
+                    _ => "connection closed".to_string(),
+                }
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {DIAL_TIMEOUT:?}"),
         };
-        shared.mesh.set_state(&key, DialState::Retrying(why));
+        shared.mesh.set_state(&key, DialState::Retrying(why.clone()));
+        failures += 1;
+        if failures >= GOSSIP_DIAL_ATTEMPTS && shared.mesh.forget_gossiped(&key) {
+            info!("forgetting peer {key} learnt from gossip: {failures} dials failed, the last: {why}");
+            if let SocketAddr::V4(v4) = addr {
+                lock(&shared.node).forget_target(v4);
+            }
+            return;
+        }
         if !sleep_backoff(&mut backoff, &mut cancel).await {
             return;
         }
@@ -375,31 +508,65 @@ async fn sleep_backoff(backoff: &mut Duration, cancel: &mut watch::Receiver<bool
 }
 
 /// Drives one control connection until it closes (or its dialer is cancelled). Returns
-/// whether it got past the handshake. Generic over the byte stream, so that a handshake
-/// and cipher layer can wrap the TCP stream.
+/// whether it got past the Hello. The peer first has [`HANDSHAKE_TIMEOUT`] for the secure
+/// handshake and its Hello; until the handshake authenticated it, nothing it sends reaches
+/// the node. Generic over the byte stream (tests use in-memory pipes).
 async fn run_connection<S>(
     shared: Arc<Shared>,
     stream: S,
     remote: SocketAddr,
     target: Option<String>,
     cancel: Option<watch::Receiver<bool>>,
+    pending: Option<PendingGuard>,
 ) -> bool
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let outbound = target.is_some();
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut cancel = cancel;
+    let secured = tokio::select! {
+        r = tokio::time::timeout_at(
+            deadline,
+            handshake(stream, &shared.identity, &shared.cfg.secure, outbound),
+        ) => r,
+        _ = until_cancelled(&mut cancel) => return false,
+    };
+    let (mut reader, mut writer, key) = match secured {
+        Ok(Ok(x)) => x,
+        failed => {
+            shared.mesh.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
+            };
+            match &target {
+                Some(t) => {
+                    warn!("control connection to {t} ({remote}): {why}");
+                    shared.mesh.set_state(t, DialState::Retrying(why));
+                }
+                None => {
+                    let mut log = lock(&INBOUND_FAILURES);
+                    log.get_or_insert_with(Throttled::new).warn(|n| {
+                        format!("refused {n} control connection(s) in their handshake, the last from {remote}: {why}")
+                    });
+                }
+            }
+            return false;
+        }
+    };
+    drop(pending);
     let id = shared.mesh.next_id();
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::channel(SEND_QUEUE);
+    let overflow = Arc::new(Notify::new());
     lock(&shared.mesh.conns).insert(
         id,
         ConnHandle {
             tx,
+            overflow: overflow.clone(),
             target: target.clone(),
         },
     );
-    let (read_half, write_half) = tokio::io::split(stream);
-    let mut reader = FrameReader::new(read_half);
-    let mut writer = FrameWriter::new(write_half);
     let mut writer_task = tokio::spawn(async move {
         while let Some(cmd) = rx.recv().await {
             match cmd {
@@ -416,9 +583,8 @@ where
         }
         "closed".to_string()
     });
-    shared.event(|n| n.on_connected(id, remote, outbound));
+    shared.event(|n| n.on_connected(id, remote, outbound, key));
 
-    let mut cancel = cancel;
     let mut established = false;
     let reason = loop {
         tokio::select! {
@@ -427,6 +593,7 @@ where
                     shared.event(|n| n.on_message(id, m));
                     if !established && shared.with_node(|n| n.is_established(id)) {
                         established = true;
+                        reader.accept_large_frames();
                         if let Some(t) = &target {
                             shared.mesh.set_state(t, DialState::Established(id));
                         }
@@ -436,6 +603,12 @@ where
             },
             why = &mut writer_task => {
                 break why.unwrap_or_else(|e| format!("writer failed: {e}"));
+            }
+            _ = overflow.notified() => {
+                break format!("the peer does not read: {SEND_QUEUE} messages queued");
+            }
+            _ = tokio::time::sleep_until(deadline), if !established => {
+                break format!("no Hello within {HANDSHAKE_TIMEOUT:?}");
             }
             _ = until_cancelled(&mut cancel) => break "peer removed".to_string(),
         }

@@ -57,6 +57,8 @@ pub(crate) struct Shared {
     overlay_wanted: Notify,
     pending_allocates: AtomicU64,
     bad_requests: AtomicU64,
+    /// The node's static key (its identity in every control handshake).
+    identity: crate::core::mesh::secure::StaticKey,
 }
 
 /// Resolves when the save of one event's effects is durable, or failed (then nothing that

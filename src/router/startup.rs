@@ -2,6 +2,7 @@
 //! the overlay interface and the data path, the ports, the re-claim of running pods'
 //! addresses, and the tasks that run until a signal stops the router.
 
+use crate::core::mesh::secure::{PublicKey, StaticKey};
 use super::control::RouterControl;
 use super::effects::{self, StateStore};
 use super::kube::KubePeers;
@@ -65,7 +66,18 @@ pub fn run(cfg: RouterConfig) -> Result<(), RouterError> {
     let persisted = store.load()?;
     let name = choose_name(&cfg, persisted.as_ref())?;
     let name_is_stored = persisted.as_ref().and_then(|p| p.peer_name.as_ref()) == Some(&name);
-    let (ipam, acceptor, nicknames) = match persisted {
+    let identity = store.load_or_create_key()?;
+    info!(
+        "static key {} (in {}); control connections {}",
+        identity.public(),
+        cfg.db_dir.display(),
+        if cfg.secure.is_password() {
+            "need WEAVE_PASSWORD"
+        } else {
+            "are encrypted but open to any host that reaches the control port"
+        }
+    );
+    let (ipam, acceptor, nicknames, keys) = match persisted {
         Some(p) => {
             let ipam = Ipam::restore(name.clone(), cfg.range, p.ipam_state())?;
             info!(
@@ -73,11 +85,12 @@ pub fn run(cfg: RouterConfig) -> Result<(), RouterError> {
                 cfg.db_dir.display(),
                 ipam.active_count()
             );
-            (ipam, p.acceptor().clone(), p.nicknames)
+            (ipam, p.acceptor().clone(), p.nicknames, p.keys)
         }
         None => (
             Ipam::new(name.clone(), cfg.range),
             Acceptor::default(),
+            Default::default(),
             Default::default(),
         ),
     };
@@ -95,7 +108,18 @@ pub fn run(cfg: RouterConfig) -> Result<(), RouterError> {
         .enable_all()
         .thread_name("weft-control")
         .build()?;
-    rt.block_on(run_async(cfg, store, name, ipam, acceptor, nicknames))
+    rt.block_on(run_async(
+        cfg,
+        store,
+        Restored {
+            name,
+            ipam,
+            acceptor,
+            nicknames,
+            keys,
+            identity,
+        },
+    ))
 }
 
 fn choose_name(
@@ -137,14 +161,31 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Route
         })
 }
 
-async fn run_async(
-    cfg: RouterConfig,
-    store: Store,
+/// What the router found on disk (or made on first start).
+struct Restored {
     name: PeerName,
     ipam: Ipam,
     acceptor: Acceptor,
     nicknames: BTreeMap<PeerName, String>,
-) -> Result<(), RouterError> {
+    keys: BTreeMap<PeerName, PublicKey>,
+    identity: StaticKey,
+}
+
+async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Result<(), RouterError> {
+    let Restored {
+        name,
+        ipam,
+        acceptor,
+        nicknames,
+        keys,
+        identity,
+    } = restored;
+    if !cfg.secure.is_password() {
+        warn!(
+            "no WEAVE_PASSWORD: any host that reaches tcp port {} can join this cluster and read its ring; set WEAVE_PASSWORD (or WEAVE_PASSWORD_FILE) on every node",
+            cfg.port
+        );
+    }
     info!(
         "weft {} starting: name {name}({}), range {}, peers {:?}",
         env!("CARGO_PKG_VERSION"),
@@ -236,6 +277,7 @@ async fn run_async(
         acceptor,
     );
     node.remember_nicknames(nicknames);
+    node.remember_keys(keys);
     let control_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.port));
     let listener = bind("control port (tcp)", control_addr).await?;
     let api_listener = bind("HTTP API", cfg.http_addr).await?;
@@ -256,6 +298,7 @@ async fn run_async(
         overlay_wanted: Notify::new(),
         pending_allocates: AtomicU64::new(0),
         bad_requests: AtomicU64::new(0),
+        identity,
     });
     let store: Arc<dyn StateStore> = Arc::new(store);
     tokio::spawn(effects::interpret(shared.clone(), store, job_queue));

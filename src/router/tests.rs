@@ -60,6 +60,10 @@ fn name(i: u8) -> PeerName {
     PeerName::from_bytes([2, 0x77, 0x66, 0, 0, i])
 }
 
+fn key(i: u8) -> crate::core::mesh::secure::PublicKey {
+    crate::core::mesh::secure::PublicKey([i; 32])
+}
+
 fn node_cfg(i: u8, init: IpallocInit) -> NodeConfig {
     NodeConfig {
         name: name(i),
@@ -76,7 +80,7 @@ struct Harness {
     shared: Arc<Shared>,
     store: Arc<FlakyStore>,
     /// What node 1 sends on connection 1 (to node 2).
-    wire: mpsc::UnboundedReceiver<mesh::ConnCmd>,
+    wire: mpsc::Receiver<mesh::ConnCmd>,
 }
 
 /// Node 1 (`init`) with its interpreter running and node 2 (`peer_init`) connected on
@@ -114,18 +118,19 @@ async fn harness_with(init: IpallocInit, peer_init: IpallocInit, args: &[&str]) 
         overlay_wanted: Notify::new(),
         pending_allocates: AtomicU64::new(0),
         bad_requests: AtomicU64::new(0),
+        identity: crate::core::mesh::secure::StaticKey::from_private(&[1; 32]).unwrap(),
     });
     let store = Arc::new(FlakyStore::default());
     tokio::spawn(interpret(shared.clone(), store.clone(), queue));
     shared.event(|n| n.start());
     let wire = shared.mesh.register_for_test(1);
-    shared.event(|n| n.on_connected(1, "10.0.0.2:6783".parse().unwrap(), true));
+    shared.event(|n| n.on_connected(1, "10.0.0.2:6783".parse().unwrap(), true, key(2)));
     let mut peer = Node::new(
         node_cfg(2, peer_init),
         Ipam::new(name(2), "192.168.0.0/16".parse().unwrap()),
         Default::default(),
     );
-    let fx = peer.on_connected(1, "10.0.0.1:40000".parse().unwrap(), false);
+    let fx = peer.on_connected(1, "10.0.0.1:40000".parse().unwrap(), false, key(1));
     let hello = fx
         .sends()
         .find(|(_, m)| matches!(m, Message::Hello(_)))
@@ -306,10 +311,10 @@ async fn peer_sources_add_and_remove_targets_at_run_time() {
         .expect("the new target is dialled")
         .unwrap();
     assert_eq!(h.shared.mesh.source_targets(), vec![target.to_string()]);
-    // The router greets with a Hello: a length-prefixed frame.
-    let mut len = [0u8; 4];
-    conn.read_exact(&mut len).await.unwrap();
-    assert!(u32::from_be_bytes(len) > 0);
+    // The router opens with its secure channel's preamble.
+    let mut preamble = [0u8; 8];
+    conn.read_exact(&mut preamble).await.unwrap();
+    assert_eq!(&preamble[..4], b"weft");
 
     // The source drops it: the dialer is cancelled and its connection closed.
     mesh::set_targets(&h.shared, Vec::new());

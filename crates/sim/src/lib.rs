@@ -151,6 +151,13 @@ impl Sim {
         PeerName::from_bytes([2, 0x5e, 0, 0, (i >> 8) as u8, i as u8])
     }
 
+    /// Machine `i`'s static key: kept with its disk, so the same across restarts.
+    fn key_of(i: usize) -> weft::core::mesh::secure::PublicKey {
+        let mut k = [0u8; 32];
+        k[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+        weft::core::mesh::secure::PublicKey(k)
+    }
+
     fn addr_of(i: usize) -> SocketAddr {
         SocketAddr::from(([10, 9, (i >> 8) as u8, i as u8], 6783))
     }
@@ -258,8 +265,8 @@ impl Sim {
         let id = self.next_conn;
         self.next_conn += 1;
         self.links.insert(id, (a, b));
-        let oa = self.node_mut(a).on_connected(id, Self::addr_of(b), true);
-        let ob = self.node_mut(b).on_connected(id, Self::addr_of(a), false);
+        let oa = self.node_mut(a).on_connected(id, Self::addr_of(b), true, Self::key_of(b));
+        let ob = self.node_mut(b).on_connected(id, Self::addr_of(a), false, Self::key_of(a));
         let (ha, rest_a) = split_hello(oa);
         let (hb, rest_b) = split_hello(ob);
         self.absorb(a, rest_a);

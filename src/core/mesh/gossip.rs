@@ -19,12 +19,17 @@
 //! was removed while it was down.
 
 use super::effects::{Action, ConnId, Outbox};
-use super::message::{Message, PeerSummary};
+use super::message::{Message, PeerSummary, MAX_SUMMARIES};
 use super::node::{Node, FANOUT, GATE_TICKS, PEERS_EVERY};
+use super::secure::PublicKey;
 use super::PeerName;
 use crate::core::ipam::Ring;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
+
+/// Most peers a node keeps track of; gossip naming more is ignored (and counted), so a
+/// member cannot make the node dial, route to or report an unbounded number of peers.
+pub(crate) const MAX_PEERS: usize = 4096;
 
 /// What this node knows of another peer.
 #[derive(Clone, Debug)]
@@ -36,6 +41,7 @@ pub(super) struct KnownPeer {
     pub(super) data_port: u16,
     /// The peers it is connected to, as it last told us (first-hand only).
     pub(super) connections: Vec<PeerName>,
+    pub(super) key: Option<PublicKey>,
 }
 
 /// What a received ring's sender said about it (see `Message::Gossip`).
@@ -61,6 +67,9 @@ pub(super) struct Gossip {
     /// Every peer's nickname this node has heard (persisted): a ring member whose
     /// Kubernetes Node is gone is found by it even after a restart.
     pub(super) nicknames: BTreeMap<PeerName, String>,
+    /// Every peer's static key, bound on first contact (direct, or first-hand gossip from
+    /// a member) and persisted.
+    pub(super) keys: BTreeMap<PeerName, PublicKey>,
 }
 
 impl Gossip {
@@ -72,6 +81,7 @@ impl Gossip {
             gated,
             gate_heard: None,
             nicknames: BTreeMap::new(),
+            keys: BTreeMap::new(),
         }
     }
 }
@@ -301,6 +311,14 @@ impl Node {
         if peers.is_empty() {
             return;
         }
+        if peers.len() > MAX_SUMMARIES {
+            self.counters.peers_over_bound += peers.len() as u64;
+            out.warn(format!(
+                "gossip from {from} names {} peers, over the bound of {MAX_SUMMARIES}: ignored",
+                peers.len()
+            ));
+            return;
+        }
         let direct: BTreeSet<PeerName> = self.established_peers().into_iter().collect();
         for p in peers {
             if p.name == self.cfg.name {
@@ -320,6 +338,25 @@ impl Node {
             if self.ipam.ring().is_some_and(|r| r.is_removed(&p.name)) {
                 continue;
             }
+            if let Some(key) = p.key {
+                match self.gossip.keys.get(&p.name) {
+                    Some(bound) if *bound != key => {
+                        // A member vouches for a key we know to be wrong: believe the
+                        // binding, not the gossip.
+                        self.counters.key_mismatches += 1;
+                        continue;
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.gossip.keys.insert(p.name.clone(), key);
+                        self.touch();
+                    }
+                }
+            }
+            if !self.gossip.peers.contains_key(&p.name) && self.gossip.peers.len() >= MAX_PEERS {
+                self.counters.peers_over_bound += 1;
+                continue;
+            }
             self.learn_nickname(&p.name, &p.nickname);
             let changed = match self.gossip.peers.get(&p.name) {
                 None => true,
@@ -335,6 +372,7 @@ impl Node {
                         control_port: p.control_port,
                         data_port: p.data_port,
                         connections: Vec::new(),
+                        key: p.key,
                     },
                 );
                 out.push(Action::RoutesChanged);
@@ -354,6 +392,12 @@ impl Node {
         self.gossip.dialled.insert(target);
     }
 
+    /// The I/O layer gave up on a target gossip named: if gossip names it again, it is
+    /// dialled again.
+    pub fn forget_target(&mut self, target: SocketAddrV4) {
+        self.gossip.dialled.remove(&target);
+    }
+
     /// First-hand: this node with its connections, and each neighbour at the address this
     /// node observes (without the neighbour's own connections, which would be hearsay).
     fn summaries(&self) -> Vec<PeerSummary> {
@@ -366,6 +410,7 @@ impl Node {
             control_port: self.cfg.control_port,
             data_port: self.cfg.data_port,
             connections: direct.clone(),
+            key: None,
         }];
         for name in direct {
             if let Some(k) = self.gossip.peers.get(&name) {
@@ -377,6 +422,7 @@ impl Node {
                     control_port: k.control_port,
                     data_port: k.data_port,
                     connections: Vec::new(),
+                    key: k.key,
                 });
             }
         }

@@ -57,10 +57,37 @@ impl Node {
             );
             return self.refuse(id, why, out);
         }
+        if !self.check_key(id, conn, &h, out) {
+            return;
+        }
         if !self.settle_duplicate(id, conn, &h, out) {
             return;
         }
         self.admit(id, conn, h, out);
+    }
+
+    /// A name is bound to the key its node proved first; a Hello under that name with
+    /// another key is refused, so a stopped node cannot be impersonated. A peer removed
+    /// from the ring (rmpeer) may come back with a new key. Returns whether `id` may go on.
+    fn check_key(&mut self, id: ConnId, conn: &Conn, h: &Hello, out: &mut Outbox) -> bool {
+        let removed = self.ipam.ring().is_some_and(|r| r.is_removed(&h.name));
+        match self.gossip.keys.get(&h.name) {
+            Some(bound) if *bound != conn.key && !removed => {
+                self.counters.key_mismatches += 1;
+                let why = format!(
+                    "refusing peer at {}: it presents the name {}({}) with key {}, but that name is bound to key {} since first contact. If {} lost its --db-dir (a reinstall), remove it with `weft rmpeer {}` on a member first",
+                    conn.remote, h.name, h.nickname, conn.key, bound, h.name, h.name
+                );
+                self.refuse(id, why, out);
+                false
+            }
+            Some(bound) if *bound == conn.key => true,
+            _ => {
+                self.gossip.keys.insert(h.name.clone(), conn.key);
+                self.touch();
+                true
+            }
+        }
     }
 
     /// Another connection already carries this name: decides which one stays. Returns
@@ -129,6 +156,7 @@ impl Node {
                 control_port: h.control_port,
                 data_port: h.data_port,
                 connections: Vec::new(),
+                key: Some(conn.key),
             },
         );
         if let Some(a) = address {

@@ -84,6 +84,8 @@ impl Node {
         if let Ok(n) = &r {
             out.info(format!("removed peer {name}: took over {n} addresses"));
             self.gossip.peers.remove(name);
+            // Its key binding goes too: the node may come back reinstalled, with a new key.
+            self.gossip.keys.remove(name);
             self.touch();
             out.push(Action::RoutesChanged);
             self.push_ring(&mut out, None);

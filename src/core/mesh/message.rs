@@ -7,6 +7,7 @@
 
 use crate::core::ipam::paxos::{Accepted, Ballot};
 use crate::core::ipam::Ring;
+use crate::core::mesh::secure::PublicKey;
 use crate::core::mesh::PeerName;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,12 @@ pub(crate) const PROTOCOL_VERSION: u32 = 2;
 /// Large enough for a ring of thousands of entries; a peer announcing more is broken or
 /// hostile and is disconnected rather than buffered.
 pub(crate) const MAX_FRAME: usize = 16 * 1024 * 1024;
+/// The largest frame before the peer's Hello is accepted: a Hello is a few hundred bytes,
+/// and nothing else may come first.
+pub(crate) const MAX_FRAME_BEFORE_HELLO: usize = 16 * 1024;
+/// Most peer summaries in one gossip message: a node summarises itself and its direct
+/// neighbours, which `CONN_LIMIT` (200 by default) bounds.
+pub(crate) const MAX_SUMMARIES: usize = 1024;
 
 /// The first message on every connection, in both directions.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -55,6 +62,10 @@ pub struct PeerSummary {
     /// summary: what a peer says about others' connections would be second-hand).
     #[serde(default)]
     pub connections: Vec<PeerName>,
+    /// Its static key as the summarising node authenticated it (None for the sender
+    /// itself, whose key the receiver has from the handshake).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PublicKey>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -124,8 +135,8 @@ impl Message {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    #[error("control frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
-    TooLarge(usize),
+    #[error("control frame of {len} bytes exceeds the {max}-byte limit at this stage")]
+    TooLarge { len: usize, max: usize },
     #[error("malformed control message: {0}")]
     Malformed(#[from] serde_json::Error),
 }
@@ -142,12 +153,33 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
 }
 
 /// Incremental frame decoder.
-#[derive(Default)]
 pub(crate) struct Decoder {
     buf: Vec<u8>,
+    max: usize,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Decoder {
+            buf: Vec::new(),
+            max: MAX_FRAME,
+        }
+    }
 }
 
 impl Decoder {
+    /// A decoder refusing frames over `max` bytes.
+    pub(crate) fn with_max(max: usize) -> Decoder {
+        Decoder {
+            buf: Vec::new(),
+            max,
+        }
+    }
+
+    pub(crate) fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
     pub(crate) fn feed(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }
@@ -159,14 +191,18 @@ impl Decoder {
             return Ok(None);
         }
         let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-        if len > MAX_FRAME {
-            return Err(FrameError::TooLarge(len));
+        if len > self.max {
+            return Err(FrameError::TooLarge { len, max: self.max });
         }
         if self.buf.len() < 4 + len {
             return Ok(None);
         }
         let result = serde_json::from_slice(&self.buf[4..4 + len]);
         self.buf.drain(..4 + len);
+        if self.buf.is_empty() && self.buf.capacity() > 1024 * 1024 {
+            // A large ring has been decoded: do not keep its buffer for the connection's life.
+            self.buf = Vec::new();
+        }
         Ok(Some(result?))
     }
 }
@@ -210,7 +246,11 @@ mod tests {
     fn rejects_oversized_and_malformed_frames() {
         let mut d = Decoder::default();
         d.feed(&(MAX_FRAME as u32 + 1).to_be_bytes());
-        assert!(matches!(d.next_message(), Err(FrameError::TooLarge(_))));
+        assert!(matches!(d.next_message(), Err(FrameError::TooLarge { .. })));
+
+        let mut d = Decoder::with_max(MAX_FRAME_BEFORE_HELLO);
+        d.feed(&(MAX_FRAME_BEFORE_HELLO as u32 + 1).to_be_bytes());
+        assert!(matches!(d.next_message(), Err(FrameError::TooLarge { .. })));
 
         let mut d = Decoder::default();
         d.feed(&5u32.to_be_bytes());

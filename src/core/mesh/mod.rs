@@ -10,6 +10,7 @@ mod local;
 pub mod message;
 mod node;
 pub mod peer;
+pub mod secure;
 pub mod view;
 
 pub use effects::{Action, ConnId, Effects, Level, Save};

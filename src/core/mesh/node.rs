@@ -16,6 +16,7 @@ use super::donation::Donation;
 use super::effects::{Action, ConnId, Effects, Outbox, Save};
 use super::gossip::{Gossip, RingFlags};
 use super::message::Message;
+use super::secure::PublicKey;
 use super::PeerName;
 use crate::core::ipam::paxos::Acceptor;
 use crate::core::ipam::{IpallocInit, Ipam};
@@ -63,6 +64,11 @@ pub struct NodeCounters {
     pub donations_given: u64,
     /// Times this peer found itself removed and came back as a new incarnation.
     pub comebacks: u64,
+    /// Hellos refused because the name is bound to another key (impersonation, or a node
+    /// that lost its --db-dir), and gossiped keys that contradicted a binding.
+    pub key_mismatches: u64,
+    /// Gossiped peers ignored because the message or the peer list was over its bound.
+    pub peers_over_bound: u64,
 }
 
 /// One control connection as the node sees it.
@@ -70,6 +76,8 @@ pub struct NodeCounters {
 pub(super) struct Conn {
     pub(super) remote: SocketAddr,
     pub(super) outbound: bool,
+    /// The static key the peer proved it holds in the connection's handshake.
+    pub(super) key: PublicKey,
     /// Set once the peer's Hello was accepted: its name and per-start uid.
     pub(super) peer: Option<(PeerName, u64)>,
 }
@@ -154,6 +162,18 @@ impl Node {
             self.consensus.acceptor.clone(),
         )
         .with_nicknames(self.gossip.nicknames.clone())
+        .with_keys(self.gossip.keys.clone())
+    }
+
+    /// Restores the peers' key bindings (from [`PersistedState`]).
+    pub fn remember_keys(&mut self, keys: BTreeMap<PeerName, PublicKey>) {
+        self.gossip.keys = keys;
+        self.gossip.keys.remove(&self.cfg.name);
+    }
+
+    /// The key `name` is bound to, if any.
+    pub fn bound_key(&self, name: &PeerName) -> Option<PublicKey> {
+        self.gossip.keys.get(name).copied()
     }
 
     /// Restores the nicknames of peers met before a restart (from [`PersistedState`]).
@@ -254,12 +274,21 @@ impl Node {
         self.finish(out)
     }
 
-    pub fn on_connected(&mut self, id: ConnId, remote: SocketAddr, outbound: bool) -> Effects {
+    /// A connection finished its secure handshake: the peer holds the private half of
+    /// `key`. The node sends its Hello and expects the peer's.
+    pub fn on_connected(
+        &mut self,
+        id: ConnId,
+        remote: SocketAddr,
+        outbound: bool,
+        key: PublicKey,
+    ) -> Effects {
         self.conns.insert(
             id,
             Conn {
                 remote,
                 outbound,
+                key,
                 peer: None,
             },
         );

@@ -1,13 +1,20 @@
 //! The node's protocol on a lossless in-memory network, and the ordering of its effects.
 
+use super::secure::PublicKey;
 use super::effects::Action;
-use super::message::Message;
+use super::message::{Message, PeerSummary, MAX_SUMMARIES};
 use super::*;
 use crate::core::ipam::paxos::Ballot;
 use crate::core::ipam::{IpallocInit, Ipam, IpamError};
 use ipnet::Ipv4Net;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
+
+/// The static key of node index `i` in a `Net` (the handshake is not run here: only
+/// which key a connection proved matters to the node).
+fn key_of(i: usize) -> PublicKey {
+    PublicKey([i as u8 + 1; 32])
+}
 
 fn name(i: u8) -> PeerName {
     PeerName::from_bytes([2, 0x77, 0x66, 0, 0, i])
@@ -69,9 +76,9 @@ impl Net {
         let id = self.next;
         self.next += 1;
         self.links.insert(id, (a, b));
-        let o = self.nodes[a].on_connected(id, Self::addr(b), true);
+        let o = self.nodes[a].on_connected(id, Self::addr(b), true, key_of(b));
         self.absorb(a, o);
-        let o = self.nodes[b].on_connected(id, Self::addr(a), false);
+        let o = self.nodes[b].on_connected(id, Self::addr(a), false, key_of(a));
         self.absorb(b, o);
         id
     }
@@ -177,10 +184,15 @@ fn a_second_node_with_the_same_name_is_refused() {
     assert!(net.nodes[0].is_reachable(&name(1)));
     let c = net.connect(2, 0);
     net.run();
-    assert!(net
-        .closed
-        .iter()
-        .any(|(_, id, why)| *id == c && why.contains("already used")));
+    // It cannot show node 1's key: refused for that before anything else.
+    assert!(
+        net.closed
+            .iter()
+            .any(|(_, id, why)| *id == c && why.contains("bound to key")),
+        "{:?}",
+        net.closed
+    );
+    assert_eq!(net.nodes[0].counters().key_mismatches, 1);
     // The genuine peer keeps its connection.
     assert!(net.nodes[0].is_reachable(&name(1)));
 }
@@ -196,7 +208,7 @@ fn own_name_from_another_node_is_refused_but_self_connection_is_recognised() {
         .any(|(_, id, why)| *id == c && why.contains("own name")));
 
     let mut n = node(1, 2, 11);
-    let fx = n.on_connected(1, Net::addr(0), true);
+    let fx = n.on_connected(1, Net::addr(0), true, key_of(0));
     let Action::Send(_, hello) = &fx.now[0] else {
         panic!()
     };
@@ -212,7 +224,7 @@ fn own_name_from_another_node_is_refused_but_self_connection_is_recognised() {
 #[test]
 fn messages_before_hello_close_the_connection() {
     let mut n = node(1, 2, 11);
-    let _ = n.on_connected(7, Net::addr(1), false);
+    let _ = n.on_connected(7, Net::addr(1), false, key_of(1));
     let fx = n.on_message(7, Message::Heartbeat);
     assert!(matches!(&fx.now[0], Action::Close(7, _)));
 }
@@ -357,9 +369,9 @@ fn connected(me: u8, other: u8, consensus: usize) -> Node {
     if let Some(s) = fx.save {
         n.saved(s.generation);
     }
-    let _ = n.on_connected(1, Net::addr(1), true);
+    let _ = n.on_connected(1, Net::addr(1), true, key_of(1));
     let mut peer = node(other, consensus, u64::from(other));
-    let fx = peer.on_connected(1, Net::addr(0), false);
+    let fx = peer.on_connected(1, Net::addr(0), false, key_of(0));
     let Action::Send(_, hello) = &fx.now[0] else {
         panic!("hello first")
     };
@@ -481,7 +493,7 @@ fn heartbeats_digests_and_hellos_do_not_wait_for_a_save() {
         a,
         Action::Send(1, Message::Digest { .. } | Message::Heartbeat)
     )));
-    let fx = n.on_connected(2, Net::addr(2), true);
+    let fx = n.on_connected(2, Net::addr(2), true, key_of(2));
     assert!(matches!(fx.now[..], [Action::Send(2, Message::Hello(_))]));
     assert!(fx.after_save.is_empty());
 }
@@ -528,4 +540,85 @@ fn nicknames_are_remembered_persisted_and_name_ring_members() {
     back.remember_nicknames(snap.nicknames.clone());
     assert_eq!(back.peers_named("n2"), vec![name(2)]);
     assert_eq!(back.nickname(&name(2)), "n2");
+}
+
+#[test]
+fn a_stopped_node_cannot_be_impersonated_until_rmpeer_releases_its_name() {
+    let mut net = Net::new(vec![node(1, 2, 11), node(2, 2, 12)]);
+    let c = net.connect(0, 1);
+    net.run();
+    assert_eq!(net.nodes[0].bound_key(&name(2)), Some(key_of(1)));
+    assert_eq!(
+        net.nodes[0].snapshot().keys.get(&name(2)),
+        Some(&key_of(1)),
+        "the binding is persisted"
+    );
+    // Node 2 stops.
+    net.links.remove(&c);
+    let o = net.nodes[0].on_closed(c, "reset");
+    net.absorb(0, o);
+    // A stranger with node 2's name (and its nickname, uid, everything but its key).
+    let mut impostor = node(2, 2, 12);
+    impostor.cfg.name = name(2);
+    net.nodes.push(impostor);
+    let c2 = net.connect(2, 0);
+    net.run();
+    assert!(
+        net.closed
+            .iter()
+            .any(|(at, id, why)| *at == 0 && *id == c2 && why.contains("bound to key")),
+        "{:?}",
+        net.closed
+    );
+    assert!(!net.nodes[0].is_reachable(&name(2)));
+    // The operator removes node 2 for good: a reinstalled node 2 (new key) may join.
+    let (r, fx) = net.nodes[0].rmpeer(&name(2));
+    assert!(r.is_ok(), "{r:?}");
+    net.absorb(0, fx);
+    assert_eq!(net.nodes[0].bound_key(&name(2)), None);
+    let c3 = net.connect(2, 0);
+    net.run();
+    assert!(
+        !net.closed.iter().any(|(_, id, _)| *id == c3),
+        "{:?}",
+        net.closed
+    );
+    assert_eq!(net.nodes[0].bound_key(&name(2)), Some(key_of(2)));
+}
+
+#[test]
+fn gossip_naming_too_many_peers_is_ignored_and_counted() {
+    let mut net = Net::new(vec![node(1, 2, 11), node(2, 2, 12)]);
+    let c = net.connect(0, 1);
+    net.run();
+    let peers: Vec<PeerSummary> = (0..MAX_SUMMARIES as u32 + 1)
+        .map(|i| PeerSummary {
+            name: PeerName::from_bytes([0x0a, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8, 1]),
+            nickname: format!("fake{i}"),
+            uid: i as u64,
+            address: Some(Ipv4Addr::new(10, 200, (i >> 8) as u8, i as u8)),
+            control_port: 6783,
+            data_port: 6784,
+            connections: Vec::new(),
+            key: None,
+        })
+        .collect();
+    let fx = net.nodes[0].on_message(
+        c,
+        Message::Gossip {
+            peers,
+            ring: None,
+            gated: false,
+            answer: false,
+        },
+    );
+    assert!(
+        !fx.actions().any(|a| matches!(a, Action::Dial(_))),
+        "nothing dialled"
+    );
+    assert_eq!(
+        net.nodes[0].counters().peers_over_bound,
+        MAX_SUMMARIES as u64 + 1
+    );
+    assert_eq!(net.nodes[0].peers_view().len(), 2, "only the real peers");
 }
