@@ -564,7 +564,9 @@ mod tests {
             _ => panic!("password expected"),
         }
         std::fs::write(&f, "\n").unwrap();
-        assert!(try_validate(parse(&["--password-file", f.to_str().unwrap()]), &[], false).is_err());
+        assert!(
+            try_validate(parse(&["--password-file", f.to_str().unwrap()]), &[], false).is_err()
+        );
     }
 
     #[test]
@@ -580,7 +582,10 @@ mod tests {
         let names: Vec<String> = vars.keys().map(|k| k.to_string()).collect();
         let lines = unimplemented_settings(&|k| vars.get(k).map(|v| v.to_string()), &names);
         assert_eq!(lines.len(), 2, "{lines:?}");
-        assert!(!lines.iter().any(|l| l.contains("WEAVE_PASSWORD")), "implemented");
+        assert!(
+            !lines.iter().any(|l| l.contains("WEAVE_PASSWORD")),
+            "implemented"
+        );
         assert!(lines.iter().any(|l| l.starts_with("WEAVE_NPC_EXTRA_ARGS")));
         assert!(!lines.iter().any(|l| l.contains("IPALLOC_RANGE")));
     }

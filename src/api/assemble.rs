@@ -229,7 +229,12 @@ pub fn report(s: Sources) -> Report {
             protocol_min_version: PROTOCOL_VERSION,
             protocol_max_version: PROTOCOL_VERSION,
             encryption: false,
-            authentication: if s.router.password { "password" } else { "none" }.to_string(),
+            authentication: if s.router.password {
+                "password"
+            } else {
+                "none"
+            }
+            .to_string(),
             peer_discovery: true,
             name: s.router.name.to_string(),
             nick_name: s.router.nickname,

@@ -63,7 +63,14 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     key: &StaticKey,
     mode: &Mode,
     initiator: bool,
-) -> Result<(FrameReader<ReadHalf<S>>, FrameWriter<WriteHalf<S>>, PublicKey), ControlIoError> {
+) -> Result<
+    (
+        FrameReader<ReadHalf<S>>,
+        FrameWriter<WriteHalf<S>>,
+        PublicKey,
+    ),
+    ControlIoError,
+> {
     stream.write_all(&secure::preamble(mode)).await?;
     let mut theirs = [0u8; PREAMBLE_LEN];
     read_exact(&mut stream, &mut theirs).await?;
@@ -206,8 +213,22 @@ mod tests {
         a: Mode,
         b: Mode,
     ) -> (
-        Result<(FrameReader<ReadHalf<tokio::io::DuplexStream>>, FrameWriter<WriteHalf<tokio::io::DuplexStream>>, PublicKey), ControlIoError>,
-        Result<(FrameReader<ReadHalf<tokio::io::DuplexStream>>, FrameWriter<WriteHalf<tokio::io::DuplexStream>>, PublicKey), ControlIoError>,
+        Result<
+            (
+                FrameReader<ReadHalf<tokio::io::DuplexStream>>,
+                FrameWriter<WriteHalf<tokio::io::DuplexStream>>,
+                PublicKey,
+            ),
+            ControlIoError,
+        >,
+        Result<
+            (
+                FrameReader<ReadHalf<tokio::io::DuplexStream>>,
+                FrameWriter<WriteHalf<tokio::io::DuplexStream>>,
+                PublicKey,
+            ),
+            ControlIoError,
+        >,
     ) {
         let (x, y) = tokio::io::duplex(4096);
         let (ka, kb) = (key(1), key(2));
@@ -232,10 +253,23 @@ mod tests {
     #[tokio::test]
     async fn a_peer_without_the_password_gets_a_clear_refusal() {
         let (a, b) = pair(Mode::Open, Mode::from_password(Some(b"pw"))).await;
-        assert!(matches!(a.err(), Some(ControlIoError::Secure(SecureError::PeerNeedsPassword))));
-        assert!(matches!(b.err(), Some(ControlIoError::Secure(SecureError::PeerHasNoPassword))));
-        let (a, b) = pair(Mode::from_password(Some(b"a")), Mode::from_password(Some(b"b"))).await;
-        assert!(a.is_err() || b.is_err(), "a wrong password never gives a channel");
+        assert!(matches!(
+            a.err(),
+            Some(ControlIoError::Secure(SecureError::PeerNeedsPassword))
+        ));
+        assert!(matches!(
+            b.err(),
+            Some(ControlIoError::Secure(SecureError::PeerHasNoPassword))
+        ));
+        let (a, b) = pair(
+            Mode::from_password(Some(b"a")),
+            Mode::from_password(Some(b"b")),
+        )
+        .await;
+        assert!(
+            a.is_err() || b.is_err(),
+            "a wrong password never gives a channel"
+        );
     }
 
     #[tokio::test]
@@ -256,7 +290,10 @@ mod tests {
         w.sealer.seal(&w.frame, &mut w.wire).unwrap();
         w.half.write_all(&w.wire).await.unwrap();
         let e = r.next().await.unwrap_err();
-        assert!(matches!(e, ControlIoError::Frame(FrameError::TooLarge { .. })), "{e}");
+        assert!(
+            matches!(e, ControlIoError::Frame(FrameError::TooLarge { .. })),
+            "{e}"
+        );
         let _ = big;
     }
 
@@ -264,7 +301,13 @@ mod tests {
     async fn garbage_instead_of_a_preamble_is_not_weft() {
         let (x, mut y) = tokio::io::duplex(4096);
         y.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        let e = handshake(x, &key(1), &Mode::Open, false).await.err().unwrap();
-        assert!(matches!(e, ControlIoError::Secure(SecureError::NotWeft)), "{e}");
+        let e = handshake(x, &key(1), &Mode::Open, false)
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(e, ControlIoError::Secure(SecureError::NotWeft)),
+            "{e}"
+        );
     }
 }

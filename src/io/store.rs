@@ -273,15 +273,26 @@ mod tests {
         let t = TempDir::new("key");
         let s = Store::open(&t.0).unwrap();
         let k1 = s.load_or_create_key().unwrap();
-        let mode = fs::metadata(t.0.join(KEY_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(t.0.join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let k2 = Store::open(&t.0).unwrap().load_or_create_key().unwrap();
-        assert_eq!(k1.public(), k2.public(), "the same identity after a restart");
+        assert_eq!(
+            k1.public(),
+            k2.public(),
+            "the same identity after a restart"
+        );
         fs::write(t.0.join(KEY_FILE), "not a key").unwrap();
         let e = s.load_or_create_key().unwrap_err();
         assert!(matches!(e, StoreError::BadKey { .. }), "{e}");
         assert_eq!(fs::read_to_string(t.0.join(KEY_FILE)).unwrap(), "not a key");
-        assert_eq!(names_in(&t.0), vec![KEY_FILE.to_string()], "no temp files left");
+        assert_eq!(
+            names_in(&t.0),
+            vec![KEY_FILE.to_string()],
+            "no temp files left"
+        );
     }
 
     #[test]

@@ -157,7 +157,10 @@ impl Mesh {
     /// Removes the dialer of `target` if gossip (not a peer source) asked for it.
     fn forget_gossiped(&self, target: &str) -> bool {
         let mut dialers = lock(&self.dialers);
-        if dialers.get(target).is_some_and(|d| d.origin == Origin::Gossip) {
+        if dialers
+            .get(target)
+            .is_some_and(|d| d.origin == Origin::Gossip)
+        {
             dialers.remove(target);
             true
         } else {
@@ -481,7 +484,9 @@ async fn dial_loop(shared: Arc<Shared>, target: PeerTarget, mut cancel: watch::R
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {DIAL_TIMEOUT:?}"),
         };
-        shared.mesh.set_state(&key, DialState::Retrying(why.clone()));
+        shared
+            .mesh
+            .set_state(&key, DialState::Retrying(why.clone()));
         failures += 1;
         if failures >= GOSSIP_DIAL_ATTEMPTS && shared.mesh.forget_gossiped(&key) {
             info!("forgetting peer {key} learnt from gossip: {failures} dials failed, the last: {why}");
@@ -535,7 +540,10 @@ where
     let (mut reader, mut writer, key) = match secured {
         Ok(Ok(x)) => x,
         failed => {
-            shared.mesh.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            shared
+                .mesh
+                .handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
             let why = match failed {
                 Ok(Err(e)) => e.to_string(),
                 _ => format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
@@ -599,6 +607,11 @@ where
                         }
                     }
                 }
+                Err(e) if !established && shared.cfg.secure.is_password() => {
+                    // With XXpsk3 the responder is the first to find a wrong password, and
+                    // it can only hang up.
+                    break format!("{e} before its Hello: does it have the same WEAVE_PASSWORD?");
+                }
                 Err(e) => break e.to_string(),
             },
             why = &mut writer_task => {
@@ -614,6 +627,14 @@ where
         }
     };
     writer_task.abort();
+    if !established {
+        if let Some(t) = &target {
+            info!("control connection to {t} ({remote}) ended before the Hello: {reason}");
+            shared
+                .mesh
+                .set_state(t, DialState::Retrying(reason.clone()));
+        }
+    }
     lock(&shared.mesh.conns).remove(&id);
     shared.event(|n| n.on_closed(id, &reason));
     established

@@ -2,7 +2,6 @@
 //! the overlay interface and the data path, the ports, the re-claim of running pods'
 //! addresses, and the tasks that run until a signal stops the router.
 
-use crate::core::mesh::secure::{PublicKey, StaticKey};
 use super::control::RouterControl;
 use super::effects::{self, StateStore};
 use super::kube::KubePeers;
@@ -13,6 +12,7 @@ use crate::config::{RouterConfig, TUN_NAME};
 use crate::core::cluster::NodeSet;
 use crate::core::ipam::paxos::Acceptor;
 use crate::core::ipam::{Ipam, IpamError};
+use crate::core::mesh::secure::{PublicKey, StaticKey};
 use crate::core::mesh::{Node, NodeConfig, PeerName};
 use crate::core::persist::PersistedState;
 use crate::core::wire::ENCAP_OVERHEAD_IPV4;

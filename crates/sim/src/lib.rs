@@ -265,8 +265,12 @@ impl Sim {
         let id = self.next_conn;
         self.next_conn += 1;
         self.links.insert(id, (a, b));
-        let oa = self.node_mut(a).on_connected(id, Self::addr_of(b), true, Self::key_of(b));
-        let ob = self.node_mut(b).on_connected(id, Self::addr_of(a), false, Self::key_of(a));
+        let oa = self
+            .node_mut(a)
+            .on_connected(id, Self::addr_of(b), true, Self::key_of(b));
+        let ob = self
+            .node_mut(b)
+            .on_connected(id, Self::addr_of(a), false, Self::key_of(a));
         let (ha, rest_a) = split_hello(oa);
         let (hb, rest_b) = split_hello(ob);
         self.absorb(a, rest_a);

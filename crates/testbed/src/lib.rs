@@ -60,6 +60,8 @@ const ROUTER_ENV: &[&str] = &[
     "CONN_LIMIT",
     "NO_MASQ_LOCAL",
     "EXTRA_ARGS",
+    "WEAVE_PASSWORD",
+    "WEAVE_PASSWORD_FILE",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -138,9 +138,9 @@ impl StaticKey {
 
     /// The pair for a private key (32 bytes).
     pub fn from_private(private: &[u8]) -> Result<StaticKey, SecureError> {
-        let private: [u8; KEY_LEN] = private
-            .try_into()
-            .map_err(|_| SecureError::Key(format!("{} bytes, expected {KEY_LEN}", private.len())))?;
+        let private: [u8; KEY_LEN] = private.try_into().map_err(|_| {
+            SecureError::Key(format!("{} bytes, expected {KEY_LEN}", private.len()))
+        })?;
         let public = x25519_public(&private);
         Ok(StaticKey { private, public })
     }
@@ -200,7 +200,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
     let s = s.trim();
-    if s.len() % 2 != 0 || !s.is_ascii() {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
         return None;
     }
     (0..s.len())
@@ -504,7 +504,11 @@ mod tests {
         Ok((i.finish()?, r.finish()?))
     }
 
-    fn exchange(from: &mut Established, to: &mut Established, msg: &[u8]) -> Result<Vec<u8>, SecureError> {
+    fn exchange(
+        from: &mut Established,
+        to: &mut Established,
+        msg: &[u8],
+    ) -> Result<Vec<u8>, SecureError> {
         let mut wire = Vec::new();
         from.sealer.seal(msg, &mut wire)?;
         let mut rd = RecordReader::new(NOISE_MAX);
@@ -524,7 +528,11 @@ mod tests {
         assert_eq!(a.remote, key(2).public());
         assert_eq!(b.remote, key(1).public());
         let big: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
-        assert_eq!(exchange(&mut a, &mut b, &big).unwrap(), big, "several records");
+        assert_eq!(
+            exchange(&mut a, &mut b, &big).unwrap(),
+            big,
+            "several records"
+        );
         assert_eq!(exchange(&mut b, &mut a, b"hi").unwrap(), b"hi");
     }
 
@@ -542,7 +550,10 @@ mod tests {
         assert_eq!(b.remote, key(1).public());
         let mut wire = Vec::new();
         a.sealer.seal(b"ring and peers", &mut wire).unwrap();
-        assert!(!wire.windows(4).any(|w| w == b"ring"), "plaintext on the wire");
+        assert!(
+            !wire.windows(4).any(|w| w == b"ring"),
+            "plaintext on the wire"
+        );
         let mut plain = Vec::new();
         b.opener.open(&wire[2..], &mut plain).unwrap();
         assert_eq!(plain, b"ring and peers");
@@ -559,13 +570,22 @@ mod tests {
         a.sealer.seal(b"second", &mut two).unwrap();
         let mut out = Vec::new();
         // Reordered: the second record under the first nonce.
-        assert_eq!(b.opener.open(&two[2..], &mut out), Err(SecureError::Tampered));
+        assert_eq!(
+            b.opener.open(&two[2..], &mut out),
+            Err(SecureError::Tampered)
+        );
         b.opener.open(&one[2..], &mut out).unwrap();
         // Replayed.
-        assert_eq!(b.opener.open(&one[2..], &mut out), Err(SecureError::Tampered));
+        assert_eq!(
+            b.opener.open(&one[2..], &mut out),
+            Err(SecureError::Tampered)
+        );
         let mut bad = two.clone();
         bad[5] ^= 1;
-        assert_eq!(b.opener.open(&bad[2..], &mut out), Err(SecureError::Tampered));
+        assert_eq!(
+            b.opener.open(&bad[2..], &mut out),
+            Err(SecureError::Tampered)
+        );
         b.opener.open(&two[2..], &mut out).unwrap();
         assert_eq!(out, b"firstsecond");
     }

@@ -1,8 +1,8 @@
 //! The node's protocol on a lossless in-memory network, and the ordering of its effects.
 
-use super::secure::PublicKey;
 use super::effects::Action;
 use super::message::{Message, PeerSummary, MAX_SUMMARIES};
+use super::secure::PublicKey;
 use super::*;
 use crate::core::ipam::paxos::Ballot;
 use crate::core::ipam::{IpallocInit, Ipam, IpamError};

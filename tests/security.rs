@@ -1,0 +1,416 @@
+//! Attacks on the control mesh from a host on the underlay that is not a member, each run
+//! against real routers in network namespaces: what it could do before weft's secure
+//! channel (see the issue "Nobody gets in and nothing is taken"), and what it can do now.
+//!
+//! - without the password (or with a wrong one) a host learns nothing and changes nothing;
+//! - without any password, a stopped node's name cannot be taken by another key;
+//! - strangers' connections (oversized frames, slow handshakes, floods) are refused or
+//!   dropped quickly, memory comes back, and the HTTP API and CNI keep answering.
+//!
+//! Needs root (network namespaces): ignored without it, failed under CI without it.
+
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+use weft_testbed::{harness, in_netns, Binaries, Cluster, ClusterSpec};
+
+const READY: Duration = Duration::from_secs(60);
+const PASSWORD: &str = "correct horse battery staple";
+
+fn ok<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+fn cluster(nodes: usize) -> Cluster {
+    let weft = std::path::PathBuf::from(env!("CARGO_BIN_EXE_weft"));
+    let binaries = ok(Binaries::beside(weft), "binaries");
+    let mut spec = ClusterSpec::new(nodes, binaries);
+    // Three members: consensus among them, whatever the fourth (the stranger) does.
+    spec.router_args = vec!["--ipalloc-init".into(), "consensus=3".into()];
+    ok(Cluster::create(spec), "namespaces")
+}
+
+fn report(c: &Cluster, i: usize) -> Value {
+    ok(c.report::<Value>(i), "report")
+}
+
+fn peer_names(r: &Value) -> Vec<String> {
+    let mut v: Vec<String> = r["Router"]["Peers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["Name"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Who owns which part of the range (free counts and versions change with allocations).
+fn ownership(r: &Value) -> Vec<(String, String, u64)> {
+    r["IPAM"]["Entries"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    (
+                        e["Token"].as_str().unwrap_or_default().to_string(),
+                        e["Peer"].as_str().unwrap_or_default().to_string(),
+                        e["Size"].as_u64().unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn log(c: &Cluster, i: usize) -> String {
+    std::fs::read_to_string(&c.nodes[i].log).unwrap_or_default()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = ok(
+        std::fs::read_to_string(format!("/proc/{pid}/status")),
+        "proc status",
+    );
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Members 0..3 have the password; node 3 is a stranger, first without any password, then
+/// with a wrong one. It must not join, learn the ring, or change anything the members hold.
+fn a_host_without_the_password_learns_nothing_and_changes_nothing() {
+    let mut c = cluster(4);
+    let pw = [("WEAVE_PASSWORD", PASSWORD)];
+    for i in 0..3 {
+        ok(c.start_router_env(i, &[], &pw), "member");
+    }
+    for i in 0..3 {
+        ok(c.wait_ready(i, READY), "members ready");
+    }
+    let a = ok(c.add_pod(0, "a"), "pod a");
+    let b = ok(c.add_pod(2, "b"), "pod b");
+    ok(c.tcp_pod_to_pod(&a, &b), "a -> b before the stranger");
+    let members: Vec<String> = {
+        let mut v: Vec<String> = c.nodes[..3].iter().map(|n| n.name.clone()).collect();
+        v.sort();
+        v
+    };
+    let ring_before = ownership(&report(&c, 0));
+    assert!(!ring_before.is_empty());
+    let status = ok(c.http_get(0, "/status"), "status").body;
+    println!("status of a member:\n{status}");
+    assert!(
+        status.contains("Encryption: control plane only"),
+        "status says what is encrypted:\n{status}"
+    );
+
+    for (label, env) in [
+        ("no password", vec![]),
+        ("a wrong password", vec![("WEAVE_PASSWORD", "guess")]),
+    ] {
+        ok(c.start_router_env(3, &[], &env), "stranger");
+        // Let it dial every member and be dialled by them, several times.
+        std::thread::sleep(Duration::from_secs(6));
+        for i in 0..3 {
+            assert_eq!(
+                peer_names(&report(&c, i)),
+                members,
+                "{label}: node {i}'s peers"
+            );
+        }
+        let r3 = report(&c, 3);
+        assert!(
+            r3["IPAM"]["Entries"]
+                .as_array()
+                .is_none_or(|e| e.is_empty()),
+            "{label}: the stranger got a ring: {}",
+            r3["IPAM"]
+        );
+        assert!(
+            peer_names(&r3).len() <= 1,
+            "{label}: the stranger learnt peers: {:?}",
+            peer_names(&r3)
+        );
+        for i in 0..3 {
+            assert_eq!(
+                ownership(&report(&c, i)),
+                ring_before,
+                "{label}: node {i}'s ring changed hands"
+            );
+        }
+        ok(c.tcp_pod_to_pod(&a, &b), "a -> b with the stranger around");
+        let stranger_log = log(&c, 3);
+        let expected = if env.is_empty() {
+            "requires a password"
+        } else {
+            "handshake failed"
+        };
+        assert!(
+            stranger_log.contains(expected),
+            "{label}: the stranger's log does not say why ({expected}):\n{}",
+            c.log_tail(3, 20)
+        );
+        println!(
+            "{label}: the stranger's last log lines:\n{}",
+            c.log_tail(3, 4)
+        );
+        ok(c.stop_router(3, Duration::from_secs(10)), "stop stranger");
+    }
+    let member_log = log(&c, 0);
+    assert!(
+        member_log.contains("the peer has none") || member_log.contains("handshake failed"),
+        "a member logs the refusals:\n{}",
+        c.log_tail(0, 30)
+    );
+}
+
+/// Open mode (no password anywhere): node 1 stops; a stranger presents node 1's name from
+/// another host. Before weft bound names to keys, node 1's pods' traffic went to it.
+fn a_stopped_node_cannot_be_impersonated() {
+    let mut c = cluster(4);
+    for i in 0..3 {
+        ok(c.start_router(i), "member");
+    }
+    for i in 0..3 {
+        ok(c.wait_ready(i, READY), "members ready");
+    }
+    let a = ok(c.add_pod(0, "a"), "pod a");
+    let b = ok(c.add_pod(1, "b"), "pod b");
+    ok(c.tcp_pod_to_pod(&a, &b), "a -> b");
+    let routes_before = ok(c.http_get(0, "/status/peers"), "peers").body;
+
+    ok(c.stop_router(1, Duration::from_secs(10)), "stop node 1");
+    let victim = c.nodes[1].name.clone();
+    let victim_ip = c.nodes[1].underlay_ip;
+    c.nodes[3].name = victim.clone();
+    c.nodes[3].nickname = c.nodes[1].nickname.clone();
+    ok(c.start_router(3), "impostor");
+    wait_for(
+        "node 0 to refuse the impostor",
+        Duration::from_secs(20),
+        || log(&c, 0).contains("bound to key"),
+    );
+    let r0 = report(&c, 0);
+    let conns = r0["Router"]["Connections"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let impostor_ip = c.nodes[3].underlay_ip.to_string();
+    assert!(
+        !conns.iter().any(|x| x["State"] == "established"
+            && x["Address"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with(&impostor_ip)),
+        "the impostor has an established connection: {conns:?}"
+    );
+    let peers = r0["Router"]["Peers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let victim_entry = peers
+        .iter()
+        .find(|p| p["Name"] == victim.as_str())
+        .expect("node 1 stays known");
+    assert!(
+        victim_entry["DataAddress"]
+            .as_str()
+            .is_none_or(|d| d.starts_with(&victim_ip.to_string())),
+        "node 1's traffic would go elsewhere: {victim_entry}"
+    );
+    let refusal = log(&c, 0)
+        .lines()
+        .find(|l| l.contains("bound to key"))
+        .unwrap_or_default()
+        .to_string();
+    println!("node 0 refused the impostor:\n{refusal}");
+    println!("peers before:\n{routes_before}");
+
+    // The real node 1 comes back and is accepted; its pod is reachable again.
+    ok(c.stop_router(3, Duration::from_secs(10)), "stop impostor");
+    ok(c.start_router(1), "node 1 back");
+    ok(c.wait_ready(1, READY), "node 1 ready");
+    wait_for("node 1 reconnected", Duration::from_secs(30), || {
+        c.tcp_pod_to_pod(&a, &b).is_ok()
+    });
+}
+
+/// Connects from the stranger's namespace.
+fn connect_from(ns: &str, to: SocketAddr, n: usize) -> Vec<TcpStream> {
+    ok(
+        in_netns(ns, move || {
+            let mut v = Vec::new();
+            for _ in 0..n {
+                match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                    Ok(s) => {
+                        s.set_write_timeout(Some(Duration::from_secs(3)))
+                            .expect("write timeout");
+                        v.push(s)
+                    }
+                    Err(_) => break,
+                }
+            }
+            Ok(v)
+        }),
+        "connect",
+    )
+}
+
+/// Whether the router closed `s` (EOF or reset) within `within`.
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Oversized frames, slow handshakes and connection floods from a stranger: each is
+/// refused or dropped quickly, the router's memory comes back, and its API and CNI keep
+/// answering meanwhile.
+fn strangers_cannot_exhaust_memory_connections_or_the_api() {
+    let mut c = cluster(4);
+    for i in 0..3 {
+        ok(c.start_router(i), "member");
+    }
+    for i in 0..3 {
+        ok(c.wait_ready(i, READY), "members ready");
+    }
+    let stranger = c.nodes[3].ns.clone();
+    let target = SocketAddr::from((c.nodes[0].underlay_ip, 6783));
+    let pid = c.router_pid(0).expect("pid");
+    let rss_before = rss_kib(pid);
+
+    // 1. 60 connections announcing a 16 MiB frame (the old protocol's framing) and then
+    //    sending 1 MiB each: before, 954 MB of RSS. Now each is closed at its preamble.
+    let mut big = Vec::new();
+    for round in 0..15 {
+        let mut conns = connect_from(&stranger, target, 4);
+        assert!(!conns.is_empty(), "round {round}: no connection at all");
+        for s in &mut conns {
+            let _ = s.write_all(&(16u32 << 20).to_be_bytes());
+            let _ = s.write_all(&vec![b'x'; 1 << 20]);
+        }
+        for s in &mut conns {
+            assert!(
+                closed_within(s, Duration::from_secs(3)),
+                "a 16 MiB frame kept its connection open"
+            );
+        }
+        big.extend(conns);
+    }
+    // 2. The preamble right, then a record over the handshake's limit.
+    let mut conns = connect_from(&stranger, target, 4);
+    for s in &mut conns {
+        let _ = s.write_all(b"weft\x03\x00\x00\x00");
+        let _ = s.write_all(&[0xff, 0xff]);
+        let _ = s.write_all(&[0u8; 4096]);
+        assert!(
+            closed_within(s, Duration::from_secs(3)),
+            "oversized handshake record"
+        );
+    }
+    drop(big);
+    drop(conns);
+
+    // 3. Slow connections: a byte every second. Four from one address are let in to
+    //    their handshake; the rest are refused at once, and the four are dropped when
+    //    the handshake time is up.
+    let mut slow = connect_from(&stranger, target, 40);
+    let started = Instant::now();
+    let mut refused_at_once = 0;
+    for s in &mut slow {
+        if closed_within(s, Duration::from_millis(300)) {
+            refused_at_once += 1;
+        }
+    }
+    assert!(
+        refused_at_once >= 30,
+        "only {refused_at_once} of 40 slow connections refused at once"
+    );
+    // Meanwhile the API answers and a pod is attached.
+    let t = Instant::now();
+    let pod = ok(c.add_pod(0, "during"), "CNI ADD during the attack");
+    println!(
+        "CNI ADD during the slow-connection attack: {:?} ({})",
+        t.elapsed(),
+        pod.addr
+    );
+    let mut still_open: Vec<&mut TcpStream> = slow.iter_mut().collect();
+    let mut dropped = 0;
+    for s in &mut still_open {
+        let _ = s.write_all(b"w");
+        if closed_within(s, Duration::from_secs(13).saturating_sub(started.elapsed())) {
+            dropped += 1;
+        }
+    }
+    assert_eq!(
+        dropped, 40,
+        "every slow connection is gone after the handshake time"
+    );
+    drop(slow);
+
+    // The members are still one cluster, and memory came back.
+    let x = ok(c.add_pod(1, "x"), "pod x");
+    ok(c.tcp_pod_to_pod(&x, &pod), "pods after");
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_after = rss_kib(pid);
+    println!("router RSS: {rss_before} KiB before the attacks, {rss_after} KiB after");
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+    let members_log = log(&c, 0);
+    let line = members_log
+        .lines()
+        .rfind(|l| l.contains("refused"))
+        .unwrap_or_default();
+    println!("node 0 logged: {line}");
+}
+
+fn main() {
+    harness::run(vec![
+        harness::root(
+            "a_host_without_the_password_learns_nothing_and_changes_nothing",
+            a_host_without_the_password_learns_nothing_and_changes_nothing,
+        ),
+        harness::root(
+            "a_stopped_node_cannot_be_impersonated",
+            a_stopped_node_cannot_be_impersonated,
+        ),
+        harness::root(
+            "strangers_cannot_exhaust_memory_connections_or_the_api",
+            strangers_cannot_exhaust_memory_connections_or_the_api,
+        ),
+    ])
+}
