@@ -70,6 +70,17 @@ pub fn rmpeer(addr: &str, name: &str) -> Result<String, CliError> {
     }
 }
 
+/// `weft forget-key NAME`: the router forgets the key NAME is bound to.
+pub fn forget_key(addr: &str, name: &str) -> Result<String, CliError> {
+    if name.is_empty() || name.chars().any(|c| c.is_control()) {
+        return Err(CliError::BadPeerName(name.to_string()));
+    }
+    match request(addr, Method::Delete, &paths::peer_key(name), QUERY_TIMEOUT)? {
+        (200 | 204, body) => Ok(body),
+        (code, body) => Err(server_error(addr, code, body)),
+    }
+}
+
 fn server_error(addr: &str, code: u16, body: String) -> CliError {
     CliError::Server {
         addr: addr.to_string(),

@@ -79,6 +79,10 @@ pub struct RouterArgs {
     /// ignored.
     #[arg(long, env = "WEAVE_PASSWORD_FILE")]
     pub password_file: Option<PathBuf>,
+    /// Seconds an address allocated for the CNI plugin waits for the plugin's confirmation
+    /// before it is freed again (the plugin gave up or was killed mid-ADD).
+    #[arg(long, default_value_t = 120, hide = true)]
+    pub confirm_wait: u64,
     /// Other nodes' control addresses: `host` or `host:port`.
     #[arg(value_name = "PEER")]
     pub peers: Vec<String>,
@@ -183,6 +187,7 @@ pub struct RouterConfig {
     pub no_masq_local: bool,
     /// Open, or the pre-shared key from the password.
     pub secure: Mode,
+    pub confirm_wait: std::time::Duration,
 }
 
 /// A switch as Weave's launch script read it: set to anything but a "no" word is on.
@@ -332,6 +337,7 @@ impl RouterArgs {
             kube,
             no_masq_local: self.no_masq_local,
             secure: Mode::from_password(password.as_deref()),
+            confirm_wait: std::time::Duration::from_secs(self.confirm_wait),
         })
     }
 }

@@ -11,6 +11,8 @@ pub mod config;
 pub mod core;
 pub mod datapath;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod install;
 pub mod io;
 pub mod k8s;

@@ -38,6 +38,15 @@ enum Command {
         #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weft::config::DEFAULT_HTTP_ADDR)]
         http_addr: String,
     },
+    /// Forget the key each NAME (peer name or nickname) is bound to, so that a node that
+    /// lost its --db-dir (and with it its key) can rejoin under its name, keeping its
+    /// address ranges. Run it on every node; refused for a connected peer.
+    ForgetKey {
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weft::config::DEFAULT_HTTP_ADDR)]
+        http_addr: String,
+    },
     /// Install the CNI plugin (as `weft` and `weave-net`) and, unless the node has one for
     /// weft or Weave already, the conflist: what the DaemonSet's init container runs.
     InstallCni {
@@ -142,6 +151,22 @@ fn main() -> anyhow::Result<()> {
                     Ok(text) => println!("{}", text.trim_end()),
                     Err(e) => {
                         eprintln!("weft rmpeer {name}: {e}");
+                        failed += 1;
+                    }
+                }
+            }
+            if failed > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::ForgetKey { names, http_addr } => {
+            let mut failed = 0;
+            for name in &names {
+                match weft::cli::forget_key(&http_addr, name) {
+                    Ok(text) => println!("{}", text.trim_end()),
+                    Err(e) => {
+                        eprintln!("weft forget-key {name}: {e}");
                         failed += 1;
                     }
                 }

@@ -218,6 +218,22 @@ fn restart_with_lost_state_reclaims_running_pods_addresses() {
         }
     }
     ok(c.start_router(0), "restart n1 with empty state");
+    // Its key went with the directory: n2 refuses the name with a new key (it could be an
+    // impostor) until the operator says n1 was reinstalled. forget-key keeps n1's ranges,
+    // which its running pods' addresses are in (rmpeer would hand them to n2).
+    eventually("n2 refuses n1's new key", READY, || {
+        if c.log_tail(1, 200).contains("bound to key") {
+            Ok(())
+        } else {
+            Err(c.log_tail(1, 5))
+        }
+    });
+    let (done, out, err) = ok(
+        c.weft_cli(1, &["forget-key", &c.nodes[0].name.clone()]),
+        "weft forget-key n1 on n2",
+    );
+    assert!(done, "forget-key: {out} {err}");
+    assert!(out.contains("1 key binding(s)"), "{out}");
     ok(c.wait_ready(0, READY), "n1 ready again");
     eventually("n1 re-claims its pods' addresses", READY, || {
         for p in [&a, &a2] {
@@ -237,8 +253,99 @@ fn restart_with_lost_state_reclaims_running_pods_addresses() {
     ok(c.tcp_pod_to_pod(&b, &a), "TCP b -> a after n1's state loss");
 }
 
+/// An ADD whose plugin is killed while the daemon is frozen (its request already sent; a
+/// plugin that gives up waiting closes its connection the same way) leaves no address
+/// held (runtimes never send a DEL for such an ADD), while a finished ADD keeps its own.
+fn an_add_given_up_or_killed_holds_no_address() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let binaries = Binaries::beside(env!("CARGO_BIN_EXE_weft")).unwrap_or_else(|e| panic!("{e}"));
+    let mut spec = ClusterSpec::new(1, binaries.clone());
+    // 10 s instead of 120 s: the wait the daemon gives a plugin to confirm.
+    spec.router_args = vec!["--confirm-wait".into(), "10".into()];
+    let mut c = ok(Cluster::create(spec), "namespaces");
+    ok(c.start_all(), "start");
+    ok(c.wait_ready(0, READY), "ready");
+    let finished = ok(c.add_pod(0, "finished"), "ADD that finishes");
+    let pod_ns = ok(c.add_netns("killed"), "pod namespace");
+    let router = Pid::from_raw(c.router_pid(0).expect("router pid") as i32);
+
+    // The daemon freezes; the plugin sends its request and is killed while waiting.
+    ok(
+        kill(router, Signal::SIGSTOP).map_err(|e| e.to_string()),
+        "SIGSTOP",
+    );
+    let killed_id = "0badc0ffee0badc0ffee";
+    let mut plugin = Command::new("ip")
+        .args(["netns", "exec", &c.nodes[0].ns])
+        .arg(&binaries.weft_cni)
+        .env_remove("WEAVE_HTTP_ADDR")
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", killed_id)
+        .env("CNI_NETNS", format!("/run/netns/{pod_ns}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn weft-cni");
+    plugin
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(weft_testbed::DEFAULT_CNI_CONFIG.as_bytes())
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    plugin.kill().unwrap();
+    let _ = plugin.wait();
+    ok(
+        kill(router, Signal::SIGCONT).map_err(|e| e.to_string()),
+        "SIGCONT",
+    );
+
+    // The daemon thaws and serves the request of the dead plugin: the address is held,
+    // tentatively...
+    eventually("the allocation made", READY, || {
+        match lookup(&c, 0, killed_id) {
+            Some(_) => Ok(()),
+            None => Err("not yet".into()),
+        }
+    });
+    let held = lookup(&c, 0, killed_id).unwrap();
+    println!("held tentatively after the killed ADD: {held}");
+    // ...and freed when no confirmation came.
+    eventually(
+        "the unconfirmed allocation freed",
+        Duration::from_secs(30),
+        || match lookup(&c, 0, killed_id) {
+            None => Ok(()),
+            Some(a) => Err(format!("{a} still held")),
+        },
+    );
+    let log = c.log_tail(0, 50);
+    let line = log
+        .lines()
+        .find(|l| l.contains(killed_id) && l.contains("never confirmed"))
+        .unwrap_or_else(|| panic!("no log line for the freed address:\n{log}"));
+    println!("{line}");
+    assert_eq!(
+        lookup(&c, 0, &finished.container_id),
+        Some(finished.addr),
+        "the finished ADD keeps its address"
+    );
+    let next = ok(c.add_pod(0, "next"), "ADD after the expiry");
+    assert_unique(&[&finished, &next]);
+}
+
 fn main() {
     harness::run(vec![
+        harness::root(
+            "an_add_given_up_or_killed_holds_no_address",
+            an_add_given_up_or_killed_holds_no_address,
+        ),
         harness::root(
             "staggered_start_late_joiner_rmpeer_and_restart",
             staggered_start_late_joiner_rmpeer_and_restart,

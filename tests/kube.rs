@@ -58,6 +58,8 @@ struct KubeCluster {
     c: Cluster,
     api: FakeKube,
     kubeconfig: String,
+    /// The API server's namespace: a host on the underlay that is not a Node.
+    api_ns: String,
 }
 
 impl KubeCluster {
@@ -69,12 +71,14 @@ impl KubeCluster {
         let mut c = ok(Cluster::create(spec), "building namespaces");
         let (ns, ip) = ok(c.add_underlay_host("api"), "API host");
         let api = ok(FakeKube::start(&ns, ip, 6443), "fake API server");
+        let api_ns = ns.clone();
         let kubeconfig = c.workdir().join("kubeconfig");
         ok(std::fs::write(&kubeconfig, api.kubeconfig()), "kubeconfig");
         KubeCluster {
             c,
             api,
             kubeconfig: kubeconfig.display().to_string(),
+            api_ns,
         }
     }
 
@@ -305,6 +309,37 @@ fn an_unreachable_api_loses_nothing_and_a_relist_catches_up() {
     }
     let a = ok(k.c.add_pod(0, "a"), "pod a");
     let ring_before = ring(&k.report(0));
+
+    // Without WEAVE_PASSWORD, only Nodes may connect: a host that is not one (here the
+    // API server's) is hung up on before the handshake, without a byte.
+    let node0 = std::net::SocketAddr::from((k.c.nodes[0].underlay_ip, 6783));
+    let got = ok(
+        weft_testbed::in_netns(&k.api_ns, move || {
+            use std::io::Read;
+            let mut s = std::net::TcpStream::connect_timeout(&node0, Duration::from_secs(2))
+                .map_err(|e| weft_testbed::TestbedError::Io {
+                    what: "connect".into(),
+                    source: e,
+                })?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 64];
+            Ok(s.read(&mut buf)
+                .map(|n| n.to_string())
+                .unwrap_or_else(|e| e.to_string()))
+        }),
+        "a non-Node host connects",
+    );
+    assert!(
+        got == "0" || got.contains("reset"),
+        "a non-Node got {got} instead of a hang-up"
+    );
+    eventually("the refusal is logged", Duration::from_secs(5), || {
+        if k.logs(0).contains("not the address of a Kubernetes Node") {
+            Ok(())
+        } else {
+            Err(k.c.log_tail(0, 5))
+        }
+    });
 
     // The API goes away for a while (every call 503, watches cut): forwarding and
     // allocation go on with the last known peers, nobody is reclaimed.

@@ -17,6 +17,14 @@ pub enum DaemonError {
     Unreachable { addr: SocketAddr, reason: String },
     #[error("the weft daemon at {addr} is not ready: {body}")]
     NotReady { addr: SocketAddr, body: String },
+    #[error("the weft daemon at {addr} has no free address: {body}")]
+    Exhausted { addr: SocketAddr, body: String },
+    #[error("the weft daemon at {addr} failed {what}: {body}")]
+    Failed {
+        addr: SocketAddr,
+        what: String,
+        body: String,
+    },
     #[error("the weft daemon at {addr} answered {what} with status {status}: {body}")]
     Unexpected {
         addr: SocketAddr,
@@ -42,6 +50,16 @@ impl From<DaemonError> for CniError {
                     format!("{e}; check that the weft router runs on this node (it serves HTTP on {addr}); the runtime will retry"),
                 )
             }
+            DaemonError::Exhausted { .. } => CniError::new(
+                ErrorCode::AddressesExhausted,
+                "no free address in the pod range",
+                format!("{e}; remove unused pods, or give the cluster a larger IPALLOC_RANGE (a new cluster)"),
+            ),
+            DaemonError::Failed { .. } => CniError::new(
+                ErrorCode::DaemonFailed,
+                "the weft daemon could not complete the request",
+                format!("{e}; nothing was granted: see the router's log (a full disk under --db-dir?)"),
+            ),
             DaemonError::Unexpected { .. } | DaemonError::BadAddress { .. } => CniError::new(
                 ErrorCode::DaemonProtocol,
                 "unexpected answer from the weft daemon",
@@ -97,24 +115,40 @@ impl Daemon {
     }
 
     fn unexpected(&self, what: &str, status: u16, body: &str) -> DaemonError {
-        if IpStatus::from_code(status) == Some(IpStatus::Unavailable) {
-            DaemonError::NotReady {
-                addr: self.addr,
-                body: excerpt(body),
-            }
-        } else {
-            DaemonError::Unexpected {
-                addr: self.addr,
+        let addr = self.addr;
+        let body = excerpt(body);
+        match IpStatus::from_code(status) {
+            Some(IpStatus::Unavailable) => DaemonError::NotReady { addr, body },
+            Some(IpStatus::Exhausted) => DaemonError::Exhausted { addr, body },
+            Some(IpStatus::Internal) => DaemonError::Failed {
+                addr,
+                what: what.to_string(),
+                body,
+            },
+            _ => DaemonError::Unexpected {
+                addr,
                 what: what.to_string(),
                 status,
-                body: excerpt(body),
-            }
+                body,
+            },
         }
     }
 
-    /// `POST /ip/{id}`: the address for this container (the same one on repeat).
+    /// `POST /ip/{id}?tentative`: the address for this container (the same one on
+    /// repeat), freed by the daemon unless [`Daemon::confirm`] follows.
     pub fn allocate(&self, container_id: &ContainerId) -> Result<Cidr, DaemonError> {
-        let path = paths::ip(container_id);
+        let path = paths::ip_tentative(container_id);
+        let what = format!("POST {path}");
+        let (status, body) = self.exchange(Method::Post, &path)?;
+        match IpStatus::from_code(status) {
+            Some(IpStatus::Granted) => self.parse_cidr(&what, &body),
+            _ => Err(self.unexpected(&what, status, &body)),
+        }
+    }
+
+    /// `POST /ip/{id}?confirm`: the pod is plumbed, keep its address.
+    pub fn confirm(&self, container_id: &ContainerId) -> Result<Cidr, DaemonError> {
+        let path = paths::ip_confirm(container_id);
         let what = format!("POST {path}");
         let (status, body) = self.exchange(Method::Post, &path)?;
         match IpStatus::from_code(status) {
@@ -217,7 +251,7 @@ mod tests {
         assert_eq!(
             seen,
             [
-                "POST /ip/abc HTTP/1.1",
+                "POST /ip/abc?tentative HTTP/1.1",
                 "GET /ip/abc HTTP/1.1",
                 "GET /ip/abc HTTP/1.1",
                 "DELETE /ip/abc HTTP/1.1",
@@ -231,7 +265,12 @@ mod tests {
         let (addr, server) = serve(vec![
             (503, "IPAM not ready"),
             (200, "garbage"),
-            (500, "boom"),
+            (
+                500,
+                "allocation not saved, so not granted: No space left on device",
+            ),
+            (507, "IP range 192.168.0.0/16 is exhausted"),
+            (418, "a teapot"),
         ]);
         let d = Daemon::new(addr);
         let e: CniError = d.allocate(&id("a")).unwrap_err().into();
@@ -239,6 +278,20 @@ mod tests {
         assert!(e.details.contains("IPAM not ready"), "{e}");
         let e: CniError = d.allocate(&id("a")).unwrap_err().into();
         assert_eq!(e.code, ErrorCode::DaemonProtocol);
+        let e: CniError = d.allocate(&id("a")).unwrap_err().into();
+        assert_eq!(
+            e.code,
+            ErrorCode::DaemonFailed,
+            "a full disk is not a protocol error"
+        );
+        assert!(e.details.contains("No space left"), "{e}");
+        let e: CniError = d.allocate(&id("a")).unwrap_err().into();
+        assert_eq!(
+            e.code,
+            ErrorCode::AddressesExhausted,
+            "not 'daemon not available'"
+        );
+        assert!(!e.msg.contains("not available"), "{e}");
         let e: CniError = d.release(&id("a")).unwrap_err().into();
         assert_eq!(e.code, ErrorCode::DaemonProtocol);
         server.join().unwrap();

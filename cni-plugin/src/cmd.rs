@@ -91,8 +91,49 @@ fn own_host_veth(
     }
 }
 
+/// The pod end of an existing attachment, when it is in `netns` under another name than
+/// `ifname`: a second attachment of the same container (weft gives one per container).
+fn attached_as_other(
+    netns: &Netns,
+    host: &LinkState,
+    ifname: &str,
+) -> Result<Option<String>, CniError> {
+    let Some(peer) = host.peer_index else {
+        return Ok(None);
+    };
+    let host_index = host.index;
+    let found = netns
+        .run(move || -> Result<Option<String>, String> {
+            let nl = Netlink::new().map_err(|e| e.to_string())?;
+            let link = nl.link_by_index(peer).map_err(|e| e.to_string())?;
+            // The index names the pod end only if that end points back at the host end.
+            Ok(link
+                .filter(|l| l.peer_index == Some(host_index))
+                .map(|l| l.name))
+        })
+        .map_err(netns_error)?
+        .map_err(|e| {
+            CniError::new(
+                ErrorCode::Io,
+                "cannot inspect the container's interfaces",
+                e,
+            )
+        })?;
+    Ok(found.filter(|name| name != ifname))
+}
+
 pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     let netns = Netns::open(&env.netns).map_err(netns_error)?;
+    if netns.is_current() {
+        return Err(CniError::new(
+            ErrorCode::InvalidEnv,
+            "invalid env var CNI_NETNS",
+            format!(
+                "{} is the node's own network namespace; CNI_NETNS must name the container's",
+                env.netns
+            ),
+        ));
+    }
     let nl = Netlink::new().map_err(io_error("cannot open netlink in the node namespace"))?;
     let overlay = overlay(&nl)?;
     let mtu = conf.mtu.unwrap_or(overlay.mtu);
@@ -101,6 +142,19 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     // Runtimes normally DEL before a repeated ADD; if they did not, start over. The
     // address stays the same because allocation is idempotent per container id.
     if let Some(stale) = own_host_veth(&nl, &host_name, env.container_id.as_str())? {
+        if let Some(other) = attached_as_other(&netns, &stale, &env.ifname)? {
+            return Err(CniError::new(
+                ErrorCode::AlreadyAttached,
+                format!(
+                    "container {} is already attached to weft as {other}",
+                    env.container_id
+                ),
+                format!(
+                    "weft gives a container one interface; ADD with CNI_IFNAME={} would replace {other}. DEL it first",
+                    env.ifname
+                ),
+            ));
+        }
         eprintln!(
             "weft-cni: ADD {}: removing leftover {host_name}",
             env.container_id
@@ -122,7 +176,24 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
         overlay.addr.addr,
         mtu,
     ) {
-        Ok(outcome) => Ok(render_add_result(&outcome, conf.version)),
+        Ok(outcome) => match daemon.confirm(&env.container_id) {
+            Ok(confirmed) if confirmed.addr == address.addr => {
+                Ok(render_add_result(&outcome, conf.version))
+            }
+            Ok(other) => {
+                rollback(&nl, &daemon, &host_name, env);
+                Err(CniError::new(
+                    ErrorCode::DaemonProtocol,
+                    "the weft daemon confirmed another address",
+                    format!("allocated {}, confirmed {other}", address.addr),
+                ))
+            }
+            Err(e) => {
+                // Unconfirmed, the daemon frees the address soon: the pod must not keep it.
+                rollback(&nl, &daemon, &host_name, env);
+                Err(e.into())
+            }
+        },
         Err(e) => {
             rollback(&nl, &daemon, &host_name, env);
             Err(e)

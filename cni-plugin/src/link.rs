@@ -72,6 +72,8 @@ pub struct LinkState {
     pub up: bool,
     pub mtu: Option<u32>,
     pub alias: Option<String>,
+    /// A veth's peer: its interface index in the peer's namespace (IFLA_LINK).
+    pub peer_index: Option<u32>,
 }
 
 impl LinkState {
@@ -83,6 +85,7 @@ impl LinkState {
             up: msg.header.flags.contains(LinkFlags::Up),
             mtu: None,
             alias: None,
+            peer_index: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -90,6 +93,7 @@ impl LinkState {
                 LinkAttribute::Address(a) => state.mac = a.clone(),
                 LinkAttribute::Mtu(m) => state.mtu = Some(*m),
                 LinkAttribute::IfAlias(a) => state.alias = Some(a.clone()),
+                LinkAttribute::Link(i) => state.peer_index = Some(*i),
                 _ => {}
             }
         }
@@ -131,6 +135,29 @@ impl Netlink {
             Ok(msg) => Ok(msg.as_ref().map(LinkState::from_message)),
             Err(e) => {
                 let err = nl(format!("looking up interface {name}"))(e);
+                if err.errno() == Some(ENODEV) {
+                    Ok(None)
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+
+    /// The interface with this index, if any.
+    pub fn link_by_index(&self, index: u32) -> Result<Option<LinkState>, LinkError> {
+        let res = self.rt.block_on(
+            self.handle
+                .link()
+                .get()
+                .match_index(index)
+                .execute()
+                .try_next(),
+        );
+        match res {
+            Ok(msg) => Ok(msg.as_ref().map(LinkState::from_message)),
+            Err(e) => {
+                let err = nl(format!("looking up interface {index}"))(e);
                 if err.errno() == Some(ENODEV) {
                     Ok(None)
                 } else {

@@ -41,15 +41,28 @@ fn run(command: Command, stdin: &[u8]) -> Result<Option<serde_json::Value>, CniE
     }
 }
 
+/// A network configuration is a few KiB, even with a prevResult; far more is not one.
+const MAX_STDIN: u64 = 1024 * 1024;
+
 fn read_stdin() -> Result<Vec<u8>, CniError> {
     let mut buf = Vec::new();
-    std::io::stdin().read_to_end(&mut buf).map_err(|e| {
-        CniError::new(
-            ErrorCode::Io,
-            "cannot read the network configuration from stdin",
-            e.to_string(),
-        )
-    })?;
+    std::io::stdin()
+        .take(MAX_STDIN + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| {
+            CniError::new(
+                ErrorCode::Io,
+                "cannot read the network configuration from stdin",
+                e.to_string(),
+            )
+        })?;
+    if buf.len() as u64 > MAX_STDIN {
+        return Err(CniError::new(
+            ErrorCode::InvalidConfig,
+            "network configuration too large",
+            format!("stdin holds more than {MAX_STDIN} bytes; a CNI configuration is a few KiB"),
+        ));
+    }
     Ok(buf)
 }
 

@@ -48,6 +48,19 @@ impl Netns {
         })
     }
 
+    /// Whether this is the calling process's own network namespace (the node's): a pod
+    /// must never be plumbed there.
+    pub fn is_current(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let ours = match std::fs::metadata("/proc/self/ns/net") {
+            Ok(m) => m,
+            Err(_) => return false,
+        };
+        self.file
+            .metadata()
+            .is_ok_and(|m| m.dev() == ours.dev() && m.ino() == ours.ino())
+    }
+
     pub fn path(&self) -> &str {
         &self.path
     }

@@ -77,6 +77,13 @@ pub enum ErrorCode {
     TryAgainLater,
     /// The daemon answered something the plugin does not understand.
     DaemonProtocol,
+    /// No free address: the range (or the requested subnet) is exhausted.
+    AddressesExhausted,
+    /// The daemon understood but failed (for example, it could not save the allocation:
+    /// disk full); nothing was granted.
+    DaemonFailed,
+    /// The container is already attached under another interface name.
+    AlreadyAttached,
     /// The host-side veth name (a hash of the id) is held by another container.
     NameCollision,
     /// CHECK found the container's network differing from what ADD set up.
@@ -94,6 +101,9 @@ impl ErrorCode {
             ErrorCode::TryAgainLater => 11,
             ErrorCode::DaemonProtocol => 100,
             ErrorCode::NameCollision => 101,
+            ErrorCode::AddressesExhausted => 102,
+            ErrorCode::DaemonFailed => 103,
+            ErrorCode::AlreadyAttached => 104,
             ErrorCode::CheckMismatch => 999,
         }
     }

@@ -255,8 +255,14 @@ fn serve_one(
         let mut parts = line.split_whitespace();
         let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
         reqs.lock().unwrap().push(format!("{method} {path}"));
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
         let id = path.strip_prefix("/ip/").unwrap_or("").to_string();
         let (status, text) = match method {
+            // As the router: a confirmation needs an allocation to confirm.
+            "POST" if query == "confirm" => match held.get(&id) {
+                Some(a) => (200, format!("{a}\n")),
+                None => (404, "unknown container\n".to_string()),
+            },
             "POST" => {
                 let addr = held.entry(id).or_insert_with(|| {
                     let a = format!("192.168.{}.{}/16", *next / 256, *next % 256);
@@ -485,7 +491,10 @@ fn failed_add_rolls_back() {
     assert!(!node.links().contains("vethwepl"), "{}", node.links());
     assert_eq!(
         daemon.requests(),
-        [format!("POST /ip/{id}"), format!("DELETE /ip/{id}")]
+        [
+            format!("POST /ip/{id}?tentative"),
+            format!("DELETE /ip/{id}")
+        ]
     );
 }
 
@@ -637,6 +646,54 @@ fn add_check_del_round_trip() {
     assert!(!node.links().contains("vethwepl"), "{}", node.links());
 }
 
+/// What the plugin must refuse without touching anything: the node's own namespace as
+/// CNI_NETNS, a second attachment of an attached container under another CNI_IFNAME,
+/// and a stdin far larger than any network configuration.
+fn refusals_touch_nothing() {
+    let node = Netns::node("node");
+    let _daemon = FakeDaemon::start(&node);
+    let pod = Netns::new("pod");
+    let id = unique_id("refuse");
+    let veth = host_veth(&id);
+
+    // The node's own namespace, named by its path as a runtime would.
+    let own = node.path();
+    let out = run(&add_env(&id, &own), &conf("1.0.0"), Some(&node));
+    assert_eq!(out.error_code(), 7, "{}", out.stdout);
+    assert!(
+        out.stdout.contains("own network namespace"),
+        "{}",
+        out.stdout
+    );
+    assert!(!node.exec(&["ip", "-o", "link"]).contains(&veth));
+
+    let pod_path = pod.path();
+    let out = run(&add_env(&id, &pod_path), &conf("1.0.0"), Some(&node));
+    assert_eq!(out.code, 0, "stdout {} stderr {}", out.stdout, out.stderr);
+    let mut second = add_env(&id, &pod_path);
+    for kv in second.iter_mut() {
+        if kv.0 == "CNI_IFNAME" {
+            kv.1 = "eth1";
+        }
+    }
+    let out = run(&second, &conf("1.0.0"), Some(&node));
+    assert_eq!(out.error_code(), 104, "{}", out.stdout);
+    assert!(out.stdout.contains("already attached"), "{}", out.stdout);
+    let addr = pod.exec(&["ip", "-o", "-4", "addr", "show", "dev", "eth0"]);
+    assert!(
+        addr.contains("192.168.0.2/16"),
+        "eth0 is left alone: {addr}"
+    );
+
+    let huge = format!(
+        "{{\"cniVersion\":\"1.0.0\",\"name\":\"weave\",\"type\":\"weave-net\",\"pad\":\"{}\"}}",
+        "x".repeat(2 << 20)
+    );
+    let out = run(&add_env(&unique_id("huge"), &pod_path), &huge, Some(&node));
+    assert_eq!(out.error_code(), 4, "{}", out.stdout);
+    assert!(out.stdout.contains("too large"), "{}", out.stdout);
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -701,5 +758,6 @@ fn main() {
         harness::root("failed_add_rolls_back", failed_add_rolls_back),
         harness::root("add_check_del_round_trip", add_check_del_round_trip),
         harness::root("add_del_timing", add_del_timing),
+        harness::root("refusals_touch_nothing", refusals_touch_nothing),
     ])
 }

@@ -8,7 +8,7 @@
 use super::metrics::{render_metrics, METRICS_CONTENT_TYPE};
 use super::report::{Control, IpApiError, OwnedReport, Report};
 use super::status;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -56,6 +56,7 @@ pub fn api_router_with_wait<C: Control>(ctl: Arc<C>, wait: Duration) -> Router {
         )
         .route("/ipinfo/defaultsubnet", get(default_subnet::<C>))
         .route("/peer/{name}", delete(peer_remove::<C>))
+        .route("/peer/{name}/key", delete(peer_forget_key::<C>))
         .fallback(not_found)
         .with_state(api)
 }
@@ -87,7 +88,8 @@ fn text_error(code: StatusCode, msg: impl std::fmt::Display) -> Response {
 
 fn ip_error(e: IpApiError) -> Response {
     let status = match &e {
-        IpApiError::NotReady(_) | IpApiError::Exhausted(_) => IpStatus::Unavailable,
+        IpApiError::NotReady(_) => IpStatus::Unavailable,
+        IpApiError::Exhausted(_) => IpStatus::Exhausted,
         IpApiError::BadRequest(_) => IpStatus::BadRequest,
         IpApiError::Conflict(_) => IpStatus::Conflict,
         IpApiError::NotFound(_) => IpStatus::NotFound,
@@ -193,12 +195,33 @@ fn allocated(r: Result<ipnet::Ipv4Net, IpApiError>) -> Response {
     }
 }
 
-async fn ip_allocate<C: Control>(State(api): St<C>, Path(id): Path<String>) -> Response {
+/// `POST /ip/{id}` (Weave's), `?tentative` (weft's plugin: freed unless confirmed) and
+/// `?confirm` (the plugin finished: keep it).
+async fn ip_allocate<C: Control>(
+    State(api): St<C>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
     let id = match container_id(&id) {
         Ok(id) => id,
         Err(msg) => return bad_request(&api, msg),
     };
-    allocated(api.ctl.allocate(id, api.wait).await)
+    match query.as_deref() {
+        None | Some("") => allocated(api.ctl.allocate(id, api.wait).await),
+        Some("tentative") => allocated(api.ctl.allocate_tentative(id, api.wait).await),
+        Some("confirm") => match api.ctl.confirm(id.clone()).await {
+            Ok(Some(net)) => net.to_string().into_response(),
+            Ok(None) => text_error(
+                StatusCode::NOT_FOUND,
+                format_args!("no address allocated to {id} (a tentative one expires unconfirmed)"),
+            ),
+            Err(e) => ip_error(e),
+        },
+        Some(other) => bad_request(
+            &api,
+            format!("unknown query {other:?}: expected none, `tentative` or `confirm`"),
+        ),
+    }
 }
 
 async fn ip_allocate_in<C: Control>(
@@ -259,8 +282,36 @@ async fn ip_free<C: Control>(State(api): St<C>, Path(id): Path<String>) -> Respo
         Ok(id) => id,
         Err(msg) => return bad_request(&api, msg),
     };
+    if id.as_str() == weft_contract::EXPOSE_ID {
+        // The node's own overlay address (its gateway for local pods): freeing it would
+        // hand it to the next pod while the node still uses it.
+        return text_error(
+            StatusCode::FORBIDDEN,
+            format_args!(
+                "{id} is this node's own overlay address and cannot be freed; `weft reset` releases everything the node holds"
+            ),
+        );
+    }
     match api.ctl.free(&id).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => ip_error(e),
+    }
+}
+
+/// weft's `DELETE /peer/{name}/key`: forget the key a peer name is bound to.
+async fn peer_forget_key<C: Control>(State(api): St<C>, Path(name): Path<String>) -> Response {
+    if name.is_empty() || name.len() > 253 || name.chars().any(|c| c.is_control()) {
+        return bad_request(
+            &api,
+            format!("{name:?} is neither a peer name nor a Node name"),
+        );
+    }
+    match api.ctl.forget_key(&name).await {
+        Ok(n) => (
+            StatusCode::OK,
+            format!("{n} key binding(s) of {name} forgotten\n"),
+        )
+            .into_response(),
         Err(e) => ip_error(e),
     }
 }
@@ -309,6 +360,7 @@ pub(crate) mod fake {
         pub capacity: usize,
         pub last_wait: Mutex<Option<Duration>>,
         pub last_subnet: Mutex<Option<Ipv4Net>>,
+        pub tentative: Mutex<std::collections::BTreeSet<String>>,
         pub bad_requests: std::sync::atomic::AtomicU64,
     }
 
@@ -321,6 +373,7 @@ pub(crate) mod fake {
                 capacity: 3,
                 last_wait: Mutex::new(None),
                 last_subnet: Mutex::new(None),
+                tentative: Mutex::new(Default::default()),
                 bad_requests: Default::default(),
             }
         }
@@ -395,6 +448,27 @@ pub(crate) mod fake {
         ) -> impl Future<Output = Result<Ipv4Net, IpApiError>> + Send {
             let r = self.take(container_id, wait, |a| self.next_free(a));
             async move { r }
+        }
+
+        fn allocate_tentative(
+            &self,
+            container_id: ContainerId,
+            wait: Duration,
+        ) -> impl Future<Output = Result<Ipv4Net, IpApiError>> + Send {
+            self.tentative
+                .lock()
+                .unwrap()
+                .insert(container_id.to_string());
+            self.allocate(container_id, wait)
+        }
+
+        async fn forget_key(&self, _name: &str) -> Result<u64, IpApiError> {
+            Ok(1)
+        }
+
+        async fn confirm(&self, container_id: ContainerId) -> Result<Option<Ipv4Net>, IpApiError> {
+            self.tentative.lock().unwrap().remove(container_id.as_str());
+            self.lookup(&container_id)
         }
 
         fn allocate_in(
@@ -637,6 +711,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tentative_allocations_are_confirmed_by_query() {
+        let (ctl, router) = setup(true);
+        let a = call(&router, Method::POST, "/ip/pod-a?tentative").await;
+        assert_eq!(
+            (a.code, a.body.as_str()),
+            (StatusCode::OK, "192.168.0.1/16")
+        );
+        assert!(ctl.tentative.lock().unwrap().contains("pod-a"));
+        let a = call(&router, Method::POST, "/ip/pod-a?confirm").await;
+        assert_eq!(
+            (a.code, a.body.as_str()),
+            (StatusCode::OK, "192.168.0.1/16")
+        );
+        assert!(ctl.tentative.lock().unwrap().is_empty());
+        let a = call(&router, Method::POST, "/ip/pod-z?confirm").await;
+        assert_eq!(a.code, StatusCode::NOT_FOUND);
+        let a = call(&router, Method::POST, "/ip/pod-a?bogus").await;
+        assert_eq!(a.code, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn the_nodes_own_address_cannot_be_freed() {
+        let (ctl, router) = setup(true);
+        let a = call(&router, Method::POST, "/ip/weave:expose").await;
+        assert_eq!(a.code, StatusCode::OK);
+        for path in ["/ip/weave:expose", "/ip/weave%3Aexpose"] {
+            let a = call(&router, Method::DELETE, path).await;
+            assert_eq!(a.code, StatusCode::FORBIDDEN, "{path}");
+            assert!(a.body.contains("cannot be freed"), "{}", a.body);
+        }
+        assert!(ctl.allocs.lock().unwrap().contains_key("weave:expose"));
+    }
+
+    #[tokio::test]
     async fn allocate_in_subnet() {
         let (ctl, router) = setup(true);
         let a = call(&router, Method::POST, "/ip/pod-a/10.1.2.0/24").await;
@@ -682,7 +790,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn not_ready_and_exhausted_are_503() {
+    async fn not_ready_is_503_and_exhausted_is_507() {
         let (ctl, router) = setup(false);
         let a = call(&router, Method::POST, "/ip/pod-a").await;
         assert_eq!(a.code, StatusCode::SERVICE_UNAVAILABLE);
@@ -693,8 +801,9 @@ mod tests {
             let a = call(&router, Method::POST, &format!("/ip/{id}")).await;
             assert_eq!(a.code, StatusCode::OK);
         }
+        // Not "try again later": the plugin reports exhaustion as exhaustion.
         let a = call(&router, Method::POST, "/ip/d").await;
-        assert_eq!(a.code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(a.code, StatusCode::INSUFFICIENT_STORAGE);
         assert_eq!(a.body, "no free addresses\n");
     }
 
@@ -703,7 +812,7 @@ mod tests {
         let (_ctl, router) = setup(true);
         for (kind, code) in [
             ("notready", StatusCode::SERVICE_UNAVAILABLE),
-            ("exhausted", StatusCode::SERVICE_UNAVAILABLE),
+            ("exhausted", StatusCode::INSUFFICIENT_STORAGE),
             ("bad", StatusCode::BAD_REQUEST),
             ("conflict", StatusCode::CONFLICT),
             ("notfound", StatusCode::NOT_FOUND),

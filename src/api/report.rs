@@ -215,6 +215,19 @@ pub trait Control: Send + Sync + 'static {
         container_id: ContainerId,
         wait: Duration,
     ) -> impl Future<Output = Result<ipnet::Ipv4Net, IpApiError>> + Send;
+    /// As `allocate`, but freed again unless [`Control::confirm`] follows in time (the
+    /// CNI plugin's `POST /ip/{id}?tentative`).
+    fn allocate_tentative(
+        &self,
+        container_id: ContainerId,
+        wait: Duration,
+    ) -> impl Future<Output = Result<ipnet::Ipv4Net, IpApiError>> + Send;
+    /// The requester put the address to use (`POST /ip/{id}?confirm`): `None` if the
+    /// container holds none (it expired, or was never allocated).
+    fn confirm(
+        &self,
+        container_id: ContainerId,
+    ) -> impl Future<Output = Result<Option<ipnet::Ipv4Net>, IpApiError>> + Send;
     /// Allocates inside `subnet` (Weave's `POST /ip/{id}/{ip}/{prefix}`).
     fn allocate_in(
         &self,
@@ -239,6 +252,9 @@ pub trait Control: Send + Sync + 'static {
     /// returns how many addresses this node took over. Removing a peer that owns nothing
     /// (or was already removed) takes over 0 and is not an error.
     fn rmpeer(&self, peer_name: &str) -> impl Future<Output = Result<u64, IpApiError>> + Send;
+    /// Drops the key binding of a peer (name or nickname) that is not connected, so that
+    /// it may come back with a new key; returns how many bindings were dropped.
+    fn forget_key(&self, name: &str) -> impl Future<Output = Result<u64, IpApiError>> + Send;
     /// Counts a request refused for malformed input (shown as `weft_api_bad_requests_total`).
     fn count_bad_request(&self);
 }

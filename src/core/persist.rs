@@ -32,6 +32,10 @@ pub struct PersistedState {
     /// known name with another key is refused (`rmpeer` releases a binding).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub keys: BTreeMap<PeerName, PublicKey>,
+    /// Allocations whose requester (the CNI plugin's ADD) has not confirmed them yet; they
+    /// are freed if no confirmation comes in time, also after a restart.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub tentative: std::collections::BTreeSet<String>,
 }
 
 /// The IPAM part, laid out as format 2 has it on disk: the acceptor of the consensus that
@@ -61,6 +65,7 @@ impl PersistedState {
             },
             nicknames: BTreeMap::new(),
             keys: BTreeMap::new(),
+            tentative: Default::default(),
         }
     }
 
@@ -71,6 +76,11 @@ impl PersistedState {
 
     pub fn with_keys(mut self, keys: BTreeMap<PeerName, PublicKey>) -> Self {
         self.keys = keys;
+        self
+    }
+
+    pub fn with_tentative(mut self, ids: std::collections::BTreeSet<String>) -> Self {
+        self.tentative = ids;
         self
     }
 

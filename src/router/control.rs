@@ -124,6 +124,26 @@ impl Control for RouterControl {
         self.ipam_op(id, wait, |n| n.allocate(id)).await
     }
 
+    async fn allocate_tentative(
+        &self,
+        container_id: ContainerId,
+        wait: Duration,
+    ) -> Result<Ipv4Net, IpApiError> {
+        let id = container_id.as_str();
+        self.ipam_op(id, wait, |n| n.allocate_tentative(id, None))
+            .await
+    }
+
+    async fn confirm(&self, container_id: ContainerId) -> Result<Option<Ipv4Net>, IpApiError> {
+        let prefix = self.0.cfg.range.prefix_len();
+        let (r, saved) = self.0.request(|n| n.confirm(container_id.as_str()));
+        saved
+            .wait()
+            .await
+            .map_err(|e| IpApiError::Internal(format!("confirmed, but not saved: {e}")))?;
+        Ok(r.map(|a| Ipv4Net::new(a, prefix).expect("valid prefix")))
+    }
+
     async fn allocate_in(
         &self,
         container_id: ContainerId,
@@ -198,6 +218,24 @@ impl Control for RouterControl {
             (false, Some(e)) => Err(map_ipam_error(e)),
             _ => Ok(taken),
         }
+    }
+
+    async fn forget_key(&self, name: &str) -> Result<u64, IpApiError> {
+        let peers = match PeerName::parse(name) {
+            Ok(p) => vec![p],
+            Err(_) => self.0.with_node(|n| n.peers_named(name)),
+        };
+        let mut dropped = 0;
+        for peer in peers {
+            let (r, saved) = self.0.request(|n| n.forget_key(&peer));
+            let r = r.map_err(map_ipam_error)?;
+            saved
+                .wait()
+                .await
+                .map_err(|e| IpApiError::Internal(format!("forgotten, but not saved: {e}")))?;
+            dropped += u64::from(r);
+        }
+        Ok(dropped)
     }
 
     async fn free(&self, container_id: &ContainerId) -> Result<Option<Ipv4Addr>, IpApiError> {

@@ -90,6 +90,9 @@ pub(crate) struct Mesh {
     pub(crate) handshake_failures: AtomicU64,
     /// Connections closed because their peer did not read.
     pub(crate) send_overflows: AtomicU64,
+    /// Kubernetes mode without a password: inbound connections only from these addresses
+    /// (the Nodes', or KUBE_PEERS); `None` accepts any source.
+    allowed_sources: Mutex<Option<std::collections::HashSet<IpAddr>>>,
 }
 
 impl ConnHandle {
@@ -122,6 +125,18 @@ impl Mesh {
         for c in lock(&self.conns).values() {
             c.command(ConnCmd::Close(why.to_string()), &self.send_overflows);
         }
+    }
+
+    /// From now on, inbound connections are accepted only from the addresses of the
+    /// source targets (set by [`set_targets`], and as dialling resolves them).
+    pub(crate) fn restrict_inbound_to_targets(&self) {
+        lock(&self.allowed_sources).get_or_insert_with(Default::default);
+    }
+
+    fn allows(&self, ip: IpAddr) -> bool {
+        lock(&self.allowed_sources)
+            .as_ref()
+            .is_none_or(|set| set.contains(&ip))
     }
 
     /// Control connections open or in their handshake, for `CONN_LIMIT`.
@@ -247,6 +262,14 @@ pub(crate) fn set_targets(shared: &Arc<Shared>, targets: Vec<PeerTarget>) {
             }
         }
     }
+    if let Some(set) = lock(&shared.mesh.allowed_sources).as_mut() {
+        set.clear();
+        set.extend(
+            wanted
+                .values()
+                .filter_map(|t| t.host.parse::<IpAddr>().ok()),
+        );
+    }
     for key in removed {
         info!("peer {key} removed: no longer dialling it");
     }
@@ -354,6 +377,13 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             continue;
         }
         let ip = remote.ip();
+        if !shared.mesh.allows(ip) {
+            drop(stream);
+            refused.warn(|n| {
+                format!("refused {n} control connection(s), the last from {remote}: not the address of a Kubernetes Node or of KUBE_PEERS (without WEAVE_PASSWORD only they may connect)")
+            });
+            continue;
+        }
         {
             let mut pending = lock(&shared.mesh.pending);
             let n = pending.entry(ip).or_default();
@@ -429,6 +459,14 @@ async fn dial_loop(shared: Arc<Shared>, target: PeerTarget, mut cancel: watch::R
             }
             continue;
         };
+        let from_source = lock(&shared.mesh.dialers)
+            .get(&key)
+            .is_some_and(|d| d.origin == Origin::Source);
+        if from_source {
+            if let Some(set) = lock(&shared.mesh.allowed_sources).as_mut() {
+                set.insert(addr.ip());
+            }
+        }
         if let SocketAddr::V4(v4) = addr {
             lock(&shared.node).note_target(v4);
             // The peer dialled us first (or we reached it through another target): one

@@ -77,7 +77,7 @@ pub fn run(cfg: RouterConfig) -> Result<(), RouterError> {
             "are encrypted but open to any host that reaches the control port"
         }
     );
-    let (ipam, acceptor, nicknames, keys) = match persisted {
+    let (ipam, acceptor, nicknames, keys, tentative) = match persisted {
         Some(p) => {
             let ipam = Ipam::restore(name.clone(), cfg.range, p.ipam_state())?;
             info!(
@@ -85,11 +85,12 @@ pub fn run(cfg: RouterConfig) -> Result<(), RouterError> {
                 cfg.db_dir.display(),
                 ipam.active_count()
             );
-            (ipam, p.acceptor().clone(), p.nicknames, p.keys)
+            (ipam, p.acceptor().clone(), p.nicknames, p.keys, p.tentative)
         }
         None => (
             Ipam::new(name.clone(), cfg.range),
             Acceptor::default(),
+            Default::default(),
             Default::default(),
             Default::default(),
         ),
@@ -117,6 +118,7 @@ pub fn run(cfg: RouterConfig) -> Result<(), RouterError> {
             acceptor,
             nicknames,
             keys,
+            tentative,
             identity,
         },
     ))
@@ -168,6 +170,7 @@ struct Restored {
     acceptor: Acceptor,
     nicknames: BTreeMap<PeerName, String>,
     keys: BTreeMap<PeerName, PublicKey>,
+    tentative: std::collections::BTreeSet<String>,
     identity: StaticKey,
 }
 
@@ -178,6 +181,7 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
         acceptor,
         nicknames,
         keys,
+        tentative,
         identity,
     } = restored;
     if !cfg.secure.is_password() {
@@ -272,12 +276,18 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
             data_port: cfg.data_port,
             range: cfg.range,
             init: cfg.init.clone(),
+            tentative_ticks: cfg
+                .confirm_wait
+                .as_secs()
+                .div_ceil(super::mesh::TICK.as_secs())
+                .max(1),
         },
         ipam,
         acceptor,
     );
     node.remember_nicknames(nicknames);
     node.remember_keys(keys);
+    node.remember_tentative(tentative);
     let control_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.port));
     let listener = bind("control port (tcp)", control_addr).await?;
     let api_listener = bind("HTTP API", cfg.http_addr).await?;
@@ -300,6 +310,10 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
         bad_requests: AtomicU64::new(0),
         identity,
     });
+    if shared.cfg.kube.is_some() && !shared.cfg.secure.is_password() {
+        // Without a password, being a Node of the cluster is the only credential there is.
+        shared.mesh.restrict_inbound_to_targets();
+    }
     let store: Arc<dyn StateStore> = Arc::new(store);
     tokio::spawn(effects::interpret(shared.clone(), store, job_queue));
 

@@ -73,6 +73,7 @@ fn node_cfg(i: u8, init: IpallocInit) -> NodeConfig {
         data_port: 6784,
         range: "192.168.0.0/16".parse().unwrap(),
         init,
+        tentative_ticks: crate::core::mesh::TENTATIVE_TICKS,
     }
 }
 

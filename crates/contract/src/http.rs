@@ -26,6 +26,23 @@ pub mod paths {
         format!("{IP}/{container_id}")
     }
 
+    /// `/ip/{id}?tentative`: POST allocates an address that is freed again unless
+    /// [`ip_confirm`] follows in time (the CNI plugin, so that an ADD given up or killed
+    /// halfway holds nothing).
+    pub fn ip_tentative(container_id: &crate::ContainerId) -> String {
+        format!("{IP}/{container_id}?tentative")
+    }
+
+    /// `/ip/{id}?confirm`: POST keeps a tentative address for good.
+    pub fn ip_confirm(container_id: &crate::ContainerId) -> String {
+        format!("{IP}/{container_id}?confirm")
+    }
+
+    /// `/peer/{name}/key`: DELETE forgets the key the name is bound to.
+    pub fn peer_key(name: &str) -> String {
+        format!("{}/key", peer(name))
+    }
+
     /// `/peer/{name}`: DELETE takes over a dead peer's ranges (rmpeer).
     pub fn peer(name: &str) -> String {
         let mut out = String::from("/peer/");
@@ -59,9 +76,12 @@ pub enum IpStatus {
     Conflict,
     /// 500: the daemon failed, e.g. it could not persist the change (nothing was granted).
     Internal,
-    /// 503: not ready yet (no ring, waiting for space from peers) or out of addresses:
-    /// the runtime should try again later.
+    /// 503: not ready yet (no ring, waiting for space from peers): the runtime should
+    /// try again later.
     Unavailable,
+    /// 507: no free address in the range (or the subnet) and no peer could donate one:
+    /// retrying will not help until pods are removed or the range grows.
+    Exhausted,
 }
 
 impl IpStatus {
@@ -74,6 +94,7 @@ impl IpStatus {
             IpStatus::Conflict => 409,
             IpStatus::Internal => 500,
             IpStatus::Unavailable => 503,
+            IpStatus::Exhausted => 507,
         }
     }
 
@@ -88,6 +109,7 @@ impl IpStatus {
             409 => IpStatus::Conflict,
             500 => IpStatus::Internal,
             503 => IpStatus::Unavailable,
+            507 => IpStatus::Exhausted,
             _ => return None,
         })
     }
@@ -107,6 +129,7 @@ mod tests {
             IpStatus::Conflict,
             IpStatus::Internal,
             IpStatus::Unavailable,
+            IpStatus::Exhausted,
         ] {
             assert_eq!(IpStatus::from_code(s.code()), Some(s));
         }

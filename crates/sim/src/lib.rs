@@ -214,6 +214,7 @@ impl Sim {
             data_port: 6784,
             range: self.range,
             init: self.nodes[i].init.clone(),
+            tentative_ticks: weft::core::mesh::TENTATIVE_TICKS,
         };
         let mut node = Node::new(cfg, ipam, acceptor);
         node.remember_nicknames(nicknames);

@@ -20,13 +20,25 @@ pub struct PeerEndpoint {
 
 impl Node {
     /// Runs an allocation; on `NotReady` with a ring (no free space of ours) asks a donor.
-    fn allocating(&mut self, id: &str, subnet: Ipv4Net) -> (Result<Ipv4Addr, IpamError>, Effects) {
+    fn allocating(
+        &mut self,
+        id: &str,
+        subnet: Ipv4Net,
+        tentative: bool,
+    ) -> (Result<Ipv4Addr, IpamError>, Effects) {
         let mut out = Outbox::default();
         if self.gossip.gated && self.ipam.lookup(id).is_none() {
             return (Err(IpamError::NotReady), self.finish(out));
         }
         let before = self.ipam.lookup(id);
         let r = self.ipam.allocate_in(id, subnet);
+        if r.is_ok() && tentative && (before.is_none() || self.tentative.contains_key(id)) {
+            // A repeated ADD while still tentative restarts the wait.
+            let expiry = self.ticks + self.cfg.tentative_ticks;
+            if self.tentative.insert(id.to_string(), expiry).is_none() {
+                self.touch();
+            }
+        }
         match &r {
             Ok(_) if before.is_none() => self.touch(),
             Err(IpamError::NotReady) if self.ipam.is_ready() => self.want_space(subnet, &mut out),
@@ -36,7 +48,48 @@ impl Node {
     }
 
     pub fn allocate(&mut self, id: &str) -> (Result<Ipv4Addr, IpamError>, Effects) {
-        self.allocating(id, self.cfg.range)
+        self.allocating(id, self.cfg.range, false)
+    }
+
+    /// An allocation for a requester that confirms it once it has put the address to use
+    /// (the CNI plugin, after plumbing the pod): if no [`Node::confirm`] comes within
+    /// `TENTATIVE_TICKS`, the address is freed. A requester that gave up (timeout) or was
+    /// killed mid-ADD thus leaves nothing held: runtimes never send a DEL for an ADD that
+    /// failed on their side. An address already confirmed stays confirmed.
+    pub fn allocate_tentative(
+        &mut self,
+        id: &str,
+        subnet: Option<Ipv4Net>,
+    ) -> (Result<Ipv4Addr, IpamError>, Effects) {
+        self.allocating(id, subnet.unwrap_or(self.cfg.range), true)
+    }
+
+    /// The requester finished with the address: it is held until freed.
+    pub fn confirm(&mut self, id: &str) -> (Option<Ipv4Addr>, Effects) {
+        let addr = self.ipam.lookup(id);
+        if self.tentative.remove(id).is_some() {
+            self.touch();
+        }
+        (addr, self.finish(Outbox::default()))
+    }
+
+    pub(super) fn expire_tentative(&mut self, out: &mut Outbox) {
+        let now = self.ticks;
+        let expired: Vec<String> = self
+            .tentative
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            self.tentative.remove(&id);
+            if let Some(addr) = self.ipam.free(&id) {
+                out.info(format!(
+                    "freed {addr} of container {id}: its ADD never confirmed the address (the plugin gave up or was killed)"
+                ));
+            }
+            self.touch();
+        }
     }
 
     pub fn allocate_in(
@@ -44,7 +97,7 @@ impl Node {
         id: &str,
         subnet: Ipv4Net,
     ) -> (Result<Ipv4Addr, IpamError>, Effects) {
-        self.allocating(id, subnet)
+        self.allocating(id, subnet, false)
     }
 
     pub fn claim(&mut self, id: &str, addr: Ipv4Addr) -> (Result<(), IpamError>, Effects) {
@@ -58,7 +111,7 @@ impl Node {
 
     pub fn free(&mut self, id: &str) -> (Option<Ipv4Addr>, Effects) {
         let r = self.ipam.free(id);
-        if r.is_some() {
+        if r.is_some() | self.tentative.remove(id).is_some() {
             self.touch();
         }
         (r, self.finish(Outbox::default()))
@@ -92,6 +145,28 @@ impl Node {
             self.check_want(&mut out);
         }
         (r, self.finish(out))
+    }
+
+    /// `weft forget-key NAME`: drops the key `name` is bound to, so that the node with that
+    /// name may come back with a new key (it lost its --db-dir) without losing its address
+    /// ranges, as rmpeer would make it. Refused while it is connected (its key is proven).
+    /// Returns whether a binding was dropped.
+    pub fn forget_key(&mut self, name: &PeerName) -> (Result<bool, IpamError>, Effects) {
+        let mut out = Outbox::default();
+        if self.established_peers().contains(name) {
+            return (
+                Err(IpamError::RemoveConnected(name.clone())),
+                self.finish(out),
+            );
+        }
+        let dropped = self.gossip.keys.remove(name);
+        if let Some(k) = dropped {
+            out.info(format!(
+                "forgot key {k} of {name}: the next node presenting that name is bound to its key"
+            ));
+            self.touch();
+        }
+        (Ok(dropped.is_some()), self.finish(out))
     }
 
     /// After a restart: re-claims `(container id, address)` pairs found on local pod

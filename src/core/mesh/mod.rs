@@ -15,7 +15,7 @@ pub mod view;
 
 pub use effects::{Action, ConnId, Effects, Level, Save};
 pub use local::PeerEndpoint;
-pub use node::{Node, NodeConfig, NodeCounters};
+pub use node::{Node, NodeConfig, NodeCounters, TENTATIVE_TICKS};
 pub use peer::PeerName;
 
 #[cfg(test)]

@@ -37,6 +37,9 @@ pub(crate) const SPACE_RETRY: u64 = 2;
 pub(crate) const GATE_TICKS: u64 = 6;
 /// Ticks before an unfinished Paxos round is abandoned.
 pub(crate) const PAXOS_TIMEOUT: u64 = 4;
+/// Ticks (of 5 s) a tentative allocation waits for its confirmation by default: twice the
+/// plugin's 60 s request timeout, so only a requester that gave up (or died) loses it.
+pub const TENTATIVE_TICKS: u64 = 24;
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -49,6 +52,8 @@ pub struct NodeConfig {
     pub range: Ipv4Net,
     /// How the range is first divided (`--ipalloc-init`).
     pub init: IpallocInit,
+    /// Ticks a tentative allocation waits for its confirmation.
+    pub tentative_ticks: u64,
 }
 
 /// Event counts for the report and metrics.
@@ -93,6 +98,8 @@ pub struct Node {
     pub(super) ticks: u64,
     pub(super) rng: SplitMix64,
     pub(super) counters: NodeCounters,
+    /// Tentative allocations (container id -> tick at which they expire).
+    pub(super) tentative: BTreeMap<String, u64>,
     /// Bumped by every change of the persisted state ([`Node::touch`]).
     generation: u64,
     /// The newest generation the I/O layer acknowledged as durable.
@@ -119,6 +126,7 @@ impl Node {
             ticks: 0,
             rng,
             counters: NodeCounters::default(),
+            tentative: BTreeMap::new(),
             generation: 0,
             saved_generation: 0,
         }
@@ -163,6 +171,18 @@ impl Node {
         )
         .with_nicknames(self.gossip.nicknames.clone())
         .with_keys(self.gossip.keys.clone())
+        .with_tentative(self.tentative.keys().cloned().collect())
+    }
+
+    /// Restores tentative allocations (from [`PersistedState`]): each gets the full wait
+    /// again, since the requester may still be waiting for this restarted node.
+    pub fn remember_tentative(&mut self, ids: std::collections::BTreeSet<String>) {
+        let expiry = self.ticks + self.cfg.tentative_ticks;
+        self.tentative = ids
+            .into_iter()
+            .filter(|id| self.ipam.lookup(id).is_some())
+            .map(|id| (id, expiry))
+            .collect();
     }
 
     /// Restores the peers' key bindings (from [`PersistedState`]).
@@ -359,6 +379,7 @@ impl Node {
         self.ticks += 1;
         let mut out = Outbox::default();
         self.gossip_tick(&mut out);
+        self.expire_tentative(&mut out);
         self.maybe_propose(&mut out);
         self.retry_space(&mut out);
         self.finish(out)

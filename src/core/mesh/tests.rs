@@ -37,6 +37,7 @@ fn node_with(i: u8, init: IpallocInit, uid: u64) -> Node {
         data_port: 6784,
         range: range(),
         init,
+        tentative_ticks: crate::core::mesh::TENTATIVE_TICKS,
     };
     Node::new(cfg, Ipam::new(name(i), range()), Default::default())
 }
@@ -621,4 +622,53 @@ fn gossip_naming_too_many_peers_is_ignored_and_counted() {
         MAX_SUMMARIES as u64 + 1
     );
     assert_eq!(net.nodes[0].peers_view().len(), 2, "only the real peers");
+}
+
+#[test]
+fn a_tentative_allocation_is_freed_unless_confirmed_even_across_a_restart() {
+    let mut n = node_with(1, IpallocInit::Seed(vec![name(1)]), 11);
+    let _ = n.start();
+    let (a, fx) = n.allocate_tentative("abandoned", None);
+    let a = a.unwrap();
+    assert!(
+        fx.save.is_some(),
+        "the tentative mark is persisted with the allocation"
+    );
+    let (b, _) = n.allocate_tentative("finished", None);
+    let b = b.unwrap();
+    let (confirmed, fx) = n.confirm("finished");
+    assert_eq!(confirmed, Some(b));
+    assert!(fx.save.is_some());
+    let (c, _) = n.allocate("weave-api-user");
+    let c = c.unwrap();
+    for _ in 0..TENTATIVE_TICKS - 1 {
+        let _ = n.on_tick();
+    }
+    assert_eq!(n.ipam().lookup("abandoned"), Some(a), "not before its time");
+    // A restart in between re-arms the wait (the requester may be waiting for us).
+    let snap = n.snapshot();
+    assert!(snap.tentative.contains("abandoned") && !snap.tentative.contains("finished"));
+    let mut back = Node::new(
+        n.config().clone(),
+        Ipam::restore(name(1), range(), snap.ipam_state()).unwrap(),
+        snap.acceptor().clone(),
+    );
+    back.remember_tentative(snap.tentative.clone());
+    for _ in 0..TENTATIVE_TICKS - 1 {
+        let _ = back.on_tick();
+    }
+    assert_eq!(back.ipam().lookup("abandoned"), Some(a));
+    let fx = back.on_tick();
+    assert_eq!(back.ipam().lookup("abandoned"), None, "expired unconfirmed");
+    assert!(fx.save.is_some(), "the free is saved");
+    assert_eq!(back.ipam().lookup("finished"), Some(b), "confirmed: kept");
+    assert_eq!(
+        back.ipam().lookup("weave-api-user"),
+        Some(c),
+        "Weave's API: kept"
+    );
+    assert!(back.snapshot().tentative.is_empty());
+    // The freed address goes to the next pod.
+    let (d, _) = back.allocate_tentative("next", None);
+    assert_eq!(d.unwrap(), a);
 }
