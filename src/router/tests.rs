@@ -354,3 +354,22 @@ async fn connections_beyond_conn_limit_are_refused() {
     assert_eq!(n, 0, "no Hello for a connection over the limit");
     assert_eq!(lock(h.shared.mesh.conns_for_test()).len(), 1);
 }
+
+#[tokio::test]
+async fn a_peer_that_does_not_read_is_dropped_not_buffered_for() {
+    // Connection 1's commands are never taken (its writer is stuck on a peer that does
+    // not read): past the queue's bound, the connection is marked to be closed and
+    // nothing more is queued.
+    let h = harness(IpallocInit::Consensus(3), IpallocInit::Consensus(3)).await;
+    let before = h.shared.mesh.send_overflows.load(Ordering::Relaxed);
+    for _ in 0..5_000 {
+        h.shared.mesh.send(1, Message::Digest { ring: Some(1) });
+    }
+    let overflows = h.shared.mesh.send_overflows.load(Ordering::Relaxed) - before;
+    assert!(overflows > 0, "the bound was never reached");
+    assert!(
+        h.wire.len() <= 1024 + 16,
+        "{} messages queued for one connection",
+        h.wire.len()
+    );
+}
