@@ -237,6 +237,17 @@ impl Node {
         flags: RingFlags,
         out: &mut Outbox,
     ) -> bool {
+        if let Some(alive) = self.forged_tombstone(ring) {
+            self.counters.refused_tombstones += 1;
+            let why = format!(
+                "refused the IP ring from {from}: it removes {alive}, which is alive (this node, or connected to it now); a removal comes only from rmpeer of a peer that is gone"
+            );
+            if self.gossip.ring_error.as_deref() != Some(why.as_str()) {
+                out.warn(why.clone());
+                self.gossip.ring_error = Some(why);
+            }
+            return true;
+        }
         let was_ready = self.ipam.is_ready();
         let o = match self.ipam.merge_ring(ring) {
             Ok(o) => o,
@@ -292,6 +303,31 @@ impl Node {
         }
         self.check_want(out);
         true
+    }
+
+    /// A tombstone in `ring` that this node knows to be false: it removes this node while
+    /// it runs, or a peer connected to it right now. rmpeer refuses both (a connected peer
+    /// is alive), so such a ring was forged or made by mistake; merging it would hand the
+    /// live peer's addresses, its pods' among them, to the heir.
+    fn forged_tombstone(&self, ring: &Ring) -> Option<PeerName> {
+        let ours = self.ipam.ring();
+        let connected = self.established_peers();
+        ring.peers.iter().find_map(|(peer, rec)| {
+            rec.removed_by.as_ref()?;
+            let known = ours.and_then(|r| r.peers.get(peer));
+            let known_inc = known.map_or(0, |k| k.incarnation);
+            let already =
+                known.is_some_and(|k| k.removed_by.is_some() && k.incarnation >= rec.incarnation);
+            if already || rec.incarnation < known_inc {
+                return None;
+            }
+            let alive = if peer == &self.cfg.name {
+                !self.gossip.gated && rec.incarnation >= self.ipam.incarnation()
+            } else {
+                connected.contains(peer)
+            };
+            alive.then(|| peer.clone())
+        })
     }
 
     pub(super) fn on_gossip(

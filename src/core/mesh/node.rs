@@ -74,6 +74,8 @@ pub struct NodeCounters {
     pub key_mismatches: u64,
     /// Gossiped peers ignored because the message or the peer list was over its bound.
     pub peers_over_bound: u64,
+    /// Rings refused because they removed a peer known to be alive (see gossip).
+    pub refused_tombstones: u64,
 }
 
 /// One control connection as the node sees it.

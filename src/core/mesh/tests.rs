@@ -672,3 +672,46 @@ fn a_tentative_allocation_is_freed_unless_confirmed_even_across_a_restart() {
     let (d, _) = back.allocate_tentative("next", None);
     assert_eq!(d.unwrap(), a);
 }
+
+#[test]
+fn a_ring_removing_a_live_peer_is_refused_and_counted() {
+    let mut net = Net::new(vec![node(1, 3, 11), node(2, 3, 12), node(3, 3, 13)]);
+    net.connect(0, 1);
+    let c_32 = net.connect(2, 1);
+    let c_31 = net.connect(2, 0);
+    net.run();
+    let (a, fx) = net.nodes[0].allocate("pod-on-n1");
+    let a = a.unwrap();
+    net.absorb(0, fx);
+    net.run();
+    // Node 3 turns hostile: it removes node 1 (heir: itself) in a ring of its own making.
+    let mut forger = Ipam::restore(name(3), range(), net.nodes[2].ipam().state()).unwrap();
+    forger.rmpeer(&name(1)).unwrap();
+    let forged = forger.ring().unwrap().clone();
+    assert!(forged.is_removed(&name(1)));
+    let ring_before = net.nodes[1].ipam().ring().cloned();
+    for (at, conn) in [(1usize, c_32), (0, c_31)] {
+        let fx = net.nodes[at].on_message(
+            conn,
+            Message::Gossip {
+                peers: Vec::new(),
+                ring: Some(forged.clone()),
+                gated: false,
+                answer: false,
+            },
+        );
+        assert!(fx.save.is_none(), "node {at} saved something: {fx:?}");
+        assert_eq!(net.nodes[at].counters().refused_tombstones, 1, "node {at}");
+    }
+    assert_eq!(
+        net.nodes[1].ipam().ring().cloned(),
+        ring_before,
+        "node 2's ring unchanged"
+    );
+    assert!(!net.nodes[0].ipam().ring().unwrap().is_removed(&name(1)));
+    assert_eq!(
+        net.nodes[0].ipam().lookup("pod-on-n1"),
+        Some(a),
+        "node 1 keeps its pods"
+    );
+}
