@@ -59,6 +59,27 @@ fn fifty_peers_hundred_thousand_operations() {
             faults: faulty(),
             check_every: 1,
             full_check_every: 64,
+            byzantine: false,
+        });
+    }
+}
+
+/// A Byzantine participant injects rings that remove live peers (forged tombstones),
+/// amid the usual faults: every address still has at most one holder, and no live pod
+/// loses its address.
+#[test]
+fn forged_tombstones_of_live_peers_change_nothing() {
+    for seed in seeds(&(200..210).collect::<Vec<_>>()) {
+        run(Scenario {
+            seed,
+            range: "10.44.0.0/24".parse().unwrap(),
+            initial: 4,
+            max_nodes: 8,
+            ops: 20_000,
+            faults: faulty(),
+            check_every: 1,
+            full_check_every: 64,
+            byzantine: true,
         });
     }
 }
@@ -75,6 +96,7 @@ fn small_clusters_many_seeds() {
             faults: faulty(),
             check_every: 1,
             full_check_every: 64,
+            byzantine: false,
         });
     }
 }
@@ -92,6 +114,7 @@ fn long_run() {
             faults: faulty(),
             check_every: 1,
             full_check_every: 64,
+            byzantine: false,
         });
     }
 }

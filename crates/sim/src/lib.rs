@@ -118,6 +118,9 @@ pub struct SimStats {
     pub partitions: u64,
     /// Saves that failed (their dependent messages were held back).
     pub failed_saves: u64,
+    /// Forged rings injected by the Byzantine participant, and refusals by receivers.
+    pub forged: u64,
+    pub forged_refused: u64,
     /// Messages sent, by kind.
     pub sent: BTreeMap<&'static str, u64>,
 }
@@ -373,6 +376,48 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// A Byzantine participant forges a ring removing live node `victim` in favour of
+    /// `heir`, and sends it to every live node over one of its connections (as a member
+    /// relaying gossip would). Returns how many receivers refused it.
+    pub fn inject_forged_tombstone(&mut self, victim: usize, heir: usize) -> u64 {
+        let Ok(mut forger) = Ipam::restore(
+            Self::name_of(heir),
+            self.range,
+            self.node(heir).ipam().state(),
+        ) else {
+            return 0;
+        };
+        if forger.rmpeer(&Self::name_of(victim)).is_err() {
+            return 0;
+        }
+        let Some(forged) = forger.ring().cloned() else {
+            return 0;
+        };
+        self.stats.forged += 1;
+        let mut refused = 0;
+        for x in self.up() {
+            let Some((&id, _)) = self.links.iter().find(|(_, &(a, b))| a == x || b == x) else {
+                continue;
+            };
+            let before = self.node(x).counters().refused_tombstones;
+            let fx = self.node_mut(x).on_message(
+                id,
+                Message::Gossip {
+                    peers: Vec::new(),
+                    ring: Some(forged.clone()),
+                    gated: false,
+                    answer: false,
+                },
+            );
+            self.absorb(x, fx);
+            if self.node(x).counters().refused_tombstones > before {
+                refused += 1;
+            }
+        }
+        self.stats.forged_refused += refused;
+        refused
     }
 
     /// One step of time: due messages are delivered, due nodes tick.
@@ -885,6 +930,9 @@ pub struct Scenario {
     pub check_every: u64,
     /// Also check the merged-ring invariants every `full_check_every` operations.
     pub full_check_every: u64,
+    /// A Byzantine participant now and then sends every node a ring of its making that
+    /// removes a live peer (a forged tombstone, heir: another node).
+    pub byzantine: bool,
 }
 
 /// Runs a random scenario; Err carries the failing invariant with the step.
@@ -989,6 +1037,21 @@ pub fn run_scenario(sc: &Scenario) -> Result<Sim, String> {
                 sim.stats.joins += 1;
             } else if e < 80 {
                 sim.relink();
+            } else if e < 88 && sc.byzantine && !partitioned && up.len() >= 3 {
+                // Every live node is connected to every other (no partition): each must
+                // refuse a ring that removes one of them. A node in its restart gate
+                // would take its own removal for a real one (it may have been removed
+                // while it was down), so the victim is one that is past its gate.
+                let victims: Vec<usize> = up
+                    .iter()
+                    .copied()
+                    .filter(|&v| !sim.node(v).is_gated())
+                    .collect();
+                if !victims.is_empty() {
+                    let v = victims[sim.rng.below(victims.len() as u64) as usize];
+                    let h = *up.iter().find(|&&h| h != v).expect("3 up");
+                    sim.inject_forged_tombstone(v, h);
+                }
             }
         }
         if op % sc.full_check_every == 0 {
