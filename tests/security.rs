@@ -239,6 +239,13 @@ fn a_stopped_node_cannot_be_impersonated() {
         .unwrap_or_default()
         .to_string();
     println!("node 0 refused the impostor:\n{refusal}");
+    let m = ok(c.metrics(0), "metrics");
+    let n = weft_testbed::metric_sum(
+        &m,
+        "weft_control_refused_total",
+        &[("reason", "key_mismatch")],
+    );
+    assert!(n >= 1.0, "the refusal is counted: {n}");
     println!("peers before:\n{routes_before}");
 
     // The real node 1 comes back and is accepted; its pod is reachable again.
@@ -390,6 +397,10 @@ fn strangers_cannot_exhaust_memory_connections_or_the_api() {
         rss_after < rss_before + 16 * 1024,
         "RSS grew from {rss_before} to {rss_after} KiB"
     );
+    let m = ok(c.metrics(0), "metrics");
+    let n = weft_testbed::metric_sum(&m, "weft_control_refused_total", &[("reason", "handshake")]);
+    println!("weft_control_refused_total{{reason=\"handshake\"}} {n}");
+    assert!(n >= 60.0, "every refused handshake is counted: {n}");
     let members_log = log(&c, 0);
     let line = members_log
         .lines()

@@ -4,7 +4,8 @@
 
 use super::report::{
     ConnectionReport, DataplaneReport, DropReport, IpamReport, OwnedReport, PeerConnectionReport,
-    PeerReport, PeerTrafficReport, Report, RingEntryReport, RouteReport, RouterReport,
+    PeerReport, PeerTrafficReport, RefusedReport, Report, RingEntryReport, RouteReport,
+    RouterReport,
 };
 use crate::core::mesh::message::{PROTOCOL, PROTOCOL_VERSION};
 use crate::core::mesh::view::{ConnState, ConnectionView, IpamStatus, IpamView, PeerView};
@@ -53,6 +54,7 @@ pub struct Sources {
     pub connections: Vec<ConnectionView>,
     pub pending_targets: Vec<PendingTarget>,
     pub terminations: u64,
+    pub refused: RefusedReport,
     pub ipam: IpamView,
     /// Allocation requests waiting for IPAM right now.
     pub pending_allocates: u64,
@@ -247,6 +249,7 @@ pub fn report(s: Sources) -> Report {
             peers,
             connections,
             termination_count: s.terminations,
+            refused: s.refused.clone(),
         },
         ipam,
         dataplane,
@@ -320,6 +323,7 @@ mod tests {
                 },
             ],
             terminations: 4,
+            refused: RefusedReport::default(),
             ipam: IpamView {
                 status: IpamStatus::AwaitingConsensus {
                     quorum: 2,

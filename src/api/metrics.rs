@@ -145,6 +145,22 @@ impl Collector for Snapshot {
             "Number of pending claims.",
             int(r.ipam.pending_claims),
         )?;
+        family(
+            enc,
+            "weft_control_refused",
+            "What the control mesh refused since start, by reason.",
+            [
+                ("handshake", r.router.refused.handshakes),
+                ("key_mismatch", r.router.refused.key_mismatches),
+                ("tombstone_of_live_peer", r.router.refused.tombstones),
+                ("peers_over_bound", r.router.refused.peers_over_bound),
+                ("send_overflow", r.router.refused.send_overflows),
+            ]
+            .map(|(reason, n)| {
+                let labels: Labels = vec![("reason", reason.to_string())];
+                (labels, ConstCounter::new(n))
+            }),
+        )?;
         single(
             enc,
             "weft_ipam_bad_gossip",
@@ -242,6 +258,9 @@ mod tests {
     fn values_come_from_the_report() {
         let mut report = sample_report();
         report.ipam.bad_gossip = 4;
+        report.router.refused.handshakes = 6;
+        report.router.refused.key_mismatches = 1;
+        report.router.refused.tombstones = 2;
         report.ipam.bad_requests = 5;
         let text = render_metrics(&report);
         assert!(text.ends_with("# EOF\n"), "{text}");
@@ -275,6 +294,17 @@ mod tests {
             ("weave_ipam_pending_claims", 0.0),
             ("weft_ipam_bad_gossip_total", 4.0),
             ("weft_api_bad_requests_total", 5.0),
+            ("weft_control_refused_total{reason=\"handshake\"}", 6.0),
+            ("weft_control_refused_total{reason=\"key_mismatch\"}", 1.0),
+            (
+                "weft_control_refused_total{reason=\"tombstone_of_live_peer\"}",
+                2.0,
+            ),
+            (
+                "weft_control_refused_total{reason=\"peers_over_bound\"}",
+                0.0,
+            ),
+            ("weft_control_refused_total{reason=\"send_overflow\"}", 0.0),
             ("weft_ipam_ready", 1.0),
             (
                 "weft_peer_tx_packets_total{peer=\"02:77:76:00:00:02\",nickname=\"n2\"}",

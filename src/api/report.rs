@@ -19,6 +19,23 @@ pub struct Report {
     pub dataplane: DataplaneReport,
 }
 
+/// Counts of what the control mesh refused, each a reason an operator can look up.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct RefusedReport {
+    /// Connections that failed the secure handshake (no or another password, not weft,
+    /// too slow, oversized records).
+    pub handshakes: u64,
+    /// Hellos or gossip presenting a known peer name with another key.
+    pub key_mismatches: u64,
+    /// Rings that removed a live peer.
+    pub tombstones: u64,
+    /// Gossiped peers over the bounds.
+    pub peers_over_bound: u64,
+    /// Connections dropped because their peer did not read.
+    pub send_overflows: u64,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase")]
 pub struct RouterReport {
@@ -49,6 +66,9 @@ pub struct RouterReport {
     pub peers: Vec<PeerReport>,
     pub connections: Vec<ConnectionReport>,
     pub termination_count: u64,
+    /// What the control mesh refused since start, by reason (weft's).
+    #[serde(default)]
+    pub refused: RefusedReport,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

@@ -387,6 +387,7 @@ pub(crate) mod tests {
                     },
                 ],
                 termination_count: 3,
+                refused: Default::default(),
             },
             ipam: IpamReport {
                 bad_gossip: 0,

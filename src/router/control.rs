@@ -82,15 +82,23 @@ impl RouterControl {
 impl Control for RouterControl {
     fn report(&self) -> Report {
         let s = &self.0;
-        let (ready, peers, connections, ipam, terminations) = s.with_node(|n| {
+        let (ready, peers, connections, ipam, terminations, counters) = s.with_node(|n| {
             (
                 n.ipam().is_ready(),
                 n.peers_view(),
                 n.connections_view(),
                 n.ipam_view(),
                 n.terminations(),
+                n.counters().clone(),
             )
         });
+        let refused = crate::api::report::RefusedReport {
+            handshakes: s.mesh.handshake_failures.load(Ordering::Relaxed),
+            key_mismatches: counters.key_mismatches,
+            tombstones: counters.refused_tombstones,
+            peers_over_bound: counters.peers_over_bound,
+            send_overflows: s.mesh.send_overflows.load(Ordering::Relaxed),
+        };
         assemble::report(Sources {
             ready,
             router: RouterFacts {
@@ -108,6 +116,7 @@ impl Control for RouterControl {
             connections,
             pending_targets: s.mesh.pending_targets(),
             terminations,
+            refused,
             ipam,
             pending_allocates: s.pending_allocates.load(Ordering::Relaxed),
             bad_requests: s.bad_requests.load(Ordering::Relaxed),
