@@ -245,7 +245,8 @@ pub fn check_preamble(mode: &Mode, theirs: &[u8; PREAMBLE_LEN]) -> Result<(), Se
     }
 }
 
-/// Splits a byte stream into records; at most `max` bytes of record are ever buffered.
+/// Splits a byte stream into records. A record longer than `max` is refused from its
+/// length prefix, before its body is buffered; the caller feeds one read at a time.
 #[derive(Debug)]
 pub struct RecordReader {
     buf: Vec<u8>,
