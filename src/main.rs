@@ -145,37 +145,11 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Rmpeer { names, http_addr } => {
-            let mut failed = 0;
-            for name in &names {
-                match weft::cli::rmpeer(&http_addr, name) {
-                    Ok(text) => println!("{}", text.trim_end()),
-                    Err(e) => {
-                        eprintln!("weft rmpeer {name}: {e}");
-                        failed += 1;
-                    }
-                }
-            }
-            if failed > 0 {
-                std::process::exit(1);
-            }
-            Ok(())
+            per_name("rmpeer", &names, |n| weft::cli::rmpeer(&http_addr, n))
         }
-        Command::ForgetKey { names, http_addr } => {
-            let mut failed = 0;
-            for name in &names {
-                match weft::cli::forget_key(&http_addr, name) {
-                    Ok(text) => println!("{}", text.trim_end()),
-                    Err(e) => {
-                        eprintln!("weft forget-key {name}: {e}");
-                        failed += 1;
-                    }
-                }
-            }
-            if failed > 0 {
-                std::process::exit(1);
-            }
-            Ok(())
-        }
+        Command::ForgetKey { names, http_addr } => per_name("forget-key", &names, |n| {
+            weft::cli::forget_key(&http_addr, n)
+        }),
         Command::InstallCni {
             bin_dir,
             conf_dir,
@@ -264,4 +238,26 @@ mod tests {
         let status = os(&["weft", "status"]);
         assert_eq!(args_with_extra(status.clone(), Some("--x".into())), status);
     }
+}
+
+/// Runs a per-peer CLI call for each name, printing each answer; exits 1 if any failed.
+fn per_name(
+    verb: &str,
+    names: &[String],
+    call: impl Fn(&str) -> Result<String, weft::cli::CliError>,
+) -> anyhow::Result<()> {
+    let mut failed = 0;
+    for name in names {
+        match call(name) {
+            Ok(text) => println!("{}", text.trim_end()),
+            Err(e) => {
+                eprintln!("weft {verb} {name}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
 }
