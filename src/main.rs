@@ -201,6 +201,28 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Runs a per-peer CLI call for each name, printing each answer; exits 1 if any failed.
+fn per_name(
+    verb: &str,
+    names: &[String],
+    call: impl Fn(&str) -> Result<String, weft::cli::CliError>,
+) -> anyhow::Result<()> {
+    let mut failed = 0;
+    for name in names {
+        match call(name) {
+            Ok(text) => println!("{}", text.trim_end()),
+            Err(e) => {
+                eprintln!("weft {verb} {name}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,26 +260,4 @@ mod tests {
         let status = os(&["weft", "status"]);
         assert_eq!(args_with_extra(status.clone(), Some("--x".into())), status);
     }
-}
-
-/// Runs a per-peer CLI call for each name, printing each answer; exits 1 if any failed.
-fn per_name(
-    verb: &str,
-    names: &[String],
-    call: impl Fn(&str) -> Result<String, weft::cli::CliError>,
-) -> anyhow::Result<()> {
-    let mut failed = 0;
-    for name in names {
-        match call(name) {
-            Ok(text) => println!("{}", text.trim_end()),
-            Err(e) => {
-                eprintln!("weft {verb} {name}: {e}");
-                failed += 1;
-            }
-        }
-    }
-    if failed > 0 {
-        std::process::exit(1);
-    }
-    Ok(())
 }
