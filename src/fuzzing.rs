@@ -91,6 +91,8 @@ pub fn control_messages(data: &[u8]) {
         range: range(),
         init: IpallocInit::Consensus(2),
         tentative_ticks: crate::core::mesh::TENTATIVE_TICKS,
+        // Encrypting, so that data keys and their acknowledgements are handled too.
+        data_key_seed: Some(crate::core::mesh::KeySeed([7; 32])),
     };
     let mut node = Node::new(cfg, Ipam::new(name(1), range()), Default::default());
     let _ = node.start();

@@ -28,6 +28,8 @@ pub struct RouterFacts {
     pub targets: Vec<String>,
     /// WEAVE_PASSWORD is set.
     pub password: bool,
+    /// The data plane seals every datagram (with the password, always).
+    pub encrypted: bool,
 }
 
 /// A dial target that has no established connection of its own.
@@ -230,7 +232,7 @@ pub fn report(s: Sources) -> Report {
             protocol: PROTOCOL.to_string(),
             protocol_min_version: PROTOCOL_VERSION,
             protocol_max_version: PROTOCOL_VERSION,
-            encryption: false,
+            encryption: s.router.encrypted,
             authentication: if s.router.password {
                 "password"
             } else {
@@ -281,6 +283,7 @@ mod tests {
                 overlay_address: Some("192.168.0.1/16".parse().unwrap()),
                 targets: vec!["10.0.0.2:6783".into(), "10.0.0.3:6783".into()],
                 password: false,
+                encrypted: false,
             },
             peers: vec![
                 PeerView {

@@ -83,19 +83,24 @@ impl Collector for Snapshot {
             enc,
             "weave_connections",
             "Number of peer-to-peer connections.",
-            CONNECTION_STATES.map(|state| {
+            // As Weave: both encryption values for every state, so the series are stable;
+            // a node's connections are all encrypted (WEAVE_PASSWORD) or none is.
+            CONNECTION_STATES.into_iter().flat_map(|state| {
                 let n = r
                     .router
                     .connections
                     .iter()
                     .filter(|c| c.state == state)
-                    .count();
-                let labels: Labels = vec![
-                    ("encryption", String::new()),
-                    ("state", state.to_string()),
-                    ("type", "vxlan".to_string()),
-                ];
-                (labels, int(n as u64))
+                    .count() as u64;
+                let encrypted = r.router.encryption;
+                [("", !encrypted), ("yes", encrypted)].map(|(label, counted)| {
+                    let labels: Labels = vec![
+                        ("encryption", label.to_string()),
+                        ("state", state.to_string()),
+                        ("type", "vxlan".to_string()),
+                    ];
+                    (labels, int(if counted { n } else { 0 }))
+                })
             }),
         )?;
         single(
@@ -286,6 +291,26 @@ mod tests {
                 "weave_connections{encryption=\"\",state=\"connecting\",type=\"vxlan\"}",
                 0.0,
             ),
+            (
+                "weave_connections{encryption=\"yes\",state=\"established\",type=\"vxlan\"}",
+                0.0,
+            ),
+            (
+                "weave_connections{encryption=\"yes\",state=\"retrying\",type=\"vxlan\"}",
+                0.0,
+            ),
+            (
+                "weave_connections{encryption=\"yes\",state=\"failed\",type=\"vxlan\"}",
+                0.0,
+            ),
+            (
+                "weave_connections{encryption=\"yes\",state=\"pending\",type=\"vxlan\"}",
+                0.0,
+            ),
+            (
+                "weave_connections{encryption=\"yes\",state=\"connecting\",type=\"vxlan\"}",
+                0.0,
+            ),
             ("weave_connection_terminations_total", 3.0),
             ("weave_ips{state=\"local-used\"}", 2.0),
             ("weave_max_ips", 65536.0),
@@ -347,7 +372,8 @@ mod tests {
             .filter(|l| l.starts_with("weave_connections{"))
             .filter_map(|l| l.split("state=\"").nth(1)?.split('"').next())
             .collect();
-        assert_eq!(states, CONNECTION_STATES);
+        let twice: Vec<&str> = CONNECTION_STATES.iter().flat_map(|s| [*s, *s]).collect();
+        assert_eq!(states, twice, "each state with encryption \"\" and \"yes\"");
         let reasons: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("weft_dropped_packets_total{"))

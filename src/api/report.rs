@@ -43,8 +43,9 @@ pub struct RouterReport {
     pub protocol: String,
     pub protocol_min_version: u32,
     pub protocol_max_version: u32,
-    /// Weave's meaning: traffic between nodes is encrypted (both planes). weft encrypts
-    /// the control plane always and its data plane not yet, so this stays false.
+    /// Weave's meaning: traffic between nodes is encrypted (both planes): with
+    /// WEAVE_PASSWORD. (Without it weft still encrypts control connections, but anyone may
+    /// open one, and datagrams are plain VXLAN.)
     pub encryption: bool,
     /// weft's: control connections need WEAVE_PASSWORD ("password") or are open to any
     /// host that reaches the control port ("none"; still encrypted, keys bound to names).

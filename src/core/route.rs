@@ -25,6 +25,8 @@ pub struct PeerState {
     /// fragmentation, when the underlay said it is less than the overlay MTU (an ICMP
     /// "fragmentation needed" from a hop); 0 while nothing smaller is known.
     pub path_mtu: AtomicU32,
+    /// The data keys with this peer (with `WEAVE_PASSWORD`; empty otherwise).
+    pub crypto: crate::core::datapath::aead::PeerCrypto,
 }
 
 impl PeerState {

@@ -8,7 +8,7 @@
 pub mod userspace;
 
 use crate::core::datapath::{BatchStats, DropCounts, DropReason};
-use crate::core::mesh::{PeerEndpoint, PeerName};
+use crate::core::mesh::{KeyChange, PeerEndpoint, PeerName};
 use crate::core::route::RouteView;
 use crate::core::wire::DecapError;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +20,9 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Routes, per-peer traffic and drops, for the report and the metrics.
     fn view(&self) -> DatapathView;
+
+    /// Installs or drops data keys with a peer (with `WEAVE_PASSWORD`).
+    fn set_data_key(&self, peer: &PeerName, change: &KeyChange);
 }
 
 /// Traffic with one peer: inner (overlay) packets and bytes, so that one node's tx matches

@@ -17,10 +17,12 @@
 //! I/O errors are logged at most once per [`LOG_INTERVAL`].
 
 use super::{Backend, DatapathView, PeerTraffic, SharedCounters};
+use crate::core::datapath::aead::{self, Aead};
 use crate::core::datapath::{
-    DropCounts, DropReason, Identity, RxPlan, Sealed, Transform, TxOutcome, TxPlan,
+    segment_overhead, DropCounts, DropReason, Identity, RxPlan, Sealed, Transform, TxOutcome,
+    TxPlan,
 };
-use crate::core::mesh::{PeerEndpoint, PeerName};
+use crate::core::mesh::{KeyChange, PeerEndpoint, PeerName};
 use crate::core::route::{PeerRoute, PeerState, RouteTable};
 use crate::core::wire::{self, icmp, virtio};
 use crate::io::tun::Tun;
@@ -54,6 +56,9 @@ pub const RX_MSGS: usize = 8;
 /// the GRO table grows (once) if they are.
 const RX_PACKETS: usize = 1024;
 
+/// The most one transmit batch seals: every read full, every segment with its headers.
+const SEALED_BATCH_BYTES: usize = TX_READS * 65_535 + TX_SEGMENTS * segment_overhead::<Aead>();
+
 /// Tuning of the workers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerConfig {
@@ -69,6 +74,8 @@ pub struct WorkerConfig {
     /// then preempts ordinary tasks at once, as the kernel's own softirq forwarding
     /// would. Off by default: a saturated worker then competes with everything else.
     pub realtime_priority: Option<i32>,
+    /// Seal and open every datagram ([`Aead`]: `WEAVE_PASSWORD`); plain VXLAN otherwise.
+    pub encrypted: bool,
 }
 
 impl Default for WorkerConfig {
@@ -77,6 +84,7 @@ impl Default for WorkerConfig {
             tx_workers: 1,
             spin: Duration::ZERO,
             realtime_priority: None,
+            encrypted: false,
         }
     }
 }
@@ -180,6 +188,18 @@ impl Backend for UserspaceBackend {
         self.routes.store(Arc::new(table));
     }
 
+    fn set_data_key(&self, peer: &PeerName, change: &KeyChange) {
+        // The keys live in the peer's state, which every table shares: the workers see
+        // them at their next load, without a table rebuild.
+        let mut counters = self.peer_counters.lock().unwrap_or_else(|p| p.into_inner());
+        let state = counters.entry(peer.clone()).or_default();
+        match change {
+            KeyChange::Send(k) => state.crypto.set_tx(k),
+            KeyChange::Receive(k) => state.crypto.add_rx(k),
+            KeyChange::Forget => state.crypto.clear(),
+        }
+    }
+
     fn view(&self) -> DatapathView {
         let table = self.routes.load();
         DatapathView {
@@ -273,6 +293,7 @@ fn start_workers(
     };
     let spin = cfg.spin;
     let rt = cfg.realtime_priority;
+    let encrypted = cfg.encrypted;
     for (i, q) in queues.into_iter().enumerate() {
         let mut w = shared.clone();
         w.tun = q;
@@ -284,17 +305,24 @@ fn start_workers(
                     if let Some(p) = rt {
                         set_realtime(p);
                     }
-                    let rx = (i == 0).then(|| RxWorker::new(&w, Identity));
-                    run_worker(TxWorker::new(&w, Identity), rx, &w, spin)
+                    if encrypted {
+                        let rx = (i == 0).then(|| RxWorker::new(&w, Aead::new(0)));
+                        let tx = TxWorker::new(&w, Aead::new(SEALED_BATCH_BYTES));
+                        run_worker(tx, rx, &w, spin)
+                    } else {
+                        let rx = (i == 0).then(|| RxWorker::new(&w, Identity));
+                        run_worker(TxWorker::new(&w, Identity), rx, &w, spin)
+                    }
                 })?,
         );
     }
     let overlay_mtu = usize::from(shared.tun.mtu());
+    let sealed = if encrypted { aead::OVERHEAD as u32 } else { 0 };
     let (routes, stop) = (shared.routes.clone(), shared.stop.clone());
     workers.threads.push(
         std::thread::Builder::new()
             .name("weft-pmtu".into())
-            .spawn(move || follow_path_mtu(&routes, &stop, overlay_mtu))?,
+            .spawn(move || follow_path_mtu(&routes, &stop, overlay_mtu, sealed))?,
     );
     Ok(workers)
 }
@@ -306,7 +334,12 @@ const PATH_MTU_POLL: Duration = Duration::from_secs(1);
 /// learnt from the underlay's ICMP, in both directions: lowered when a hop says so, raised
 /// again when the kernel lets that knowledge expire. Off the forwarding threads: they only
 /// read one atomic per packet.
-fn follow_path_mtu(routes: &ArcSwap<RouteTable>, stop: &AtomicBool, overlay_mtu: usize) {
+fn follow_path_mtu(
+    routes: &ArcSwap<RouteTable>,
+    stop: &AtomicBool,
+    overlay_mtu: usize,
+    sealed: u32,
+) {
     while !stop.load(Ordering::Relaxed) {
         let table = routes.load();
         for p in table.peers() {
@@ -314,7 +347,7 @@ fn follow_path_mtu(routes: &ArcSwap<RouteTable>, stop: &AtomicBool, overlay_mtu:
             let Ok(path) = crate::io::udp::path_mtu(addr) else {
                 continue;
             };
-            let limit = crate::core::datapath::path_limit(path, overlay_mtu);
+            let limit = crate::core::datapath::path_limit(path, overlay_mtu, sealed);
             let old = p.counters.path_mtu.swap(limit, Ordering::Relaxed);
             if old != limit {
                 if limit == 0 {
@@ -512,6 +545,8 @@ struct TxWorker<T: Transform> {
     /// Per planned segment, how the transform sealed it (unused when it passes through).
     sealed: Vec<Sealed>,
     gso_msgs: Vec<GsoMsg>,
+    /// For each of `gso_msgs`, the planned message it sends.
+    gso_of: Vec<usize>,
     sender: Sender,
     /// I/O failures and batch counts (the plan counts its own drops).
     io: DropCounts,
@@ -533,6 +568,7 @@ impl<T: Transform> TxWorker<T> {
             transform,
             sealed: Vec::with_capacity(if T::PASSTHROUGH { 0 } else { TX_SEGMENTS }),
             gso_msgs: Vec::with_capacity(TX_SEGMENTS),
+            gso_of: Vec::with_capacity(TX_SEGMENTS),
             sender: Sender::new(TX_SEGMENTS),
             io: DropCounts::default(),
             icmp: [0; icmp::MAX_LEN],
@@ -630,8 +666,11 @@ impl<T: Transform> TxWorker<T> {
                     Some(p) => self
                         .transform
                         .seal(p, self.plan.header_mut(k), &self.reads[b][r]),
-                    None => Sealed::AsPlanned,
+                    None => Sealed::Refused,
                 };
+                if sealed == Sealed::Refused {
+                    self.io.add(DropReason::NoKey, 1);
+                }
                 self.sealed.push(sealed);
             }
         }
@@ -640,34 +679,44 @@ impl<T: Transform> TxWorker<T> {
     fn send_all(&mut self, s: &Shared) {
         let mut iovs: [IoSlice<'_>; 2 * TX_SEGMENTS] = [IoSlice::new(&[]); 2 * TX_SEGMENTS];
         self.gso_msgs.clear();
+        self.gso_of.clear();
         let mut n_iov = 0;
-        for m in self.plan.messages() {
+        for (i, m) in self.plan.messages().iter().enumerate() {
             let start = n_iov;
+            let mut segments = 0;
             for k in m.segments.clone() {
-                let replaced = if T::PASSTHROUGH {
-                    None
+                let sealed = if T::PASSTHROUGH {
+                    &Sealed::AsPlanned
                 } else {
-                    match self.sealed.get(k) {
-                        Some(Sealed::Replaced(r)) => Some(r.clone()),
-                        _ => None,
-                    }
+                    self.sealed.get(k).unwrap_or(&Sealed::Refused)
                 };
-                if let Some(r) = replaced {
-                    iovs[n_iov] = IoSlice::new(&self.transform.output()[r]);
-                    n_iov += 1;
-                } else {
-                    let (b, r) = self.plan.payload(k);
-                    iovs[n_iov] = IoSlice::new(self.plan.header(k));
-                    iovs[n_iov + 1] = IoSlice::new(&self.reads[b][r]);
-                    n_iov += 2;
+                match sealed {
+                    Sealed::AsPlanned => {
+                        let (b, r) = self.plan.payload(k);
+                        iovs[n_iov] = IoSlice::new(self.plan.header(k));
+                        iovs[n_iov + 1] = IoSlice::new(&self.reads[b][r]);
+                        n_iov += 2;
+                    }
+                    Sealed::Replaced(r) => {
+                        iovs[n_iov] = IoSlice::new(&self.transform.output()[r.clone()]);
+                        n_iov += 1;
+                    }
+                    // Counted when sealed. Leaving a segment out keeps the message valid
+                    // for GSO: the ones left are still equal-sized but for the last.
+                    Sealed::Refused => continue,
                 }
+                segments += 1;
+            }
+            if segments == 0 {
+                continue;
             }
             self.gso_msgs.push(GsoMsg {
                 to: m.to,
                 seg_size: m.seg_size,
-                segments: m.segments.len(),
+                segments,
                 iov: start..n_iov,
             });
+            self.gso_of.push(i);
         }
         let msgs = self.plan.messages();
         let mut done = 0;
@@ -679,13 +728,18 @@ impl<T: Transform> TxWorker<T> {
             {
                 Ok(n) => {
                     self.io.batches.udp_sends += n as u64;
-                    for m in &msgs[done..done + n] {
+                    for (g, &i) in self.gso_msgs[done..done + n]
+                        .iter()
+                        .zip(&self.gso_of[done..done + n])
+                    {
+                        let m = &msgs[i];
                         m.peer
                             .tx_packets
-                            .fetch_add(m.segments.len() as u64, Ordering::Relaxed);
-                        m.peer
-                            .tx_bytes
-                            .fetch_add(m.inner_bytes as u64, Ordering::Relaxed);
+                            .fetch_add(g.segments as u64, Ordering::Relaxed);
+                        // Refused segments of a message are rare (a key expiring
+                        // mid-batch): its bytes are counted in proportion.
+                        let bytes = m.inner_bytes * g.segments / m.segments.len();
+                        m.peer.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
                     }
                     done += n;
                 }
@@ -697,7 +751,7 @@ impl<T: Transform> TxWorker<T> {
                     }
                 }
                 Err(e) => {
-                    let segments = msgs[done].segments.len() as u64;
+                    let segments = self.gso_msgs[done].segments as u64;
                     if is_full(&e) {
                         self.io.add(DropReason::SocketFull, segments);
                     } else {

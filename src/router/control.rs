@@ -111,6 +111,7 @@ impl Control for RouterControl {
                 overlay_address: *lock(&s.overlay),
                 targets: s.mesh.source_targets(),
                 password: s.cfg.secure.is_password(),
+                encrypted: s.with_node(|n| n.encrypts()),
             },
             peers,
             connections,

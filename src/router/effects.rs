@@ -116,6 +116,7 @@ fn carry_out(shared: &Arc<Shared>, action: Action) {
             shared.ready.send_replace(true);
             shared.overlay_wanted.notify_one();
         }
+        Action::DataKey(peer, change) => shared.backend.set_data_key(&peer, &change),
         Action::Log(Level::Info, msg) => info!("{msg}"),
         Action::Log(Level::Warn, msg) => warn!("{msg}"),
     }

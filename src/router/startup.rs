@@ -10,9 +10,11 @@ use super::peers::{self, StaticPeers};
 use super::{lock, Shared};
 use crate::config::{RouterConfig, TUN_NAME};
 use crate::core::cluster::NodeSet;
+use crate::core::datapath::aead;
 use crate::core::ipam::paxos::Acceptor;
 use crate::core::ipam::{Ipam, IpamError};
 use crate::core::mesh::secure::{PublicKey, StaticKey};
+use crate::core::mesh::KeySeed;
 use crate::core::mesh::{Node, NodeConfig, PeerName};
 use crate::core::persist::PersistedState;
 use crate::core::wire::ENCAP_OVERHEAD_IPV4;
@@ -237,11 +239,15 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
     if let Some((settings, _, rx)) = &kube {
         peer_ips.extend(rx.borrow().dial_targets(&settings.node_name));
     }
+    let encrypted = cfg.secure.is_password();
+    let seal_overhead = if encrypted { aead::OVERHEAD as u32 } else { 0 };
     let mtu = match cfg.mtu {
         Some(m) => m,
         None => {
             let underlay = netlink.underlay_mtu(&peer_ips).await?.unwrap_or(1500);
-            underlay.saturating_sub(ENCAP_OVERHEAD_IPV4).max(576)
+            underlay
+                .saturating_sub(ENCAP_OVERHEAD_IPV4 + seal_overhead)
+                .max(576)
         }
     };
     // Weave's bridge holds the name weft's TUN device takes, and its pods' addresses.
@@ -264,7 +270,10 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
         socket,
         name.clone(),
         crate::core::wire::WEFT_VNI,
-        &WorkerConfig::from_env(),
+        &WorkerConfig {
+            encrypted,
+            ..WorkerConfig::from_env()
+        },
     )?;
 
     let mut node = Node::new(
@@ -281,6 +290,8 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
                 .as_secs()
                 .div_ceil(super::mesh::TICK.as_secs())
                 .max(1),
+            // Drawn from the OS (rand's thread generator is ChaCha12 seeded by getrandom).
+            data_key_seed: encrypted.then(|| KeySeed(rand::random())),
         },
         ipam,
         acceptor,

@@ -48,6 +48,7 @@ struct NullBackend;
 
 impl Backend for NullBackend {
     fn set_routes(&self, _ranges: &[(u32, u32, PeerName)], _peers: Vec<PeerEndpoint>) {}
+    fn set_data_key(&self, _peer: &PeerName, _change: &crate::core::mesh::KeyChange) {}
     fn view(&self) -> DatapathView {
         DatapathView {
             drops: DropReason::ALL.iter().map(|r| (*r, 0)).collect(),
@@ -74,6 +75,7 @@ fn node_cfg(i: u8, init: IpallocInit) -> NodeConfig {
         range: "192.168.0.0/16".parse().unwrap(),
         init,
         tentative_ticks: crate::core::mesh::TENTATIVE_TICKS,
+        data_key_seed: None,
     }
 }
 

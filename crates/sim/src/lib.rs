@@ -13,9 +13,10 @@
 use ipnet::Ipv4Net;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
+use weft::core::datapath::aead::DataKey;
 use weft::core::ipam::{IpallocInit, Ipam, IpamError, Ring};
 use weft::core::mesh::message::{encode, Message};
-use weft::core::mesh::{Action, ConnId, Effects, Node, NodeConfig, PeerName};
+use weft::core::mesh::{Action, ConnId, Effects, KeyChange, KeySeed, Node, NodeConfig, PeerName};
 use weft::core::persist::{self, PersistedState};
 
 /// Steps between two ticks of a node.
@@ -100,6 +101,16 @@ pub struct Sim {
     pods_by_node: Vec<BTreeSet<String>>,
     /// Why each node's last connection was closed (for failure messages).
     last_close: BTreeMap<usize, String>,
+    /// Per node, its data path's keys per peer, as the node's `DataKey` actions set them
+    /// (cleared when it crashes, as a restarted daemon's are).
+    pub data_keys: Vec<BTreeMap<PeerName, SimKeys>>,
+}
+
+/// A model of one peer's data keys in a node's data path.
+#[derive(Clone, Debug, Default)]
+pub struct SimKeys {
+    pub tx: Option<DataKey>,
+    pub rx: [Option<DataKey>; 2],
 }
 
 #[derive(Clone, Debug, Default)]
@@ -134,6 +145,7 @@ impl Sim {
             rng: Rng::new(seed),
             now: 0,
             links: BTreeMap::new(),
+            data_keys: Vec::new(),
             next_conn: 1,
             flights: BTreeMap::new(),
             seq: 0,
@@ -218,7 +230,12 @@ impl Sim {
             range: self.range,
             init: self.nodes[i].init.clone(),
             tentative_ticks: weft::core::mesh::TENTATIVE_TICKS,
+            data_key_seed: Some(KeySeed(std::array::from_fn(|_| self.rng.next_u64() as u8))),
         };
+        if self.data_keys.len() <= i {
+            self.data_keys.resize_with(i + 1, Default::default);
+        }
+        self.data_keys[i].clear();
         let mut node = Node::new(cfg, ipam, acceptor);
         node.remember_nicknames(nicknames);
         let fx = node.start();
@@ -325,6 +342,20 @@ impl Sim {
             match a {
                 Action::Send(id, msg) => self.send(from, id, msg),
                 Action::Close(id, why) => self.close(id, &why),
+                Action::DataKey(peer, change) => {
+                    if std::env::var("SIM_TRACE_KEYS").is_ok() {
+                        eprintln!("t={} node {from} {:?}: {change:?}", self.now, peer);
+                    }
+                    let k = self.data_keys[from].entry(peer).or_default();
+                    match change {
+                        KeyChange::Send(key) => k.tx = Some(key),
+                        KeyChange::Receive(key) => {
+                            let slot = usize::from(key.id & 1);
+                            k.rx[slot] = Some(key);
+                        }
+                        KeyChange::Forget => *k = SimKeys::default(),
+                    }
+                }
                 _ => {}
             }
         }
@@ -397,6 +428,7 @@ impl Sim {
         };
         self.stats.forged += 1;
         let mut refused = 0;
+        let trace = std::env::var("SIM_TRACE").is_ok();
         for x in self.up() {
             let Some((&id, _)) = self.links.iter().find(|(_, &(a, b))| a == x || b == x) else {
                 continue;
@@ -414,6 +446,11 @@ impl Sim {
             self.absorb(x, fx);
             if self.node(x).counters().refused_tombstones > before {
                 refused += 1;
+            } else if trace {
+                eprintln!(
+                    "t={} forged tombstone of {victim} (heir {heir}) accepted by {x}",
+                    self.now
+                );
             }
         }
         self.stats.forged_refused += refused;
@@ -569,6 +606,9 @@ impl Sim {
     /// Restarts the daemon of `i` from its persisted state (a dead machine comes back with
     /// its old disk; after rmpeer it must rejoin as a fresh member).
     pub fn restart(&mut self, i: usize) {
+        if std::env::var("SIM_TRACE").is_ok() {
+            eprintln!("t={} restart {i}", self.now);
+        }
         self.stats.restarts += 1;
         if self.nodes[i].removed {
             // It will find its tombstone and rejoin as a new incarnation.
@@ -581,6 +621,9 @@ impl Sim {
 
     /// `by` removes dead machine `dead`.
     pub fn rmpeer(&mut self, by: usize, dead: usize) -> Result<u64, String> {
+        if std::env::var("SIM_TRACE").is_ok() {
+            eprintln!("t={} rmpeer {dead} by {by}", self.now);
+        }
         let name = self.nodes[dead].name.clone();
         let (r, fx) = self.node_mut(by).rmpeer(&name);
         let mut saved = self.absorb(by, fx);
@@ -629,6 +672,44 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// Data keys between connected nodes: runs `steps` more without faults (offers that
+    /// were lost are made again), then checks that over every connection established at
+    /// both ends each side seals with a key the other opens.
+    pub fn check_data_keys(&mut self, steps: u64) -> Result<(), String> {
+        let saved = std::mem::replace(&mut self.faults, Faults::none());
+        self.run(steps);
+        self.faults = saved;
+        for (&id, &(a, b)) in &self.links {
+            let up = |i: usize| self.nodes[i].life == Life::Up;
+            if !(up(a)
+                && up(b)
+                && self.node(a).is_established(id)
+                && self.node(b).is_established(id))
+            {
+                continue;
+            }
+            for (x, y) in [(a, b), (b, a)] {
+                let (nx, ny) = (&self.nodes[x].name, &self.nodes[y].name);
+                let Some(tx) = self.data_keys[x].get(ny).and_then(|k| k.tx.clone()) else {
+                    return Err(format!("node {x} has no key to seal to {y} with"));
+                };
+                let opens = self.data_keys[y]
+                    .get(nx)
+                    .is_some_and(|k| k.rx.iter().flatten().any(|r| r == &tx));
+                if !opens {
+                    return Err(format!(
+                        "node {x} seals to {y} with key {}, which {y} does not have (it has {:?}; link {id}; {x} sees {:?}, {y} sees {:?})",
+                        tx.id,
+                        self.data_keys[y].get(nx).map(|k| k.rx.iter().flatten().map(|k| k.id).collect::<Vec<_>>()),
+                        self.node(x).data_key_view(),
+                        self.node(y).data_key_view(),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Delivers everything in flight without faults until the network is quiet and every
@@ -899,6 +980,8 @@ fn kind(m: &Message) -> &'static str {
         Message::Accept { .. } => "accept",
         Message::Accepted { .. } => "accepted",
         Message::Nack { .. } => "nack",
+        Message::DataKey { .. } => "data-key",
+        Message::DataKeyAck { .. } => "data-key-ack",
     }
 }
 
@@ -1063,6 +1146,8 @@ pub fn run_scenario(sc: &Scenario) -> Result<Sim, String> {
     sim.quiesce(4000 * TICK)
         .map_err(|e| format!("after the run: {e}"))?;
     sim.check().map_err(|e| format!("after healing: {e}"))?;
+    sim.check_data_keys(4 * TICK)
+        .map_err(|e| format!("data keys after healing: {e}"))?;
     for i in sim.up() {
         let n = sim.node(i);
         if n.counters().bad_gossip > 0 {

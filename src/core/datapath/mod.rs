@@ -7,18 +7,20 @@
 //!   VXLAN, inner destination local), inner packets coalesced into TUN super-packets; or
 //!   drop reasons.
 //! - [`Transform`]: the stage between planning and the wire, where a cipher seals outgoing
-//!   and opens incoming datagrams; [`Identity`] today.
+//!   and opens incoming datagrams: [`Identity`] (plain VXLAN) or [`aead::Aead`]
+//!   (with `WEAVE_PASSWORD`).
 //!
 //! Nothing here does I/O, allocates per packet or takes a lock: counts go into plain
 //! arrays ([`DropCounts`]) that the worker adds to shared atomics once per batch.
 
+pub mod aead;
 mod rx;
 mod transform;
 mod tx;
 
 pub use rx::RxPlan;
 pub use transform::{Identity, OpenError, Sealed, Transform};
-pub use tx::{TxMessage, TxOutcome, TxPlan, MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
+pub use tx::{segment_overhead, TxMessage, TxOutcome, TxPlan, MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
 
 use crate::core::wire::{DecapError, ENCAP_OVERHEAD_IPV4};
 
@@ -27,9 +29,10 @@ use crate::core::wire::{DecapError, ENCAP_OVERHEAD_IPV4};
 const MIN_PATH_MTU: u32 = 576;
 
 /// The limit for inner packets to a peer whose underlay path MTU is `path` (as the kernel
-/// knows it): 0 when the overlay MTU fits, else the path minus the encapsulation.
-pub fn path_limit(path: u32, overlay_mtu: usize) -> u32 {
-    let inner = path.max(MIN_PATH_MTU) - ENCAP_OVERHEAD_IPV4;
+/// knows it): 0 when the overlay MTU fits, else the path minus the encapsulation and the
+/// transform's `sealed` bytes.
+pub fn path_limit(path: u32, overlay_mtu: usize, sealed: u32) -> u32 {
+    let inner = path.max(MIN_PATH_MTU) - ENCAP_OVERHEAD_IPV4 - sealed;
     if inner as usize >= overlay_mtu {
         0
     } else {
@@ -43,12 +46,22 @@ mod path_tests {
 
     #[test]
     fn the_path_limits_only_when_it_is_smaller_than_the_overlay() {
-        assert_eq!(path_limit(9001, 8951), 0);
-        assert_eq!(path_limit(65535, 8951), 0);
-        assert_eq!(path_limit(1500, 8951), 1450);
-        assert_eq!(path_limit(1500, 1450), 0);
-        assert_eq!(path_limit(1400, 1450), 1350);
-        assert_eq!(path_limit(100, 1450), 526, "a nonsense report is clamped");
+        assert_eq!(path_limit(9001, 8951, 0), 0);
+        assert_eq!(path_limit(65535, 8951, 0), 0);
+        assert_eq!(path_limit(1500, 8951, 0), 1450);
+        assert_eq!(
+            path_limit(1500, 8951, 24),
+            1426,
+            "sealed datagrams are 24 bytes longer"
+        );
+        assert_eq!(path_limit(1500, 1426, 24), 0);
+        assert_eq!(path_limit(1500, 1450, 0), 0);
+        assert_eq!(path_limit(1400, 1450, 0), 1350);
+        assert_eq!(
+            path_limit(100, 1450, 0),
+            526,
+            "a nonsense report is clamped"
+        );
     }
 }
 
@@ -82,12 +95,18 @@ pub enum DropReason {
     /// Datagrams the kernel dropped because the data socket's receive buffer was full
     /// (`SO_RXQ_OVFL`).
     RxBufferFull,
-    /// A datagram the transform stage refused (e.g. failed authentication).
+    /// A datagram the transform stage refused: it failed authentication (no key of the
+    /// peer's opens it), or is too short to carry a tag.
     Unauthenticated,
+    /// An authentic datagram received before (or too far behind the newest to tell).
+    Replayed,
+    /// A packet to a peer with no data key yet (with `WEAVE_PASSWORD`, nothing leaves in
+    /// the clear): the control connection has not exchanged keys, or they expired.
+    NoKey,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::NoRoute,
         DropReason::Unreachable,
         DropReason::TooBig,
@@ -103,6 +122,8 @@ impl DropReason {
         DropReason::TunFull,
         DropReason::RxBufferFull,
         DropReason::Unauthenticated,
+        DropReason::Replayed,
+        DropReason::NoKey,
     ];
     pub(crate) const COUNT: usize = Self::ALL.len();
 
@@ -123,6 +144,8 @@ impl DropReason {
             DropReason::TunFull => "tun_queue_full",
             DropReason::RxBufferFull => "udp_receive_buffer_full",
             DropReason::Unauthenticated => "unauthenticated",
+            DropReason::Replayed => "replayed",
+            DropReason::NoKey => "no_key",
         }
     }
 

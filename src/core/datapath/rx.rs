@@ -81,8 +81,16 @@ impl RxPlan {
             } else {
                 match transform.open(peer, d) {
                     Ok(r) => r,
-                    Err(OpenError::Unauthenticated | OpenError::Truncated) => {
-                        self.counts.add(DropReason::Unauthenticated, 1);
+                    Err(e) => {
+                        self.counts.add(
+                            match e {
+                                OpenError::Replayed => DropReason::Replayed,
+                                OpenError::Unauthenticated | OpenError::Truncated => {
+                                    DropReason::Unauthenticated
+                                }
+                            },
+                            1,
+                        );
                         at = end;
                         if at >= buf.len() {
                             break;

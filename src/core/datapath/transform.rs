@@ -18,6 +18,8 @@ pub enum Sealed {
     AsPlanned,
     /// Instead, bytes `range` of the transform's own output buffer ([`Transform::output`]).
     Replaced(Range<usize>),
+    /// Not sent: there is no key for the peer (yet), so it must not go out in the clear.
+    Refused,
 }
 
 /// Why a received datagram was refused.
@@ -27,6 +29,8 @@ pub enum OpenError {
     Unauthenticated,
     #[error("datagram too short for the transform")]
     Truncated,
+    #[error("datagram already received (a replay)")]
+    Replayed,
 }
 
 pub trait Transform {

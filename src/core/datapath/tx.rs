@@ -96,6 +96,12 @@ const fn header_bytes<T: Transform>() -> usize {
     T::HEADROOM + VXLAN_OVERHEAD_INNER + gso::MAX_HEADERS
 }
 
+/// The most a segment adds on the wire to the payload it carries (headers and the
+/// transform's room): what a transform that copies segments reserves per segment.
+pub const fn segment_overhead<T: Transform>() -> usize {
+    header_bytes::<T>() + T::TAILROOM
+}
+
 impl<T: Transform> TxPlan<T> {
     /// A plan for up to `max_segments` segments per batch, for reads with a
     /// `virtio_net_hdr` if `vnet`, an overlay MTU of `mtu` and VXLAN network `vni`.

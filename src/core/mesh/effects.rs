@@ -30,6 +30,8 @@ pub enum Action {
     /// IPAM became ready, or space this node waited for arrived: retry waiting
     /// allocations.
     Ready,
+    /// New keys for the data plane with a peer, or none any more.
+    DataKey(super::PeerName, super::datakeys::KeyChange),
     /// Something an operator must see in the log.
     Log(Level, String),
 }

@@ -306,9 +306,11 @@ impl Node {
     }
 
     /// A tombstone in `ring` that this node knows to be false: it removes this node while
-    /// it runs, or a peer connected to it right now. rmpeer refuses both (a connected peer
-    /// is alive), so such a ring was forged or made by mistake; merging it would hand the
-    /// live peer's addresses, its pods' among them, to the heir.
+    /// it runs, or a peer connected to it right now, or it names this node as the remover
+    /// of a peer that this node's own (persisted) ring does not show it removed. rmpeer
+    /// refuses the first two (a connected peer is alive) and saves its own ring before
+    /// anything leaves, so such a ring was forged or made by mistake; merging it would
+    /// hand the peer's addresses, its pods' among them, to the heir.
     fn forged_tombstone(&self, ring: &Ring) -> Option<PeerName> {
         let ours = self.ipam.ring();
         let connected = self.established_peers();
@@ -320,6 +322,9 @@ impl Node {
                 known.is_some_and(|k| k.removed_by.is_some() && k.incarnation >= rec.incarnation);
             if already || rec.incarnation < known_inc {
                 return None;
+            }
+            if rec.removed_by.as_ref() == Some(&self.cfg.name) && ours.is_some() {
+                return Some(peer.clone());
             }
             let alive = if peer == &self.cfg.name {
                 !self.gossip.gated && rec.incarnation >= self.ipam.incarnation()

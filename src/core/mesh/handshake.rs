@@ -169,6 +169,8 @@ impl Node {
             h.name, h.nickname, conn.remote
         ));
         out.push(Action::RoutesChanged);
+        // A new connection may mean a restarted peer, which lost the keys it had.
+        self.offer_data_key(id, &h.name, out);
         self.greet(id, h.digest, h.gated, out);
         self.repeat_phase(id, out);
         self.maybe_propose(out);

@@ -139,6 +139,7 @@ impl Node {
             self.gossip.peers.remove(name);
             // Its key binding goes too: the node may come back reinstalled, with a new key.
             self.gossip.keys.remove(name);
+            self.forget_data_keys(name, &mut out);
             self.touch();
             out.push(Action::RoutesChanged);
             self.push_ring(&mut out, None);

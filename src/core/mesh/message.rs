@@ -114,6 +114,16 @@ pub enum Message {
         ballot: Ballot,
         promised: Ballot,
     },
+    /// With `WEAVE_PASSWORD`: the key the sender will seal its datagrams to the receiver
+    /// with (hex), once the receiver acknowledges it. Only ever sent over the Noise
+    /// channel, which encrypts it.
+    DataKey {
+        id: u8,
+        key: String,
+    },
+    DataKeyAck {
+        id: u8,
+    },
 }
 
 impl Message {
@@ -127,6 +137,8 @@ impl Message {
             self,
             Message::Hello(_)
                 | Message::Heartbeat
+                | Message::DataKey { .. }
+                | Message::DataKeyAck { .. }
                 | Message::Digest { .. }
                 | Message::Gossip { ring: None, .. }
         )

@@ -2,6 +2,7 @@
 //! what to tell whom, split by job (see `node`).
 
 mod consensus;
+pub mod datakeys;
 mod donation;
 pub mod effects;
 mod gossip;
@@ -13,6 +14,7 @@ pub mod peer;
 pub mod secure;
 pub mod view;
 
+pub use datakeys::{KeyChange, KeySeed};
 pub use effects::{Action, ConnId, Effects, Level, Save};
 pub use local::PeerEndpoint;
 pub use node::{Node, NodeConfig, NodeCounters, TENTATIVE_TICKS};

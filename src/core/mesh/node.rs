@@ -54,6 +54,9 @@ pub struct NodeConfig {
     pub init: IpallocInit,
     /// Ticks a tentative allocation waits for its confirmation.
     pub tentative_ticks: u64,
+    /// With `WEAVE_PASSWORD`: the secret data keys are drawn from (the data plane is then
+    /// sealed); `None` sends plain VXLAN.
+    pub data_key_seed: Option<super::datakeys::KeySeed>,
 }
 
 /// Event counts for the report and metrics.
@@ -102,6 +105,7 @@ pub struct Node {
     pub(super) counters: NodeCounters,
     /// Tentative allocations (container id -> tick at which they expire).
     pub(super) tentative: BTreeMap<String, u64>,
+    pub(super) data_keys: Option<super::datakeys::DataKeys>,
     /// Bumped by every change of the persisted state ([`Node::touch`]).
     generation: u64,
     /// The newest generation the I/O layer acknowledged as durable.
@@ -117,6 +121,10 @@ impl Node {
             r.seeds.iter().any(|s| s != &cfg.name) || r.entries.iter().any(|e| e.owner != cfg.name)
         });
         let rng = SplitMix64::new(cfg.uid ^ 0x9e37_79b9_7f4a_7c15);
+        let data_keys = cfg
+            .data_key_seed
+            .as_ref()
+            .map(super::datakeys::DataKeys::new);
         Node {
             gossip: Gossip::new(gated),
             consensus: Consensus::new(acceptor),
@@ -129,6 +137,7 @@ impl Node {
             rng,
             counters: NodeCounters::default(),
             tentative: BTreeMap::new(),
+            data_keys,
             generation: 0,
             saved_generation: 0,
         }
@@ -356,6 +365,8 @@ impl Node {
             Message::Accept { ballot, value } => self.on_accept(id, ballot, value, out),
             Message::Accepted { ballot } => self.on_accepted(from, ballot, out),
             Message::Nack { ballot, promised } => self.on_nack(ballot, promised),
+            Message::DataKey { id: key_id, key } => self.on_data_key(id, &from, key_id, &key, out),
+            Message::DataKeyAck { id: key_id } => self.on_data_key_ack(&from, key_id, out),
         }
     }
 
@@ -382,6 +393,7 @@ impl Node {
         let mut out = Outbox::default();
         self.gossip_tick(&mut out);
         self.expire_tentative(&mut out);
+        self.data_keys_tick(&mut out);
         self.maybe_propose(&mut out);
         self.retry_space(&mut out);
         self.finish(out)

@@ -4,6 +4,7 @@ use super::effects::Action;
 use super::message::{Message, PeerSummary, MAX_SUMMARIES};
 use super::secure::PublicKey;
 use super::*;
+use crate::core::datapath::aead::DataKey;
 use crate::core::ipam::paxos::Ballot;
 use crate::core::ipam::{IpallocInit, Ipam, IpamError};
 use ipnet::Ipv4Net;
@@ -38,6 +39,7 @@ fn node_with(i: u8, init: IpallocInit, uid: u64) -> Node {
         range: range(),
         init,
         tentative_ticks: crate::core::mesh::TENTATIVE_TICKS,
+        data_key_seed: Some(crate::core::mesh::KeySeed([i; 32])),
     };
     Node::new(cfg, Ipam::new(name(i), range()), Default::default())
 }
@@ -51,6 +53,8 @@ struct Net {
     queue: VecDeque<(usize, ConnId, Message)>,
     closed: Vec<(usize, ConnId, String)>,
     next: ConnId,
+    /// Every data key change, in order: (node, peer, change).
+    keys: Vec<(usize, PeerName, crate::core::mesh::KeyChange)>,
 }
 
 impl Net {
@@ -61,6 +65,7 @@ impl Net {
             queue: VecDeque::new(),
             closed: Vec::new(),
             next: 1,
+            keys: Vec::new(),
         };
         for i in 0..n.nodes.len() {
             let fx = n.nodes[i].start();
@@ -108,6 +113,7 @@ impl Net {
                         self.absorb(other, o2);
                     }
                 }
+                Action::DataKey(peer, change) => self.keys.push((from, peer, change)),
                 _ => {}
             }
         }
@@ -714,4 +720,122 @@ fn a_ring_removing_a_live_peer_is_refused_and_counted() {
         Some(a),
         "node 1 keeps its pods"
     );
+}
+
+/// The data path's keys of node `i` for `peer` after every change so far: the key it seals
+/// with, and the peer's keys it opens with (by slot).
+fn data_keys(net: &Net, i: usize, peer: &PeerName) -> (Option<DataKey>, [Option<DataKey>; 2]) {
+    use crate::core::mesh::KeyChange;
+    let (mut tx, mut rx) = (None, [None, None]);
+    for (n, p, c) in &net.keys {
+        if *n != i || p != peer {
+            continue;
+        }
+        match c {
+            KeyChange::Send(k) => tx = Some(k.clone()),
+            KeyChange::Receive(k) => rx[usize::from(k.id & 1)] = Some(k.clone()),
+            KeyChange::Forget => (tx, rx) = (None, [None, None]),
+        }
+    }
+    (tx, rx)
+}
+
+fn opens(net: &Net, from: usize, to: usize) -> bool {
+    let (tx, _) = data_keys(net, from, &name(to as u8));
+    let (_, rx) = data_keys(net, to, &name(from as u8));
+    tx.is_some_and(|k| rx.contains(&Some(k)))
+}
+
+#[test]
+fn data_keys_are_exchanged_confirmed_renewed_and_dropped() {
+    let mut net = Net::new(vec![node(0, 2, 1), node(1, 2, 2)]);
+    let c = net.connect(0, 1);
+    net.run();
+    assert!(opens(&net, 0, 1) && opens(&net, 1, 0), "{:?}", net.keys);
+    // Each side chose its own key; the two directions differ.
+    let (k01, _) = data_keys(&net, 0, &name(1));
+    let (k10, _) = data_keys(&net, 1, &name(0));
+    assert_ne!(k01.as_ref().unwrap().secret, k10.as_ref().unwrap().secret);
+    // The receiver installs a key before the sender uses it: in the log, every Send of
+    // a key comes after the peer's Receive of it.
+    for (at, (n, p, ch)) in net.keys.iter().enumerate() {
+        if let crate::core::mesh::KeyChange::Send(k) = ch {
+            let peer = net
+                .nodes
+                .iter()
+                .position(|x| &x.config().name == p)
+                .unwrap();
+            let received = net.keys[..at].iter().any(|(m, q, c)| {
+                *m == peer
+                    && q == &net.nodes[*n].config().name
+                    && c == &crate::core::mesh::KeyChange::Receive(k.clone())
+            });
+            assert!(received, "key {} used before its receiver had it", k.id);
+        }
+    }
+
+    // Renewed every REKEY_TICKS, the previous key still opening what is in flight.
+    let before = k01.unwrap();
+    for _ in 0..super::datakeys::REKEY_TICKS {
+        let o = net.nodes[0].on_tick();
+        net.absorb(0, o);
+        let o = net.nodes[1].on_tick();
+        net.absorb(1, o);
+        net.run();
+    }
+    let (after, _) = data_keys(&net, 0, &name(1));
+    let after = after.unwrap();
+    assert_eq!(after.id, before.id.wrapping_add(1));
+    assert_ne!(after.secret, before.secret);
+    let (_, peer_rx) = data_keys(&net, 1, &name(0));
+    assert!(
+        peer_rx.contains(&Some(before.clone())),
+        "old key still opens"
+    );
+    assert!(opens(&net, 0, 1) && opens(&net, 1, 0));
+
+    // A key for another connection's peer cannot be forged: a DataKey is handled only on
+    // an established connection, and only for the peer it came from.
+    let fx = net.nodes[1].on_message(
+        99,
+        Message::DataKey {
+            id: 7,
+            key: "00".repeat(32),
+        },
+    );
+    assert!(!fx.actions().any(|a| matches!(a, Action::DataKey(..))));
+
+    // Malformed: the connection is closed, nothing installed.
+    let fx = net.nodes[1].on_message(
+        c,
+        Message::DataKey {
+            id: 9,
+            key: "zz".into(),
+        },
+    );
+    assert!(fx.actions().any(|a| matches!(a, Action::Close(..))));
+    assert!(!fx.actions().any(|a| matches!(a, Action::DataKey(..))));
+    net.absorb(1, fx);
+    net.run();
+
+    // Without a connection, the keys go after EXPIRE_TICKS.
+    for _ in 0..=super::datakeys::EXPIRE_TICKS {
+        let o = net.nodes[0].on_tick();
+        net.absorb(0, o);
+    }
+    assert_eq!(data_keys(&net, 0, &name(1)), (None, [None, None]));
+}
+
+#[test]
+fn without_a_seed_no_data_keys() {
+    let plain = |i: u8| {
+        let mut n = node(i, 2, u64::from(i) + 1);
+        n.data_keys = None;
+        n
+    };
+    let mut net = Net::new(vec![plain(0), plain(1)]);
+    net.connect(0, 1);
+    net.run();
+    net.tick_all();
+    assert!(net.keys.is_empty());
 }
