@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 use weft::api::report::Report;
+use weft_testbed::craft::{ipv4_udp, vxlan};
 use weft_testbed::{
     self as testbed, harness, Binaries, Cluster, ClusterSpec, CniCall, Pod, DATA_PORT,
 };
@@ -417,48 +418,6 @@ fn first_connections_of_new_pods_are_not_delayed() {
 // --- malformed datagrams --------------------------------------------------------------
 
 const VNI: u32 = 0x7766;
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// A valid IPv4/UDP packet (header checksum set, UDP checksum 0).
-fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let total = 20 + 8 + payload.len();
-    let mut p = vec![0u8; 20];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p[6] = 0x40; // DF
-    p[8] = 64;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&src.octets());
-    p[16..20].copy_from_slice(&dst.octets());
-    let c = checksum(&p);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p.extend_from_slice(&40000u16.to_be_bytes());
-    p.extend_from_slice(&dport.to_be_bytes());
-    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    p.extend_from_slice(&[0, 0]);
-    p.extend_from_slice(payload);
-    p
-}
-
-/// VXLAN header + inner Ethernet header + `inner`.
-fn vxlan(flags: u8, vni: u32, ethertype: u16, inner: &[u8]) -> Vec<u8> {
-    let mut d = vec![flags, 0, 0, 0];
-    d.extend_from_slice(&(vni << 8).to_be_bytes());
-    d.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2]);
-    d.extend_from_slice(&ethertype.to_be_bytes());
-    d.extend_from_slice(inner);
-    d
-}
 
 /// Datagrams every receiver must reject, one per way of being wrong.
 fn malformed_set(inner: &[u8]) -> Vec<(&'static str, Vec<u8>)> {

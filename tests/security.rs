@@ -11,9 +11,11 @@
 
 use serde_json::Value;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::time::{Duration, Instant};
-use weft_testbed::{harness, in_netns, Binaries, Cluster, ClusterSpec};
+use weft::api::report::Report;
+use weft_testbed::craft::{ipv4_udp, vxlan};
+use weft_testbed::{harness, in_netns, Binaries, Captured, Cluster, ClusterSpec, DATA_PORT};
 
 const READY: Duration = Duration::from_secs(60);
 const PASSWORD: &str = "correct horse battery staple";
@@ -115,7 +117,7 @@ fn a_host_without_the_password_learns_nothing_and_changes_nothing() {
     let status = ok(c.http_get(0, "/status"), "status").body;
     println!("status of a member:\n{status}");
     assert!(
-        status.contains("Encryption: control plane only"),
+        status.contains("Encryption: enabled"),
         "status says what is encrypted:\n{status}"
     );
 
@@ -409,8 +411,168 @@ fn strangers_cannot_exhaust_memory_connections_or_the_api() {
     println!("node 0 logged: {line}");
 }
 
+fn drops(c: &Cluster, i: usize, reason: &str) -> u64 {
+    let r: Report = ok(c.report(i), "report");
+    r.dataplane
+        .drops
+        .iter()
+        .filter(|d| d.reason == reason)
+        .map(|d| d.packets)
+        .sum()
+}
+
+fn wait_drops(c: &Cluster, i: usize, reason: &str, at_least: u64) -> u64 {
+    let mut n = 0;
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for(reason, Duration::from_secs(5), || {
+            n = drops(c, i, reason);
+            n >= at_least
+        })
+    }));
+    n
+}
+
+/// With WEAVE_PASSWORD the data plane is sealed: what crosses the underlay is ciphertext
+/// (an eavesdropper on a node reads none of the pods' bytes), a datagram with a member's
+/// exact source address and port but not sealed with its key is dropped (the spoofed
+/// VXLAN the review delivered into pods), a captured datagram sent again is dropped as a
+/// replay, and after a member restarts (losing its keys) traffic resumes under new keys.
+fn the_data_plane_is_sealed_and_spoofed_or_replayed_datagrams_go_nowhere() {
+    let mut c = cluster(3);
+    let pw = [("WEAVE_PASSWORD", PASSWORD)];
+    for i in 0..3 {
+        ok(c.start_router_env(i, &[], &pw), "member");
+    }
+    for i in 0..3 {
+        ok(c.wait_ready(i, READY), "members ready");
+    }
+    let a = ok(c.add_pod(0, "a"), "pod a");
+    let b = ok(c.add_pod(1, "b"), "pod b");
+    // Keys are exchanged once the control connections are up, moments after readiness.
+    wait_for("a -> b", Duration::from_secs(20), || {
+        c.tcp_pod_to_pod(&a, &b).is_ok()
+    });
+    let status = ok(c.http_get(0, "/status"), "status").body;
+    assert!(status.contains("Encryption: enabled"), "{status}");
+    let m = ok(c.metrics(0), "metrics");
+    let yes = weft_testbed::metric_sum(
+        &m,
+        "weave_connections",
+        &[("encryption", "yes"), ("state", "established")],
+    );
+    assert_eq!(yes, 2.0, "both connections counted as encrypted:\n{m}");
+
+    // An eavesdropper in node 1's namespace, while pod b sends a marked datagram to a.
+    const MARK: &[u8] = b"weft-plaintext-marker-0123456789";
+    let n0_data = SocketAddrV4::new(c.nodes[0].underlay_ip, DATA_PORT);
+    let n1_ns = c.nodes[1].ns.clone();
+    let port = weft_testbed::next_test_port();
+    let to_a = SocketAddrV4::new(a.addr, port);
+    let capture = ok(
+        weft_testbed::spawn_udp_capture(&n1_ns, DATA_PORT, Duration::from_secs(2)),
+        "capture",
+    );
+    capture.wait_started();
+    let sink = ok(
+        weft_testbed::spawn_udp_sink(&a.ns, to_a, Duration::from_secs(3)),
+        "sink",
+    );
+    sink.wait_bound();
+    ok(weft_testbed::send_udp_from_ns(&b.ns, to_a, MARK), "b -> a");
+    let seen = ok(capture.finish(), "capture");
+    let got = ok(sink.finish(), "sink");
+    assert_eq!(
+        got.iter().map(|(p, _)| p.as_slice()).collect::<Vec<_>>(),
+        vec![MARK],
+        "the marked datagram arrives once, opened"
+    );
+    let to_n0: Vec<&Captured> = seen.iter().filter(|d| d.dst == n0_data).collect();
+    assert!(
+        !to_n0.is_empty(),
+        "nothing captured towards node 0: {seen:?}"
+    );
+    for d in &seen {
+        assert!(
+            !d.payload.windows(MARK.len()).any(|w| w == MARK),
+            "plaintext on the underlay: {d:?}"
+        );
+    }
+    // The marked one: 8 bytes of key id and counter, VXLAN + Ethernet + IPv4 + UDP +
+    // payload sealed, a 16-byte tag.
+    let sealed_len = 8 + 8 + 14 + 20 + 8 + MARK.len() + 16;
+    let marked = to_n0
+        .iter()
+        .find(|d| d.payload.len() == sealed_len)
+        .unwrap_or_else(|| panic!("no datagram of {sealed_len} bytes to node 0: {to_n0:?}"));
+    println!(
+        "captured on the underlay: {} datagrams, the marked one {} bytes, none with plaintext",
+        seen.len(),
+        marked.payload.len()
+    );
+
+    // Spoofed: a plain VXLAN datagram from node 1's exact address and port, for a sink in
+    // pod a. Without the password it was delivered (tests/e2e.rs's positive control).
+    let unauth0 = drops(&c, 0, "unauthenticated");
+    let replay0 = drops(&c, 0, "replayed");
+    let spoof_port = weft_testbed::next_test_port();
+    let spoof_to = SocketAddrV4::new(a.addr, spoof_port);
+    let spoof = vxlan(
+        0x08,
+        0x7766,
+        0x0800,
+        &ipv4_udp(b.addr, a.addr, spoof_port, b"spoof"),
+    );
+    let sink = ok(
+        weft_testbed::spawn_udp_sink(&a.ns, spoof_to, Duration::from_millis(1500)),
+        "sink",
+    );
+    sink.wait_bound();
+    ok(
+        weft_testbed::send_udp_raw_from_ns(&n1_ns, DATA_PORT, n0_data, &spoof),
+        "spoof",
+    );
+    // And the captured sealed datagram, replayed exactly.
+    ok(
+        weft_testbed::send_udp_raw_from_ns(&n1_ns, DATA_PORT, n0_data, &marked.payload),
+        "replay",
+    );
+    assert!(
+        ok(sink.finish(), "sink").is_empty(),
+        "the spoofed datagram was delivered"
+    );
+    let unauth = wait_drops(&c, 0, "unauthenticated", unauth0 + 1);
+    let replayed = wait_drops(&c, 0, "replayed", replay0 + 1);
+    assert_eq!(
+        unauth - unauth0,
+        1,
+        "the spoofed datagram counted as unauthenticated"
+    );
+    assert_eq!(replayed - replay0, 1, "the replay counted as replayed");
+    println!("node 0 dropped the spoofed datagram (unauthenticated) and the replay (replayed)");
+
+    // Node 1 restarts: it lost its keys; both sides exchange new ones on the new
+    // connection and traffic resumes.
+    ok(c.stop_router(1, Duration::from_secs(10)), "stop node 1");
+    ok(c.start_router_env(1, &[], &pw), "restart node 1");
+    ok(c.wait_ready(1, READY), "node 1 ready");
+    let t = Instant::now();
+    wait_for(
+        "a -> b after node 1 restarted",
+        Duration::from_secs(30),
+        || c.tcp_pod_to_pod(&a, &b).is_ok() && c.tcp_pod_to_pod(&b, &a).is_ok(),
+    );
+    println!(
+        "after node 1 restarted, a <-> b again within {:?} of its readiness",
+        t.elapsed()
+    );
+}
+
 fn main() {
     harness::run(vec![
+        harness::root(
+            "the_data_plane_is_sealed_and_spoofed_or_replayed_datagrams_go_nowhere",
+            the_data_plane_is_sealed_and_spoofed_or_replayed_datagrams_go_nowhere,
+        ),
         harness::root(
             "a_host_without_the_password_learns_nothing_and_changes_nothing",
             a_host_without_the_password_learns_nothing_and_changes_nothing,

@@ -859,6 +859,146 @@ pub fn spawn_udp_sink(ns: &str, addr: SocketAddrV4, window: Duration) -> Result<
     Ok(UdpSink { bound: rx, handle })
 }
 
+/// Packets built by hand, for datagrams a test injects on the underlay.
+pub mod craft {
+    use std::net::Ipv4Addr;
+
+    /// The Internet checksum (RFC 1071) of `bytes`.
+    pub fn checksum(bytes: &[u8]) -> u16 {
+        let mut sum: u32 = bytes
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// A valid IPv4/UDP packet (header checksum set, UDP checksum 0).
+    pub fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let total = 20 + 8 + payload.len();
+        let mut p = vec![0u8; 20];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[6] = 0x40; // DF
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&src.octets());
+        p[16..20].copy_from_slice(&dst.octets());
+        let c = checksum(&p);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p.extend_from_slice(&40000u16.to_be_bytes());
+        p.extend_from_slice(&dport.to_be_bytes());
+        p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&[0, 0]);
+        p.extend_from_slice(payload);
+        p
+    }
+
+    /// VXLAN header + inner Ethernet header + `inner`.
+    pub fn vxlan(flags: u8, vni: u32, ethertype: u16, inner: &[u8]) -> Vec<u8> {
+        let mut d = vec![flags, 0, 0, 0];
+        d.extend_from_slice(&(vni << 8).to_be_bytes());
+        d.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2]);
+        d.extend_from_slice(&ethertype.to_be_bytes());
+        d.extend_from_slice(inner);
+        d
+    }
+}
+
+/// A UDP datagram seen on the wire by [`spawn_udp_capture`].
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub payload: Vec<u8>,
+}
+
+/// A packet capture running on its own thread inside a namespace.
+pub struct UdpCapture {
+    started: mpsc::Receiver<()>,
+    handle: JoinHandle<Result<Vec<Captured>>>,
+}
+
+impl UdpCapture {
+    /// Waits until the capture socket is open.
+    pub fn wait_started(&self) {
+        let _ = self.started.recv();
+    }
+
+    /// Waits for the end of the window; every datagram seen.
+    pub fn finish(self) -> Result<Vec<Captured>> {
+        join(self.handle)
+    }
+}
+
+/// Captures, on every interface of `ns` (an `AF_PACKET` socket, as tcpdump opens), the
+/// IPv4 UDP datagrams from or to `port` during `window`, in both directions: what an
+/// eavesdropper on the underlay would read.
+pub fn spawn_udp_capture(ns: &str, port: u16, window: Duration) -> Result<UdpCapture> {
+    let (tx, rx) = mpsc::channel();
+    let handle = spawn_in_netns(ns, move || {
+        use socket2::{Domain, Protocol, Socket, Type};
+        // ETH_P_ALL: the kernel shows outgoing packets only to taps of every protocol.
+        let eth_p_all = i32::from((libc::ETH_P_ALL as u16).to_be());
+        // Cooked (SOCK_DGRAM): every packet starts at its network header, whatever the
+        // link; IPv4 ones are told by their version nibble.
+        let sock = Socket::new(Domain::PACKET, Type::DGRAM, Some(Protocol::from(eth_p_all)))
+            .map_err(io_err("packet socket"))?;
+        let _ = tx.send(());
+        let deadline = Instant::now() + window;
+        let mut got = Vec::new();
+        let mut sock = sock;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(got);
+            }
+            sock.set_read_timeout(Some(left))
+                .map_err(io_err("capture timeout"))?;
+            let n = match sock.read(&mut buf) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(io_err("capture recv")(e)),
+            };
+            let p = &buf[..n];
+            if p.len() < 28 || p[0] >> 4 != 4 || p[9] != 17 {
+                continue;
+            }
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            if p.len() < ihl + 8 {
+                continue;
+            }
+            let u = &p[ihl..];
+            let (sport, dport) = (
+                u16::from_be_bytes([u[0], u[1]]),
+                u16::from_be_bytes([u[2], u[3]]),
+            );
+            if sport != port && dport != port {
+                continue;
+            }
+            got.push(Captured {
+                src: SocketAddrV4::new(Ipv4Addr::new(p[12], p[13], p[14], p[15]), sport),
+                dst: SocketAddrV4::new(Ipv4Addr::new(p[16], p[17], p[18], p[19]), dport),
+                payload: u[8..].to_vec(),
+            });
+        }
+    })?;
+    Ok(UdpCapture {
+        started: rx,
+        handle,
+    })
+}
+
 // ---------------------------------------------------------------------------------------
 // Binaries.
 
