@@ -7,8 +7,9 @@
 #      does (CNI_* environment + network config on stdin)
 #   D  (with -B DIR) the same with another build of weft, e.g. the one before a change,
 #      so that both are measured interleaved in one run
+#   E  weft with WEAVE_PASSWORD: every datagram sealed (AES-256-GCM), pod MTU 1426
 # Each topology: two node namespaces joined by a veth "underlay" (MTU 1500), one pod
-# namespace per node. Every round runs A, B, C (, D) in turn; the table shows medians.
+# namespace per node. Every round runs A, B, C (, D), E in turn; the table shows medians.
 #
 # Run as root after `cargo build --release --workspace`:
 #   benches/iperf.sh                 # 3 rounds of 10 s
@@ -21,19 +22,19 @@ DURATION=10
 ROUNDS=3
 BIN_DIR=""
 PINGS=20
-ONLY="ABC"
+ONLY="ABCE"
 CAPTURE=""
 BASE_DIR=""
 
 usage() {
     cat <<EOF
-usage: $0 [-d seconds] [-r rounds] [-b bin_dir] [-B baseline_bin_dir] [-p pings] [-o ABCD]
+usage: $0 [-d seconds] [-r rounds] [-b bin_dir] [-B baseline_bin_dir] [-p pings] [-o ABCDE]
   -d  iperf3 duration per test (default $DURATION)
   -r  rounds (default $ROUNDS)
   -b  directory holding weft and weft-cni (default: target/release next to this script)
   -p  ping count for RTT (default $PINGS, 50 ms apart)
   -B  directory holding another build of weft and weft-cni, measured as datapath D
-  -o  datapaths to run, subset of ABCD (default ABC, plus D with -B)
+  -o  datapaths to run, subset of ABCDE (default ABCE, plus D with -B)
   -n  load a NAT table (hence conntrack) in every node namespace, as kube-proxy does on
       every Kubernetes node: weft always has its own NAT table, so this makes the other
       datapaths pay the same per-packet connection tracking
@@ -197,15 +198,16 @@ EOF
 
 # The weft daemons of datapath C and D, by letter.
 declare -A WEFT_PIDS
-# setup_weft LETTER WEFT WEFT_CNI: two weft routers and their pods as datapath LETTER.
+# setup_weft LETTER WEFT WEFT_CNI [PASSWORD]: two weft routers and their pods as datapath
+# LETTER (with WEAVE_PASSWORD if given).
 setup_weft() {
-    local dp=$1 weft=$2 cni=$3
+    local dp=$1 weft=$2 cni=$3 password=${4:-}
     local p=$TAG-${dp,,} i other pids=()
     make_nodes "$p"
     for i in 1 2; do
         other=$((3 - i))
         mkdir -p "$WORK/db-$dp$i"
-        ip netns exec "$p-n$i" env RUST_LOG=warn "$weft" router --name "02:77:66:be:00:0$i" \
+        ip netns exec "$p-n$i" env RUST_LOG=warn ${password:+WEAVE_PASSWORD="$password"} "$weft" router --name "02:77:66:be:00:0$i" \
             --nickname "bench$i" --db-dir "$WORK/db-$dp$i" --ipalloc-range 10.32.0.0/12 \
             --metrics-addr 127.0.0.1:6782 "10.99.0.$other" >"$WORK/$p-n$i.log" 2>&1 &
         PIDS+=($!)
@@ -328,12 +330,14 @@ verify_wire() {
 
 declare -A SRC DST_IP SRV_NS NAME
 NAME[A]="plain routing"; NAME[B]="kernel VXLAN"; NAME[C]="weft"; NAME[D]="weft (baseline)"
+NAME[E]="weft encrypted"
 echo "setting up namespaces (prefix $TAG)..." >&2
 [[ $ONLY == *A* ]] && setup_plain
 [[ $ONLY == *B* ]] && setup_vxlan
 [[ $ONLY == *C* ]] && setup_weft C "$WEFT" "$WEFT_CNI"
 [[ $ONLY == *D* ]] && setup_weft D "$BASE_WEFT" "$BASE_WEFT_CNI"
-for dp in A B C D; do
+[[ $ONLY == *E* ]] && setup_weft E "$WEFT" "$WEFT_CNI" "bench-password-$$"
+for dp in A B C D E; do
     [[ $ONLY == *$dp* ]] || continue
     # Directly, not through nsx: $! must be iperf3's own PID for cleanup to stop it.
     ip netns exec "${SRV_NS[$dp]}" iperf3 -s >"$WORK/server-$dp.log" 2>&1 &
@@ -342,7 +346,7 @@ done
 sleep 0.5
 
 for r in $(seq 1 "$ROUNDS"); do
-    for dp in A B C D; do
+    for dp in A B C D E; do
         [[ $ONLY == *$dp* ]] || continue
         echo "round $r/$ROUNDS: ${NAME[$dp]}..." >&2
         run_one "$dp"
@@ -364,11 +368,11 @@ def med(dp, m):
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 names = {"A": "plain routing", "B": "kernel VXLAN", "C": "weft",
-         "D": f"weft baseline ({sys.argv[4]})"}
+         "D": f"weft baseline ({sys.argv[4]})", "E": "weft encrypted (WEAVE_PASSWORD)"}
 print(f"\n{sys.argv[3]} rounds x {sys.argv[2]} s, medians")
 print("| datapath | 1 stream Gbit/s | 4 streams Gbit/s | RTT ms | retransmits 1 / 4 streams | weft CPU s per round (2 daemons) | weft peak RSS MiB (2 daemons) |")
 print("|---|---|---|---|---|---|---|")
-for dp in "ABCD":
+for dp in "ABCDE":
     if (dp, "gbps1") not in vals:
         continue
     print(f"| {dp} {names[dp]} | {fmt(med(dp,'gbps1'),'.2f')} | {fmt(med(dp,'gbps4'),'.2f')} | "
@@ -390,6 +394,13 @@ if ("B", "gbps1") in vals and ("D", "gbps1") in vals:
           f"retransmits {ratio('retr1', 'D')} (1 stream) / {ratio('retr4', 'D')} (4 streams)")
     print(f"C/D: 1 stream {ratio('gbps1', 'C', 'D')}, RTT {ratio('rtt', 'C', 'D')}, "
           f"CPU {ratio('cpu', 'C', 'D')}")
-print("\nper round (Gbit/s 1 stream):", {dp: vals.get((dp, "gbps1")) for dp in "ABCD"})
-print("per round (RTT ms):", {dp: vals.get((dp, "rtt")) for dp in "ABCD"})
+if ("B", "gbps1") in vals and ("E", "gbps1") in vals:
+    print(f"E/B: 1 stream {ratio('gbps1', 'E')}, 4 streams {ratio('gbps4', 'E')}, RTT {ratio('rtt', 'E')}, "
+          f"retransmits {ratio('retr1', 'E')} (1 stream) / {ratio('retr4', 'E')} (4 streams)")
+    print("target: encrypted 1 stream >= 0.35")
+if ("C", "gbps1") in vals and ("E", "gbps1") in vals:
+    print(f"E/C (cost of encryption): 1 stream {ratio('gbps1', 'E', 'C')}, RTT {ratio('rtt', 'E', 'C')}, "
+          f"CPU {ratio('cpu', 'E', 'C')}")
+print("\nper round (Gbit/s 1 stream):", {dp: vals.get((dp, "gbps1")) for dp in "ABCDE"})
+print("per round (RTT ms):", {dp: vals.get((dp, "rtt")) for dp in "ABCDE"})
 EOF
