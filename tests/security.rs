@@ -14,6 +14,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::time::{Duration, Instant};
 use weft::api::report::Report;
+use weft::core::mesh::PeerName;
 use weft_testbed::craft::{ipv4_udp, vxlan};
 use weft_testbed::{harness, in_netns, Binaries, Captured, Cluster, ClusterSpec, DATA_PORT};
 
@@ -567,8 +568,244 @@ fn the_data_plane_is_sealed_and_spoofed_or_replayed_datagrams_go_nowhere() {
     );
 }
 
+/// What a stranger that joined sends, speaking weft's own protocol (the library's
+/// handshake and framing), and what it got back before the node hung up.
+struct Intrusion {
+    forged_ring_sent: bool,
+    digests_sent: u64,
+    closed_by_node: bool,
+}
+
+/// Joins node `to` as `mallory` (open mode: no password, so the handshake admits anyone),
+/// waits for the node's ring, then sends: a ring tombstoning `victim` (live) in favour of
+/// `heir`; a gossip of 5,000 invented peers; and Digests that each ask for the whole ring,
+/// without ever reading again.
+fn intrude(ns: &str, to: SocketAddr, victim: PeerName, heir: PeerName) -> Intrusion {
+    use weft::core::ipam::ring::PeerRecord;
+    use weft::core::mesh::message::{Hello, Message, PeerSummary, PROTOCOL, PROTOCOL_VERSION};
+    use weft::core::mesh::secure::{Mode, StaticKey};
+    let mallory: PeerName = "02:77:66:ee:ee:01".parse().expect("name");
+    ok(
+        in_netns(ns, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| weft_testbed::TestbedError::Failed(e.to_string()))?;
+            Ok(rt.block_on(async move {
+                let stream = tokio::net::TcpStream::connect(to).await.expect("connect");
+                let key = StaticKey::generate().expect("key");
+                let (mut reader, mut writer, _) =
+                    weft::io::control::handshake(stream, &key, &Mode::Open, true)
+                        .await
+                        .expect("open mode admits anyone to the handshake");
+                let hello = Hello {
+                    protocol: PROTOCOL.into(),
+                    version: PROTOCOL_VERSION,
+                    name: mallory.clone(),
+                    nickname: "mallory".into(),
+                    uid: 666,
+                    control_port: 6783,
+                    data_port: 6784,
+                    range: "192.168.0.0/16".into(),
+                    digest: None,
+                    gated: false,
+                };
+                writer.send(&Message::Hello(hello)).await.expect("hello");
+                let ring = loop {
+                    match tokio::time::timeout(Duration::from_secs(10), reader.next()).await {
+                        Ok(Ok(Message::Gossip { ring: Some(r), .. })) => break r,
+                        Ok(Ok(_)) => continue,
+                        other => panic!("no ring from the node: {other:?}"),
+                    }
+                };
+                reader.accept_large_frames();
+                let mut tombstoned = ring.clone();
+                let inc = tombstoned.peers.get(&victim).map_or(0, |r| r.incarnation);
+                tombstoned.peers.insert(
+                    victim.clone(),
+                    PeerRecord {
+                        incarnation: inc,
+                        removed_by: Some(heir.clone()),
+                    },
+                );
+                for e in tombstoned.entries.iter_mut().filter(|e| e.owner == victim) {
+                    e.owner = heir.clone();
+                    e.version += 1;
+                    e.era += 1;
+                }
+                let sent = writer
+                    .send(&Message::Gossip {
+                        peers: Vec::new(),
+                        ring: Some(tombstoned),
+                        gated: false,
+                        answer: false,
+                    })
+                    .await
+                    .is_ok();
+                let fakes: Vec<PeerSummary> = (0..5000u32)
+                    .map(|i| PeerSummary {
+                        name: PeerName::from_bytes([
+                            2,
+                            0xfa,
+                            0xce,
+                            (i >> 16) as u8,
+                            (i >> 8) as u8,
+                            i as u8,
+                        ]),
+                        nickname: format!("fake{i}"),
+                        uid: u64::from(i),
+                        address: Some(std::net::Ipv4Addr::new(10, 250, (i >> 8) as u8, i as u8)),
+                        control_port: 6783,
+                        data_port: 6784,
+                        connections: Vec::new(),
+                        key: None,
+                    })
+                    .collect();
+                let _ = writer
+                    .send(&Message::Gossip {
+                        peers: fakes,
+                        ring: None,
+                        gated: false,
+                        answer: false,
+                    })
+                    .await;
+                // Never read again: every answer (a whole ring) piles up at the node.
+                let mut digests = 0u64;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+                let closed = loop {
+                    if tokio::time::Instant::now() > deadline {
+                        break false;
+                    }
+                    let digest = Message::Digest {
+                        ring: Some(digests),
+                    };
+                    let send = writer.send(&digest);
+                    match tokio::time::timeout(Duration::from_secs(5), send).await {
+                        Ok(Ok(())) => digests += 1,
+                        Ok(Err(_)) => break true,
+                        // Our own send buffer is full: the node stopped reading us, as it
+                        // does while its answers to us cannot leave.
+                        Err(_) => continue,
+                    }
+                };
+                Intrusion {
+                    forged_ring_sent: sent,
+                    digests_sent: digests,
+                    closed_by_node: closed,
+                }
+            }))
+        }),
+        "intrusion",
+    )
+}
+
+/// Open mode (no WEAVE_PASSWORD), where any host that reaches the control port may join:
+/// the stranger joins and attacks from inside. A forged tombstone of a live member is
+/// refused and counted, 5,000 invented peers are ignored (no dial storm, no metric
+/// series), a reader that never reads is disconnected and the node's memory stays flat;
+/// pods keep their addresses and keep talking. (A ring handing a member's entries to the
+/// stranger, without a tombstone, is still taken by the other members: the gap that
+/// entries signed by their owners would close, README "Not done yet".)
+fn a_member_turned_hostile_is_contained() {
+    let mut c = cluster(4);
+    for i in 0..3 {
+        ok(c.start_router(i), "member");
+    }
+    for i in 0..3 {
+        ok(c.wait_ready(i, READY), "members ready");
+    }
+    let a = ok(c.add_pod(0, "a"), "pod a");
+    let b = ok(c.add_pod(1, "b"), "pod b");
+    let d = ok(c.add_pod(2, "d"), "pod d");
+    ok(c.tcp_pod_to_pod(&a, &b), "a -> b");
+    let pid0 = c.router_pid(0).expect("pid");
+    let rss_before = rss_kib(pid0);
+    let ring_before = ownership(&report(&c, 0));
+    let name = |i: usize| -> PeerName { c.nodes[i].name.parse().expect("name") };
+    let to = SocketAddr::new(c.nodes[0].underlay_ip.into(), 6783);
+    let attacker_ns = c.nodes[3].ns.clone();
+    let got = intrude(&attacker_ns, to, name(1), name(2));
+    println!(
+        "intruder: forged ring sent {}, {} Digests sent unread, closed by the node: {}",
+        got.forged_ring_sent, got.digests_sent, got.closed_by_node
+    );
+    assert!(got.forged_ring_sent, "the forged rings were not even sent");
+    // The node answers one Digest per tick (5 s) with its ring and drops the rest, so
+    // the queue towards a peer that never reads grows by one ring per tick, not one per
+    // Digest: at this rate it is not disconnected within the flood, and costs nothing.
+    let rss_after_flood = rss_kib(pid0);
+    assert!(
+        rss_after_flood < rss_before + 16 * 1024,
+        "the flood grew node 0 from {rss_before} to {rss_after_flood} KiB"
+    );
+
+    let m = ok(c.metrics(0), "metrics");
+    let refused = |reason: &str| {
+        weft_testbed::metric_sum(&m, "weft_control_refused_total", &[("reason", reason)])
+    };
+    assert!(
+        refused("tombstone_of_live_peer") >= 1.0,
+        "forged tombstone not refused:\n{m}"
+    );
+    assert!(
+        refused("peers_over_bound") >= 5000.0,
+        "5,000 peers not refused:\n{m}"
+    );
+    let series = m.lines().filter(|l| !l.starts_with('#')).count();
+    assert!(
+        series < 200,
+        "{series} metric series after 5,000 invented peers"
+    );
+    let r0 = report(&c, 0);
+    let peers = peer_names(&r0);
+    assert!(peers.len() <= 5, "invented peers were taken in: {peers:?}");
+    // Node 1 (tombstoned in the forgery) still owns what it owned, everywhere.
+    let owned_by = |r: &[(String, String, u64)], who: &str| -> Vec<String> {
+        r.iter()
+            .filter(|e| e.1 == who)
+            .map(|e| e.0.clone())
+            .collect()
+    };
+    let n1 = c.nodes[1].name.clone();
+    for i in 0..3 {
+        assert_eq!(
+            owned_by(&ownership(&report(&c, i)), &n1),
+            owned_by(&ring_before, &n1),
+            "node {i}: node 1's ranges changed hands"
+        );
+    }
+    for i in 0..3 {
+        assert_eq!(
+            ownership(&report(&c, i)),
+            ring_before,
+            "node {i}'s ring changed hands"
+        );
+    }
+    // No address with two holders: new pods on every node get addresses of their own,
+    // and the old pods still talk.
+    let mut addrs = vec![a.addr, b.addr, d.addr];
+    for i in 0..3 {
+        let p = ok(c.add_pod(i, &format!("after{i}")), "pod after the attack");
+        assert!(!addrs.contains(&p.addr), "{} handed out twice", p.addr);
+        addrs.push(p.addr);
+    }
+    ok(c.tcp_pod_to_pod(&a, &b), "a -> b after the attack");
+    ok(c.tcp_pod_to_pod(&b, &d), "b -> d after the attack");
+    println!(
+        "node 0 RSS {rss_before} KiB before, {rss_after_flood} KiB after {} Digests, {} KiB at the end; refused: tombstone {}, peers {}",
+        got.digests_sent,
+        rss_kib(pid0),
+        refused("tombstone_of_live_peer"),
+        refused("peers_over_bound"),
+    );
+}
+
 fn main() {
     harness::run(vec![
+        harness::root(
+            "a_member_turned_hostile_is_contained",
+            a_member_turned_hostile_is_contained,
+        ),
         harness::root(
             "the_data_plane_is_sealed_and_spoofed_or_replayed_datagrams_go_nowhere",
             the_data_plane_is_sealed_and_spoofed_or_replayed_datagrams_go_nowhere,

@@ -94,6 +94,7 @@ pub(crate) async fn interpret(
         if let Some(d) = done {
             let _ = d.send(saved);
         }
+        shared.job_done();
     }
 }
 

@@ -634,6 +634,10 @@ where
     let mut established = false;
     let reason = loop {
         tokio::select! {
+            _ = shared.room_for_effects() => {}
+            _ = until_cancelled(&mut cancel) => break "peer removed".to_string(),
+        }
+        tokio::select! {
             msg = reader.next() => match msg {
                 Ok(m) => {
                     shared.event(|n| n.on_message(id, m));

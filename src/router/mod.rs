@@ -31,7 +31,7 @@ use crate::config::RouterConfig;
 use crate::core::mesh::{Effects, Node, PeerName};
 use crate::datapath::Backend;
 use ipnet::Ipv4Net;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
@@ -40,6 +40,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // itself; the data stays usable, so keep serving rather than cascade.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// Effect jobs queued beyond which connection readers stop reading.
+const MAX_QUEUED_JOBS: usize = 256;
 
 /// What every task of the router shares.
 pub(crate) struct Shared {
@@ -50,6 +53,11 @@ pub(crate) struct Shared {
     /// The effect interpreter's queue: effects are queued under the node lock, so they
     /// are carried out in the order the node produced them.
     jobs: mpsc::UnboundedSender<effects::Job>,
+    /// Jobs queued and not yet carried out; connection readers wait while it is over
+    /// [`MAX_QUEUED_JOBS`], so a peer sending faster than its effects are carried out is
+    /// slowed by TCP instead of growing the queue.
+    queued_jobs: std::sync::atomic::AtomicUsize,
+    jobs_drained: Notify,
     backend: Arc<dyn Backend>,
     mesh: mesh::Mesh,
     ready: watch::Sender<bool>,
@@ -105,6 +113,26 @@ impl Shared {
             return;
         }
         // Fails only when the interpreter is gone, i.e. the router is shutting down.
-        let _ = self.jobs.send(effects::Job { fx, done });
+        self.queued_jobs.fetch_add(1, Ordering::Relaxed);
+        if self.jobs.send(effects::Job { fx, done }).is_err() {
+            self.queued_jobs.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits until the effect queue has room for what one more message may cause.
+    async fn room_for_effects(&self) {
+        loop {
+            let drained = self.jobs_drained.notified();
+            if self.queued_jobs.load(Ordering::Relaxed) < MAX_QUEUED_JOBS {
+                return;
+            }
+            drained.await;
+        }
+    }
+
+    /// The interpreter finished a job.
+    fn job_done(&self) {
+        self.queued_jobs.fetch_sub(1, Ordering::Relaxed);
+        self.jobs_drained.notify_waiters();
     }
 }

@@ -312,6 +312,8 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
         mtu,
         node: Mutex::new(node),
         jobs,
+        queued_jobs: std::sync::atomic::AtomicUsize::new(0),
+        jobs_drained: tokio::sync::Notify::new(),
         backend: Arc::new(backend),
         mesh: Mesh::default(),
         ready,

@@ -114,6 +114,8 @@ async fn harness_with(init: IpallocInit, peer_init: IpallocInit, args: &[&str]) 
         mtu: 1450,
         node: Mutex::new(node),
         jobs,
+        queued_jobs: std::sync::atomic::AtomicUsize::new(0),
+        jobs_drained: tokio::sync::Notify::new(),
         backend: Arc::new(NullBackend),
         mesh: Mesh::default(),
         ready,

@@ -174,6 +174,14 @@ impl Node {
     pub(super) fn on_digest(&mut self, id: ConnId, theirs: Option<u64>, out: &mut Outbox) {
         let mine = self.ipam.ring_digest();
         if theirs != mine {
+            // One answer per connection per tick: a peer probes once per tick, and a whole
+            // ring for every Digest a flood sends would be memory on demand.
+            let ticks = self.ticks;
+            match self.conns.get_mut(&id) {
+                Some(c) if c.digest_answered == Some(ticks) => return,
+                Some(c) => c.digest_answered = Some(ticks),
+                None => return,
+            }
             if mine.is_some() {
                 self.send_ring_as(id, true, out);
             } else {

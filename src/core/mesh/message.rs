@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 
 pub const PROTOCOL: &str = "weft";
-pub(crate) const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Large enough for a ring of thousands of entries; a peer announcing more is broken or
 /// hostile and is disconnected rather than buffered.
 pub(crate) const MAX_FRAME: usize = 16 * 1024 * 1024;

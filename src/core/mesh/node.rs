@@ -90,6 +90,8 @@ pub(super) struct Conn {
     pub(super) key: PublicKey,
     /// Set once the peer's Hello was accepted: its name and per-start uid.
     pub(super) peer: Option<(PeerName, u64)>,
+    /// The tick at which a Digest on this connection was last answered with the ring.
+    pub(super) digest_answered: Option<u64>,
 }
 
 pub struct Node {
@@ -321,6 +323,7 @@ impl Node {
                 outbound,
                 key,
                 peer: None,
+                digest_answered: None,
             },
         );
         let mut out = Outbox::default();

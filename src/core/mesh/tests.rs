@@ -839,3 +839,25 @@ fn without_a_seed_no_data_keys() {
     net.tick_all();
     assert!(net.keys.is_empty());
 }
+
+#[test]
+fn a_digest_flood_gets_one_ring_per_tick() {
+    let mut net = Net::new(vec![node(0, 2, 1), node(1, 2, 2)]);
+    let c = net.connect(0, 1);
+    net.run();
+    net.tick_all();
+    assert!(net.nodes[0].ipam().ring().is_some());
+    let rings = |fx: &Effects| {
+        fx.sends()
+            .filter(|(_, m)| matches!(m, Message::Gossip { ring: Some(_), .. }))
+            .count()
+    };
+    let flood = |n: &mut Node| -> usize {
+        (0..1000)
+            .map(|i| rings(&n.on_message(c, Message::Digest { ring: Some(i) })))
+            .sum()
+    };
+    assert_eq!(flood(&mut net.nodes[0]), 1, "one answer in this tick");
+    let _ = net.nodes[0].on_tick();
+    assert_eq!(flood(&mut net.nodes[0]), 1, "and one in the next");
+}
