@@ -342,6 +342,11 @@ impl Sim {
             match a {
                 Action::Send(id, msg) => self.send(from, id, msg),
                 Action::Close(id, why) => self.close(id, &why),
+                Action::Log(weft::core::mesh::Level::Warn, line)
+                    if std::env::var("SIM_TRACE").is_ok() =>
+                {
+                    eprintln!("t={} node {from} warns: {line}", self.now);
+                }
                 Action::DataKey(peer, change) => {
                     if std::env::var("SIM_TRACE_KEYS").is_ok() {
                         eprintln!("t={} node {from} {:?}: {change:?}", self.now, peer);

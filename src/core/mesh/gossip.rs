@@ -334,8 +334,10 @@ impl Node {
             if rec.removed_by.as_ref() == Some(&self.cfg.name) && ours.is_some() {
                 return Some(peer.clone());
             }
+            // Without a ring this node knows nothing of an earlier life of its name: a
+            // tombstone of it is news (it comes back as a new incarnation), not a forgery.
             let alive = if peer == &self.cfg.name {
-                !self.gossip.gated && rec.incarnation >= self.ipam.incarnation()
+                ours.is_some() && !self.gossip.gated && rec.incarnation >= self.ipam.incarnation()
             } else {
                 connected.contains(peer)
             };
