@@ -232,6 +232,19 @@ impl Node {
             self.gossip.gated = false;
             out.info("heard the ring from a peer after restart: allocating again");
             out.push(Action::Ready);
+            // Peers in their own gate take this node's word on its gate (see
+            // `forged_tombstone`): tell them it is past it.
+            for id in self.established_ids() {
+                out.send(
+                    id,
+                    Message::Gossip {
+                        peers: Vec::new(),
+                        ring: None,
+                        gated: false,
+                        answer: false,
+                    },
+                );
+            }
         }
     }
 
@@ -314,14 +327,22 @@ impl Node {
     }
 
     /// A tombstone in `ring` that this node knows to be false: it removes this node while
-    /// it runs, or a peer connected to it right now, or it names this node as the remover
+    /// it runs, or a peer connected to it right now (unless both this node and that peer
+    /// are in their restart gates: two nodes removed while they were down that come back
+    /// together would otherwise each refuse the other's removal, and never learn of their
+    /// own), or it names this node as the remover
     /// of a peer that this node's own (persisted) ring does not show it removed. rmpeer
     /// refuses the first two (a connected peer is alive) and saves its own ring before
     /// anything leaves, so such a ring was forged or made by mistake; merging it would
     /// hand the peer's addresses, its pods' among them, to the heir.
     fn forged_tombstone(&self, ring: &Ring) -> Option<PeerName> {
         let ours = self.ipam.ring();
-        let connected = self.established_peers();
+        let connected: Vec<PeerName> = self
+            .established_gated()
+            .into_iter()
+            .filter(|(_, gated)| !(self.gossip.gated && *gated))
+            .map(|(p, _)| p)
+            .collect();
         ring.peers.iter().find_map(|(peer, rec)| {
             rec.removed_by.as_ref()?;
             let known = ours.and_then(|r| r.peers.get(peer));

@@ -141,6 +141,7 @@ impl Node {
     fn admit(&mut self, id: ConnId, conn: &Conn, h: Hello, out: &mut Outbox) {
         if let Some(c) = self.conns.get_mut(&id) {
             c.peer = Some((h.name.clone(), h.uid));
+            c.peer_gated = h.gated;
         }
         self.learn_nickname(&h.name, &h.nickname);
         let address = match conn.remote {

@@ -92,6 +92,8 @@ pub(super) struct Conn {
     pub(super) peer: Option<(PeerName, u64)>,
     /// The tick at which a Digest on this connection was last answered with the ring.
     pub(super) digest_answered: Option<u64>,
+    /// The peer's latest word (Hello, gossip) on whether it is in its restart gate.
+    pub(super) peer_gated: bool,
 }
 
 pub struct Node {
@@ -324,6 +326,7 @@ impl Node {
                 key,
                 peer: None,
                 digest_answered: None,
+                peer_gated: false,
             },
         );
         let mut out = Outbox::default();
@@ -357,7 +360,12 @@ impl Node {
                 ring,
                 gated,
                 answer,
-            } => self.on_gossip(id, &from, peers, ring, RingFlags { gated, answer }, out),
+            } => {
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.peer_gated = gated;
+                }
+                self.on_gossip(id, &from, peers, ring, RingFlags { gated, answer }, out)
+            }
             Message::Digest { ring } => self.on_digest(id, ring, out),
             Message::SpaceRequest {
                 subnet,
@@ -409,6 +417,14 @@ impl Node {
             .iter()
             .filter(|(_, c)| c.peer.is_some())
             .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Established peers with their latest word on being in their restart gate.
+    pub(super) fn established_gated(&self) -> Vec<(PeerName, bool)> {
+        self.conns
+            .values()
+            .filter_map(|c| c.peer.as_ref().map(|p| (p.0.clone(), c.peer_gated)))
             .collect()
     }
 

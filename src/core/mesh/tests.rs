@@ -6,7 +6,7 @@ use super::secure::PublicKey;
 use super::*;
 use crate::core::datapath::aead::DataKey;
 use crate::core::ipam::paxos::Ballot;
-use crate::core::ipam::{IpallocInit, Ipam, IpamError};
+use crate::core::ipam::{IpallocInit, Ipam, IpamError, Ring};
 use ipnet::Ipv4Net;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -860,4 +860,47 @@ fn a_digest_flood_gets_one_ring_per_tick() {
     assert_eq!(flood(&mut net.nodes[0]), 1, "one answer in this tick");
     let _ = net.nodes[0].on_tick();
     assert_eq!(flood(&mut net.nodes[0]), 1, "and one in the next");
+}
+
+#[test]
+fn two_nodes_in_their_restart_gates_do_not_vouch_for_each_other() {
+    let mut net = Net::new(vec![node(1, 3, 11), node(2, 3, 12), node(3, 3, 13)]);
+    net.connect(0, 1);
+    let c_32 = net.connect(2, 1);
+    net.connect(2, 0);
+    net.run();
+    let mut remover = Ipam::restore(name(3), range(), net.nodes[2].ipam().state()).unwrap();
+    remover.rmpeer(&name(1)).unwrap();
+    let removal = remover.ring().unwrap().clone();
+    let gossip = |ring: Ring| Message::Gossip {
+        peers: Vec::new(),
+        ring: Some(ring),
+        gated: false,
+        answer: false,
+    };
+    // Past its gate, node 2 refuses the removal of node 1, which is connected to it.
+    let _ = net.nodes[1].on_message(c_32, gossip(removal.clone()));
+    assert_eq!(net.nodes[1].counters().refused_tombstones, 1);
+    // Both just restarted (node 1 says so in its gossip): they may both have been
+    // removed while they were down, so node 2 takes the removal.
+    net.nodes[1].gossip.gated = true;
+    let c_21 = *net
+        .links
+        .iter()
+        .find(|(_, &(a, b))| (a, b) == (0, 1))
+        .unwrap()
+        .0;
+    let _ = net.nodes[1].on_message(
+        c_21,
+        Message::Gossip {
+            peers: Vec::new(),
+            ring: None,
+            gated: true,
+            answer: false,
+        },
+    );
+    let fx = net.nodes[1].on_message(c_32, gossip(removal));
+    assert_eq!(net.nodes[1].counters().refused_tombstones, 1);
+    assert!(fx.save.is_some(), "the removal was merged");
+    assert!(net.nodes[1].ipam().ring().unwrap().is_removed(&name(1)));
 }
