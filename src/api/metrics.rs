@@ -363,6 +363,18 @@ mod tests {
     }
 
     #[test]
+    fn an_encrypting_router_counts_its_connections_as_encrypted() {
+        let mut r = sample_report();
+        r.router.encryption = true;
+        let s = samples(&render_metrics(&r));
+        let key = |e: &str| {
+            format!("weave_connections{{encryption=\"{e}\",state=\"established\",type=\"vxlan\"}}")
+        };
+        assert_eq!(s[&key("yes")], 1.0);
+        assert_eq!(s[&key("")], 0.0);
+    }
+
+    #[test]
     fn series_come_out_in_a_fixed_order() {
         let r = sample_report();
         let text = render_metrics(&r);

@@ -92,10 +92,11 @@ pub fn render_status(r: &Report) -> String {
         ),
     );
     line(&mut out, "Name", display_name(&rt.name, &rt.nick_name));
-    let encryption = match (rt.encryption, rt.authentication.as_str()) {
-        (true, _) => "enabled",
-        (false, "password") => "control plane only (password; data plane not encrypted)",
-        (false, _) => "disabled (no WEAVE_PASSWORD: any host may join)",
+    // With WEAVE_PASSWORD both planes are encrypted; without it, anyone may join.
+    let encryption = if rt.encryption {
+        "enabled"
+    } else {
+        "disabled (no WEAVE_PASSWORD: any host may join)"
     };
     line(&mut out, "Encryption", encryption);
     line(&mut out, "PeerDiscovery", on_off(rt.peer_discovery));
@@ -490,6 +491,15 @@ pub(crate) mod tests {
                 ],
             },
         }
+    }
+
+    #[test]
+    fn an_encrypting_router_says_so() {
+        let mut r = sample_report();
+        r.router.encryption = true;
+        r.router.authentication = "password".into();
+        let text = render_status(&r);
+        assert!(text.contains("     Encryption: enabled\n"), "{text}");
     }
 
     #[test]
