@@ -250,7 +250,10 @@ impl Transform for Aead {
         let Some(tx) = guard.as_ref() else {
             return Sealed::Refused;
         };
-        let body = header.len() - HEADER_LEN + payload.len();
+        let Some(body) = (header.len() + payload.len()).checked_sub(HEADER_LEN) else {
+            debug_assert!(false, "the planner reserves the headroom in every header");
+            return Sealed::Refused;
+        };
         let start = self.used;
         let end = start + HEADER_LEN + body + TAG_LEN;
         if header.len() < HEADER_LEN || end > self.out.len() {
