@@ -34,6 +34,16 @@ fn cluster(nodes: usize) -> Cluster {
     ok(Cluster::create(spec), "namespaces")
 }
 
+/// Starts routers 0..3 (the members) with `env`, and waits until each is ready.
+fn start_members(c: &mut Cluster, env: &[(&str, &str)]) {
+    for i in 0..3 {
+        ok(c.start_router_env(i, &[], env), "member");
+    }
+    for i in 0..3 {
+        ok(c.wait_ready(i, READY), "members ready");
+    }
+}
+
 fn report(c: &Cluster, i: usize) -> Value {
     ok(c.report::<Value>(i), "report")
 }
@@ -99,12 +109,7 @@ fn rss_kib(pid: u32) -> u64 {
 fn a_host_without_the_password_learns_nothing_and_changes_nothing() {
     let mut c = cluster(4);
     let pw = [("WEAVE_PASSWORD", PASSWORD)];
-    for i in 0..3 {
-        ok(c.start_router_env(i, &[], &pw), "member");
-    }
-    for i in 0..3 {
-        ok(c.wait_ready(i, READY), "members ready");
-    }
+    start_members(&mut c, &pw);
     let a = ok(c.add_pod(0, "a"), "pod a");
     let b = ok(c.add_pod(2, "b"), "pod b");
     ok(c.tcp_pod_to_pod(&a, &b), "a -> b before the stranger");
@@ -186,12 +191,7 @@ fn a_host_without_the_password_learns_nothing_and_changes_nothing() {
 /// another host. Before weft bound names to keys, node 1's pods' traffic went to it.
 fn a_stopped_node_cannot_be_impersonated() {
     let mut c = cluster(4);
-    for i in 0..3 {
-        ok(c.start_router(i), "member");
-    }
-    for i in 0..3 {
-        ok(c.wait_ready(i, READY), "members ready");
-    }
+    start_members(&mut c, &[]);
     let a = ok(c.add_pod(0, "a"), "pod a");
     let b = ok(c.add_pod(1, "b"), "pod b");
     ok(c.tcp_pod_to_pod(&a, &b), "a -> b");
@@ -310,12 +310,7 @@ fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
 /// answering meanwhile.
 fn strangers_cannot_exhaust_memory_connections_or_the_api() {
     let mut c = cluster(4);
-    for i in 0..3 {
-        ok(c.start_router(i), "member");
-    }
-    for i in 0..3 {
-        ok(c.wait_ready(i, READY), "members ready");
-    }
+    start_members(&mut c, &[]);
     let stranger = c.nodes[3].ns.clone();
     let target = SocketAddr::from((c.nodes[0].underlay_ip, 6783));
     let pid = c.router_pid(0).expect("pid");
@@ -441,12 +436,7 @@ fn wait_drops(c: &Cluster, i: usize, reason: &str, at_least: u64) -> u64 {
 fn the_data_plane_is_sealed_and_spoofed_or_replayed_datagrams_go_nowhere() {
     let mut c = cluster(3);
     let pw = [("WEAVE_PASSWORD", PASSWORD)];
-    for i in 0..3 {
-        ok(c.start_router_env(i, &[], &pw), "member");
-    }
-    for i in 0..3 {
-        ok(c.wait_ready(i, READY), "members ready");
-    }
+    start_members(&mut c, &pw);
     let a = ok(c.add_pod(0, "a"), "pod a");
     let b = ok(c.add_pod(1, "b"), "pod b");
     // Keys are exchanged once the control connections are up, moments after readiness.
@@ -708,12 +698,7 @@ fn intrude(ns: &str, to: SocketAddr, victim: PeerName, heir: PeerName) -> Intrus
 /// entries signed by their owners would close, README "Not done yet".)
 fn a_member_turned_hostile_is_contained() {
     let mut c = cluster(4);
-    for i in 0..3 {
-        ok(c.start_router(i), "member");
-    }
-    for i in 0..3 {
-        ok(c.wait_ready(i, READY), "members ready");
-    }
+    start_members(&mut c, &[]);
     let a = ok(c.add_pod(0, "a"), "pod a");
     let b = ok(c.add_pod(1, "b"), "pod b");
     let d = ok(c.add_pod(2, "d"), "pod d");
