@@ -463,7 +463,7 @@ fn the_data_plane_is_sealed_and_spoofed_or_replayed_datagrams_go_nowhere() {
         weft_testbed::spawn_udp_capture(&n1_ns, DATA_PORT, Duration::from_secs(2)),
         "capture",
     );
-    capture.wait_started();
+    capture.wait_bound();
     let sink = ok(
         weft_testbed::spawn_udp_sink(&a.ns, to_a, Duration::from_secs(3)),
         "sink",

@@ -780,23 +780,26 @@ pub fn send_udp_from_ns(ns: &str, dst: SocketAddrV4, payload: &[u8]) -> Result<(
 /// A datagram a sink received, and its source.
 pub type Received = (Vec<u8>, SocketAddr);
 
-/// A UDP listener running on its own thread inside a namespace.
-pub struct UdpSink {
+/// A socket listening on its own thread inside a namespace for a window of time.
+pub struct Listener<T> {
     bound: mpsc::Receiver<()>,
-    handle: JoinHandle<Result<Vec<Received>>>,
+    handle: JoinHandle<Result<T>>,
 }
 
-impl UdpSink {
+impl<T> Listener<T> {
     /// Waits until the socket is bound (or the thread failed: then `finish` says why).
     pub fn wait_bound(&self) {
         let _ = self.bound.recv();
     }
 
     /// Waits for the end of the window; everything that arrived.
-    pub fn finish(self) -> Result<Vec<Received>> {
+    pub fn finish(self) -> Result<T> {
         join(self.handle)
     }
 }
+
+/// A UDP listener: the datagrams it received.
+pub type UdpSink = Listener<Vec<Received>>;
 
 /// Sends one UDP datagram from inside `ns` with a chosen source port, through a raw
 /// socket: lets a test speak from a node's own data port (`ip:6784`) while that node's
@@ -856,7 +859,7 @@ pub fn spawn_udp_sink(ns: &str, addr: SocketAddrV4, window: Duration) -> Result<
             }
         }
     })?;
-    Ok(UdpSink { bound: rx, handle })
+    Ok(Listener { bound: rx, handle })
 }
 
 /// Packets built by hand, for datagrams a test injects on the underlay.
@@ -915,23 +918,8 @@ pub struct Captured {
     pub payload: Vec<u8>,
 }
 
-/// A packet capture running on its own thread inside a namespace.
-pub struct UdpCapture {
-    started: mpsc::Receiver<()>,
-    handle: JoinHandle<Result<Vec<Captured>>>,
-}
-
-impl UdpCapture {
-    /// Waits until the capture socket is open.
-    pub fn wait_started(&self) {
-        let _ = self.started.recv();
-    }
-
-    /// Waits for the end of the window; every datagram seen.
-    pub fn finish(self) -> Result<Vec<Captured>> {
-        join(self.handle)
-    }
-}
+/// A packet capture: the datagrams it saw.
+pub type UdpCapture = Listener<Vec<Captured>>;
 
 /// Captures, on every interface of `ns` (an `AF_PACKET` socket, as tcpdump opens), the
 /// IPv4 UDP datagrams from or to `port` during `window`, in both directions: what an
@@ -993,10 +981,7 @@ pub fn spawn_udp_capture(ns: &str, port: u16, window: Duration) -> Result<UdpCap
             });
         }
     })?;
-    Ok(UdpCapture {
-        started: rx,
-        handle,
-    })
+    Ok(Listener { bound: rx, handle })
 }
 
 // ---------------------------------------------------------------------------------------
