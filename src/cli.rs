@@ -218,12 +218,14 @@ mod tests {
 
     #[test]
     fn refused_connection_says_the_router_is_not_running() {
-        // Bind then drop to find a port nobody listens on.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // A socket bound but not listening holds the port for the whole test (a dropped
+        // listener's port can be taken by a test running beside this one): connecting
+        // to it is refused.
+        let held =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        held.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        let port = held.local_addr().unwrap().as_socket().unwrap().port();
         let addr = format!("127.0.0.1:{port}");
         let e = status(&addr, None).unwrap_err();
         assert!(matches!(e, CliError::NotRunning { .. }), "{e:?}");

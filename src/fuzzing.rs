@@ -93,6 +93,7 @@ pub fn control_messages(data: &[u8]) {
         tentative_ticks: crate::core::mesh::TENTATIVE_TICKS,
         // Encrypting, so that data keys and their acknowledgements are handled too.
         data_key_seed: Some(crate::core::mesh::KeySeed([7; 32])),
+        signer: crate::core::ipam::Signer::from_seed(&[1; 32]),
     };
     let mut node = Node::new(cfg, Ipam::new(name(1), range()), Default::default());
     let _ = node.start();

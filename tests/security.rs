@@ -567,11 +567,12 @@ struct Intrusion {
 }
 
 /// Joins node `to` as `mallory` (open mode: no password, so the handshake admits anyone),
-/// waits for the node's ring, then sends: a ring tombstoning `victim` (live) in favour of
-/// `heir`; a gossip of 5,000 invented peers; and Digests that each ask for the whole ring,
+/// waits for the node's ring, then sends: rings tombstoning `victim` (live) in favour of
+/// `heir` (signed with the stranger's key) and of itself (signed); a gossip of 5,000 invented peers; and Digests that each ask for the whole ring,
 /// without ever reading again.
 fn intrude(ns: &str, to: SocketAddr, victim: PeerName, heir: PeerName) -> Intrusion {
     use weft::core::ipam::ring::PeerRecord;
+    use weft::core::ipam::Signer;
     use weft::core::mesh::message::{Hello, Message, PeerSummary, PROTOCOL, PROTOCOL_VERSION};
     use weft::core::mesh::secure::{Mode, StaticKey};
     let mallory: PeerName = "02:77:66:ee:ee:01".parse().expect("name");
@@ -584,6 +585,7 @@ fn intrude(ns: &str, to: SocketAddr, victim: PeerName, heir: PeerName) -> Intrus
             Ok(rt.block_on(async move {
                 let stream = tokio::net::TcpStream::connect(to).await.expect("connect");
                 let key = StaticKey::generate().expect("key");
+                let signer = Signer::from_seed(&Signer::seed_from_static(key.private()));
                 let (mut reader, mut writer, _) =
                     weft::io::control::handshake(stream, &key, &Mode::Open, true)
                         .await
@@ -599,6 +601,7 @@ fn intrude(ns: &str, to: SocketAddr, victim: PeerName, heir: PeerName) -> Intrus
                     range: "192.168.0.0/16".into(),
                     digest: None,
                     gated: false,
+                    sign_key: Some(signer.public()),
                 };
                 writer.send(&Message::Hello(hello)).await.expect("hello");
                 let ring = loop {
@@ -609,29 +612,39 @@ fn intrude(ns: &str, to: SocketAddr, victim: PeerName, heir: PeerName) -> Intrus
                     }
                 };
                 reader.accept_large_frames();
-                let mut tombstoned = ring.clone();
-                let inc = tombstoned.peers.get(&victim).map_or(0, |r| r.incarnation);
-                tombstoned.peers.insert(
-                    victim.clone(),
-                    PeerRecord {
+                // Two forged removals of the live victim: one in the name of `heir` (a
+                // member), signed with mallory's own key since it has no other; one in
+                // mallory's own name, signed correctly, handing the victim's space to it.
+                let tombstone = |by: &PeerName| {
+                    let mut forged = ring.clone();
+                    let inc = forged.peers.get(&victim).map_or(0, |r| r.incarnation);
+                    let mut rec = PeerRecord {
                         incarnation: inc,
-                        removed_by: Some(heir.clone()),
-                    },
-                );
-                for e in tombstoned.entries.iter_mut().filter(|e| e.owner == victim) {
-                    e.owner = heir.clone();
-                    e.version += 1;
-                    e.era += 1;
+                        removed_by: Some(by.clone()),
+                        signed: None,
+                        key: None,
+                    };
+                    rec.signed = Some(signer.sign(&rec.message(forged.range, &victim)));
+                    forged.peers.insert(victim.clone(), rec);
+                    for e in forged.entries.iter_mut().filter(|e| e.owner == victim) {
+                        e.owner = by.clone();
+                        e.version = 0;
+                        e.era += 2;
+                    }
+                    forged
+                };
+                let mut sent = true;
+                for forged in [tombstone(&heir), tombstone(&mallory)] {
+                    sent &= writer
+                        .send(&Message::Gossip {
+                            peers: Vec::new(),
+                            ring: Some(forged),
+                            gated: false,
+                            answer: false,
+                        })
+                        .await
+                        .is_ok();
                 }
-                let sent = writer
-                    .send(&Message::Gossip {
-                        peers: Vec::new(),
-                        ring: Some(tombstoned),
-                        gated: false,
-                        answer: false,
-                    })
-                    .await
-                    .is_ok();
                 let fakes: Vec<PeerSummary> = (0..5000u32)
                     .map(|i| PeerSummary {
                         name: PeerName::from_bytes([
@@ -729,8 +742,12 @@ fn a_member_turned_hostile_is_contained() {
         weft_testbed::metric_sum(&m, "weft_control_refused_total", &[("reason", reason)])
     };
     assert!(
+        refused("forged_record") >= 1.0,
+        "tombstone in another member's name not refused:\n{m}"
+    );
+    assert!(
         refused("tombstone_of_live_peer") >= 1.0,
-        "forged tombstone not refused:\n{m}"
+        "the stranger's own tombstone of a live member not refused:\n{m}"
     );
     assert!(
         refused("peers_over_bound") >= 5000.0,
@@ -777,9 +794,10 @@ fn a_member_turned_hostile_is_contained() {
     ok(c.tcp_pod_to_pod(&a, &b), "a -> b after the attack");
     ok(c.tcp_pod_to_pod(&b, &d), "b -> d after the attack");
     println!(
-        "node 0 RSS {rss_before} KiB before, {rss_after_flood} KiB after {} Digests, {} KiB at the end; refused: tombstone {}, peers {}",
+        "node 0 RSS {rss_before} KiB before, {rss_after_flood} KiB after {} Digests, {} KiB at the end; refused: forged record {}, tombstone {}, peers {}",
         got.digests_sent,
         rss_kib(pid0),
+        refused("forged_record"),
         refused("tombstone_of_live_peer"),
         refused("peers_over_bound"),
     );

@@ -158,6 +158,7 @@ impl Collector for Snapshot {
                 ("handshake", r.router.refused.handshakes),
                 ("key_mismatch", r.router.refused.key_mismatches),
                 ("tombstone_of_live_peer", r.router.refused.tombstones),
+                ("forged_record", r.router.refused.forged_records),
                 ("peers_over_bound", r.router.refused.peers_over_bound),
                 ("send_overflow", r.router.refused.send_overflows),
             ]
@@ -266,6 +267,7 @@ mod tests {
         report.router.refused.handshakes = 6;
         report.router.refused.key_mismatches = 1;
         report.router.refused.tombstones = 2;
+        report.router.refused.forged_records = 3;
         report.ipam.bad_requests = 5;
         let text = render_metrics(&report);
         assert!(text.ends_with("# EOF\n"), "{text}");
@@ -325,6 +327,7 @@ mod tests {
                 "weft_control_refused_total{reason=\"tombstone_of_live_peer\"}",
                 2.0,
             ),
+            ("weft_control_refused_total{reason=\"forged_record\"}", 3.0),
             (
                 "weft_control_refused_total{reason=\"peers_over_bound\"}",
                 0.0,

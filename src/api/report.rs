@@ -30,6 +30,9 @@ pub struct RefusedReport {
     pub key_mismatches: u64,
     /// Rings that removed a live peer.
     pub tombstones: u64,
+    /// Rings with a tombstone or comeback not signed by the peer whose word it is.
+    #[serde(default)]
+    pub forged_records: u64,
     /// Gossiped peers over the bounds.
     pub peers_over_bound: u64,
     /// Connections dropped because their peer did not read.

@@ -5,7 +5,7 @@
 //! decided here, so it is tested (and fuzzed) without a disk.
 
 use crate::core::ipam::paxos::Acceptor;
-use crate::core::ipam::{IpamState, Ring};
+use crate::core::ipam::{IpamState, Ring, SignKey};
 use crate::core::mesh::secure::PublicKey;
 use crate::core::mesh::PeerName;
 use serde::{Deserialize, Serialize};
@@ -32,6 +32,9 @@ pub struct PersistedState {
     /// known name with another key is refused (`rmpeer` releases a binding).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub keys: BTreeMap<PeerName, PublicKey>,
+    /// The key each peer's ring records are signed with, bound with its static key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sign_keys: BTreeMap<PeerName, SignKey>,
     /// Allocations whose requester (the CNI plugin's ADD) has not confirmed them yet; they
     /// are freed if no confirmation comes in time, also after a restart.
     #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
@@ -65,6 +68,7 @@ impl PersistedState {
             },
             nicknames: BTreeMap::new(),
             keys: BTreeMap::new(),
+            sign_keys: BTreeMap::new(),
             tentative: Default::default(),
         }
     }
@@ -76,6 +80,11 @@ impl PersistedState {
 
     pub fn with_keys(mut self, keys: BTreeMap<PeerName, PublicKey>) -> Self {
         self.keys = keys;
+        self
+    }
+
+    pub fn with_sign_keys(mut self, keys: BTreeMap<PeerName, SignKey>) -> Self {
+        self.sign_keys = keys;
         self
     }
 

@@ -96,6 +96,7 @@ impl Control for RouterControl {
             handshakes: s.mesh.handshake_failures.load(Ordering::Relaxed),
             key_mismatches: counters.key_mismatches,
             tombstones: counters.refused_tombstones,
+            forged_records: counters.forged_records,
             peers_over_bound: counters.peers_over_bound,
             send_overflows: s.mesh.send_overflows.load(Ordering::Relaxed),
         };

@@ -12,7 +12,7 @@ use crate::config::{RouterConfig, TUN_NAME};
 use crate::core::cluster::NodeSet;
 use crate::core::datapath::aead;
 use crate::core::ipam::paxos::Acceptor;
-use crate::core::ipam::{Ipam, IpamError};
+use crate::core::ipam::{Ipam, IpamError, SignKey, Signer};
 use crate::core::mesh::secure::{PublicKey, StaticKey};
 use crate::core::mesh::KeySeed;
 use crate::core::mesh::{Node, NodeConfig, PeerName};
@@ -79,7 +79,7 @@ pub fn run(cfg: RouterConfig) -> Result<(), RouterError> {
             "are encrypted but open to any host that reaches the control port"
         }
     );
-    let (ipam, acceptor, nicknames, keys, tentative) = match persisted {
+    let (ipam, acceptor, nicknames, keys, sign_keys, tentative) = match persisted {
         Some(p) => {
             let ipam = Ipam::restore(name.clone(), cfg.range, p.ipam_state())?;
             info!(
@@ -87,11 +87,19 @@ pub fn run(cfg: RouterConfig) -> Result<(), RouterError> {
                 cfg.db_dir.display(),
                 ipam.active_count()
             );
-            (ipam, p.acceptor().clone(), p.nicknames, p.keys, p.tentative)
+            (
+                ipam,
+                p.acceptor().clone(),
+                p.nicknames,
+                p.keys,
+                p.sign_keys,
+                p.tentative,
+            )
         }
         None => (
             Ipam::new(name.clone(), cfg.range),
             Acceptor::default(),
+            Default::default(),
             Default::default(),
             Default::default(),
             Default::default(),
@@ -120,6 +128,7 @@ pub fn run(cfg: RouterConfig) -> Result<(), RouterError> {
             acceptor,
             nicknames,
             keys,
+            sign_keys,
             tentative,
             identity,
         },
@@ -172,6 +181,7 @@ struct Restored {
     acceptor: Acceptor,
     nicknames: BTreeMap<PeerName, String>,
     keys: BTreeMap<PeerName, PublicKey>,
+    sign_keys: BTreeMap<PeerName, SignKey>,
     tentative: std::collections::BTreeSet<String>,
     identity: StaticKey,
 }
@@ -183,6 +193,7 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
         acceptor,
         nicknames,
         keys,
+        sign_keys,
         tentative,
         identity,
     } = restored;
@@ -292,12 +303,14 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
                 .max(1),
             // Drawn from the OS (rand's thread generator is ChaCha12 seeded by getrandom).
             data_key_seed: encrypted.then(|| KeySeed(rand::random())),
+            signer: Signer::from_seed(&Signer::seed_from_static(identity.private())),
         },
         ipam,
         acceptor,
     );
     node.remember_nicknames(nicknames);
     node.remember_keys(keys);
+    node.remember_sign_keys(sign_keys);
     node.remember_tentative(tentative);
     let control_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.port));
     let listener = bind("control port (tcp)", control_addr).await?;

@@ -76,6 +76,7 @@ fn node_cfg(i: u8, init: IpallocInit) -> NodeConfig {
         init,
         tentative_ticks: crate::core::mesh::TENTATIVE_TICKS,
         data_key_seed: None,
+        signer: crate::core::ipam::Signer::from_seed(&[i; 32]),
     }
 }
 
@@ -256,6 +257,7 @@ async fn no_donation_and_no_granted_allocation_after_a_failed_save() {
         .peer_says(Message::SpaceRequest {
             subnet: None,
             incarnation: 0,
+            signed: None,
         })
         .await;
     assert!(
@@ -291,6 +293,7 @@ async fn no_donation_and_no_granted_allocation_after_a_failed_save() {
         .peer_says(Message::SpaceRequest {
             subnet: None,
             incarnation: 0,
+            signed: None,
         })
         .await;
     assert!(

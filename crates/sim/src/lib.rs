@@ -14,7 +14,7 @@ use ipnet::Ipv4Net;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use weft::core::datapath::aead::DataKey;
-use weft::core::ipam::{IpallocInit, Ipam, IpamError, Ring};
+use weft::core::ipam::{IpallocInit, Ipam, IpamError, Ring, Signer};
 use weft::core::mesh::message::{encode, Message};
 use weft::core::mesh::{Action, ConnId, Effects, KeyChange, KeySeed, Node, NodeConfig, PeerName};
 use weft::core::persist::{self, PersistedState};
@@ -173,6 +173,11 @@ impl Sim {
         weft::core::mesh::secure::PublicKey(k)
     }
 
+    /// Machine `i`'s record-signing key, derived from its static key as the router does.
+    pub fn signer_of(i: usize) -> Signer {
+        Signer::from_seed(&Signer::seed_from_static(&Self::key_of(i).0))
+    }
+
     fn addr_of(i: usize) -> SocketAddr {
         SocketAddr::from(([10, 9, (i >> 8) as u8, i as u8], 6783))
     }
@@ -231,6 +236,7 @@ impl Sim {
             init: self.nodes[i].init.clone(),
             tentative_ticks: weft::core::mesh::TENTATIVE_TICKS,
             data_key_seed: Some(KeySeed(std::array::from_fn(|_| self.rng.next_u64() as u8))),
+            signer: Self::signer_of(i),
         };
         if self.data_keys.len() <= i {
             self.data_keys.resize_with(i + 1, Default::default);
@@ -415,7 +421,7 @@ impl Sim {
     }
 
     /// A Byzantine participant forges a ring removing live node `victim` in favour of
-    /// `heir`, and sends it to every live node over one of its connections (as a member
+    /// `heir` (a record it can sign only with its own key), and sends it to every live node over one of its connections (as a member
     /// relaying gossip would). Returns how many receivers refused it.
     pub fn inject_forged_tombstone(&mut self, victim: usize, heir: usize) -> u64 {
         let Ok(mut forger) = Ipam::restore(
@@ -425,7 +431,15 @@ impl Sim {
         ) else {
             return 0;
         };
-        if forger.rmpeer(&Self::name_of(victim)).is_err() {
+        // It has no member's signing key: it signs in the heir's name with its own.
+        forger.set_signer(Signer::from_seed(&[0xee; 32]));
+        if forger
+            .rmpeer(
+                &Self::name_of(victim),
+                Some(Self::signer_of(victim).public()),
+            )
+            .is_err()
+        {
             return 0;
         }
         let Some(forged) = forger.ring().cloned() else {
@@ -438,7 +452,8 @@ impl Sim {
             let Some((&id, _)) = self.links.iter().find(|(_, &(a, b))| a == x || b == x) else {
                 continue;
             };
-            let before = self.node(x).counters().refused_tombstones;
+            let refusals = |n: &Node| n.counters().refused_tombstones + n.counters().forged_records;
+            let before = refusals(self.node(x));
             let fx = self.node_mut(x).on_message(
                 id,
                 Message::Gossip {
@@ -449,7 +464,7 @@ impl Sim {
                 },
             );
             self.absorb(x, fx);
-            if self.node(x).counters().refused_tombstones > before {
+            if refusals(self.node(x)) > before {
                 refused += 1;
             } else if trace {
                 eprintln!(

@@ -2,6 +2,7 @@
 //! this peer owns. Pure: callers persist `state()` and gossip `ring()`.
 
 use super::ring::{Ring, RingError};
+use super::sign::{SignKey, Signed, Signer};
 use super::space::{self, AddrSet, Span};
 use crate::core::mesh::PeerName;
 use ipnet::Ipv4Net;
@@ -100,6 +101,10 @@ pub struct Ipam {
     incarnation: u32,
     /// Digest of `ring`, computed on demand; every `&mut self` entry point clears it.
     digest: std::cell::Cell<Option<u64>>,
+    /// Signs the ring records that are this peer's word (its tombstones of others, its
+    /// comeback). A node always has one; without it (bare unit tests) records stay
+    /// unsigned, and other nodes refuse them.
+    signer: Option<Signer>,
 }
 
 /// Container ids come from CNI/HTTP paths and end up in file names and URLs: one rule,
@@ -121,6 +126,27 @@ impl Ipam {
             reserved: AddrSet::new(),
             incarnation: 0,
             digest: std::cell::Cell::new(None),
+            signer: None,
+        }
+    }
+
+    /// Signs this peer's ring records with `signer` from now on (and those it already
+    /// wrote, e.g. in a ring restored from an older version).
+    pub fn set_signer(&mut self, signer: Signer) {
+        self.digest.set(None);
+        if let Some(r) = &mut self.ring {
+            r.sign_own(&self.me, &signer);
+        }
+        self.signer = Some(signer);
+    }
+
+    pub fn signer(&self) -> Option<&Signer> {
+        self.signer.as_ref()
+    }
+
+    fn sign_own(&mut self) {
+        if let (Some(r), Some(s)) = (&mut self.ring, &self.signer) {
+            r.sign_own(&self.me, s);
         }
     }
 
@@ -272,6 +298,7 @@ impl Ipam {
             if let Some(r) = &mut self.ring {
                 r.revive(&self.me, self.incarnation)?;
             }
+            self.sign_own();
             outcome.revived = Some((self.incarnation, dropped));
             outcome.changed = true;
         } else {
@@ -300,8 +327,9 @@ impl Ipam {
     }
 
     /// `rmpeer`: hands every entry of `dead` to this peer and tombstones it. Idempotent.
-    /// Returns the number of addresses taken over.
-    pub fn rmpeer(&mut self, dead: &PeerName) -> Result<u64, IpamError> {
+    /// `dead_key`, the key `dead` signed its records with as far as this peer knows, goes
+    /// into the tombstone. Returns the number of addresses taken over.
+    pub fn rmpeer(&mut self, dead: &PeerName, dead_key: Option<SignKey>) -> Result<u64, IpamError> {
         self.digest.set(None);
         if dead == &self.me {
             return Err(IpamError::RemoveSelf(dead.clone()));
@@ -309,7 +337,13 @@ impl Ipam {
         let ring = self.ring.as_mut().ok_or(IpamError::NotReady)?;
         let mut trial = ring.clone();
         let n = trial.remove_peer(&self.me, dead)?;
+        if let Some(rec) = trial.peers.get_mut(dead) {
+            if rec.removed_by.as_ref() == Some(&self.me) && rec.key.is_none() {
+                rec.key = dead_key;
+            }
+        }
         *ring = trial;
+        self.sign_own();
         self.sync_free()?;
         Ok(n)
     }
@@ -456,6 +490,7 @@ impl Ipam {
         &mut self,
         to: &PeerName,
         to_incarnation: u32,
+        to_signed: Option<Signed>,
         subnet: Option<Ipv4Net>,
     ) -> Result<Option<Ipv4Net>, IpamError> {
         self.digest.set(None);
@@ -516,7 +551,15 @@ impl Ipam {
         let span = Span::of_net(block);
         let me = self.me.clone();
         let mut trial = ring.clone();
-        trial.note_alive(to, to_incarnation);
+        if to_incarnation > trial.record(to).incarnation {
+            // Space is given to the incarnation the ring records; a newer one is written
+            // down only with its own signature (the caller checked it), else it waits
+            // until its comeback record reaches us by gossip.
+            let Some(signed) = to_signed else {
+                return Ok(None);
+            };
+            trial.note_alive(to, to_incarnation, signed);
+        }
         let (entry_span, _) = trial
             .entry_of(span.start)
             .map(|(s, e)| (s, e.clone()))

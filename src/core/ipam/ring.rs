@@ -33,6 +33,7 @@
 //! that outranks the tombstone). So a node re-created with the same name (same
 //! machine-id) rejoins as a new member owning nothing, and asks for space.
 
+use super::sign::{self, SignKey, Signed, Signer};
 use super::space::{self, Span};
 use crate::core::mesh::PeerName;
 use ipnet::Ipv4Net;
@@ -86,9 +87,34 @@ pub struct PeerRecord {
     /// Set when this incarnation was removed: the peer that inherits its entries.
     #[serde(default)]
     pub removed_by: Option<PeerName>,
+    /// The signature of the peer that wrote the record: the remover for a tombstone, the
+    /// peer itself for a comeback (see `sign`). Not part of the merge key: two valid
+    /// signatures of one record are the same (Ed25519 is deterministic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<Signed>,
+    /// The peer's own signing key as the writer knew it: a node that never met a removed
+    /// peer checks that peer's records against the key its remover vouched for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<SignKey>,
 }
 
 impl PeerRecord {
+    /// The peer whose word the record is: its remover, or the peer itself.
+    pub fn writer<'a>(&'a self, peer: &'a PeerName) -> &'a PeerName {
+        self.removed_by.as_ref().unwrap_or(peer)
+    }
+
+    /// The bytes the record's signature covers, in ring `range`.
+    pub fn message(&self, range: Ipv4Net, peer: &PeerName) -> Vec<u8> {
+        sign::record_message(
+            range,
+            peer,
+            self.incarnation,
+            self.removed_by.as_ref(),
+            self.key.as_ref(),
+        )
+    }
+
     fn key(&self) -> (u32, bool, Reverse<Option<&PeerName>>) {
         (
             self.incarnation,
@@ -558,6 +584,8 @@ impl Ring {
         self.peers.get(peer).cloned().unwrap_or(PeerRecord {
             incarnation: 0,
             removed_by: None,
+            signed: None,
+            key: None,
         })
     }
 
@@ -629,6 +657,8 @@ impl Ring {
         let tomb = PeerRecord {
             incarnation: rec.incarnation,
             removed_by: Some(me.clone()),
+            signed: None,
+            key: None,
         };
         if rec.removed_by.is_none() || tomb.key() > rec.key() {
             self.peers.insert(dead.clone(), tomb);
@@ -674,6 +704,8 @@ impl Ring {
         let rec = PeerRecord {
             incarnation,
             removed_by: None,
+            signed: None,
+            key: None,
         };
         if rec.key() > self.record(me).key() {
             self.peers.insert(me.clone(), rec);
@@ -681,13 +713,36 @@ impl Ring {
         Ok(())
     }
 
-    /// Notes that `peer` told us it lives as `incarnation` (it wrote the same record
-    /// in its own ring when it came back), so that space given to it is its new
-    /// incarnation's.
-    pub(crate) fn note_alive(&mut self, peer: &PeerName, incarnation: u32) {
+    /// Signs every record that is `me`'s word (tombstones it wrote, its own comeback) and
+    /// does not carry `signer`'s signature yet. Returns true if any changed.
+    pub(crate) fn sign_own(&mut self, me: &PeerName, signer: &Signer) -> bool {
+        let range = self.range;
+        let mut changed = false;
+        for (peer, rec) in self.peers.iter_mut() {
+            if rec.writer(peer) != me {
+                continue;
+            }
+            if peer == me {
+                rec.key = Some(signer.public());
+            }
+            let signed = signer.sign(&rec.message(range, peer));
+            if rec.signed != Some(signed) {
+                rec.signed = Some(signed);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Notes that `peer` told us it lives as `incarnation`, with its signature of that
+    /// record (it wrote the same record in its own ring when it came back), so that space
+    /// given to it is its new incarnation's. The caller checks the signature.
+    pub(crate) fn note_alive(&mut self, peer: &PeerName, incarnation: u32, signed: Signed) {
         let rec = PeerRecord {
             incarnation,
             removed_by: None,
+            signed: Some(signed),
+            key: Some(signed.key),
         };
         if rec.key() > self.record(peer).key() {
             self.peers.insert(peer.clone(), rec);

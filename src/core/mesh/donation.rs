@@ -8,6 +8,7 @@ use super::effects::{Action, ConnId, Outbox};
 use super::message::Message;
 use super::node::{Node, SPACE_RETRY};
 use super::PeerName;
+use crate::core::ipam::{PeerRecord, Signed};
 use ipnet::Ipv4Net;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -95,6 +96,7 @@ impl Node {
             Message::SpaceRequest {
                 subnet,
                 incarnation: self.ipam.incarnation(),
+                signed: self.own_comeback_signature(),
             },
         );
     }
@@ -126,10 +128,23 @@ impl Node {
         id: ConnId,
         from: &PeerName,
         incarnation: u32,
+        signed: Option<Signed>,
         subnet: Option<Ipv4Net>,
         out: &mut Outbox,
     ) {
-        match self.ipam.donate(from, incarnation, subnet) {
+        // Only a signature under the requester's bound key (it is connected: its Hello
+        // bound it) may write its comeback into our ring: a comeback carries its own key.
+        let signed = signed.filter(|s| {
+            let rec = PeerRecord {
+                incarnation,
+                removed_by: None,
+                signed: Some(*s),
+                key: Some(s.key),
+            };
+            self.gossip.sign_keys.get(from) == Some(&s.key)
+                && s.verifies(&rec.message(self.ipam.range(), from))
+        });
+        match self.ipam.donate(from, incarnation, signed, subnet) {
             Ok(Some(block)) => {
                 self.counters.donations_given += 1;
                 out.info(format!("gave {block} to {from}"));

@@ -22,6 +22,7 @@ impl Node {
             range: self.cfg.range.to_string(),
             digest: self.ipam.ring_digest(),
             gated: self.gossip.gated,
+            sign_key: Some(self.cfg.signer.public()),
         })
     }
 
@@ -81,11 +82,27 @@ impl Node {
                 self.refuse(id, why, out);
                 false
             }
-            Some(bound) if *bound == conn.key => true,
+            Some(bound) if *bound == conn.key => {
+                self.bind_sign_key(h);
+                true
+            }
             _ => {
                 self.gossip.keys.insert(h.name.clone(), conn.key);
+                self.bind_sign_key(h);
                 self.touch();
                 true
+            }
+        }
+    }
+
+    /// The record-signing key a peer presents in its Hello is its word over the channel
+    /// its static key authenticated: it replaces a binding learnt second-hand (from a
+    /// record a member relayed), which may have been wrong.
+    fn bind_sign_key(&mut self, h: &Hello) {
+        if let Some(k) = h.sign_key {
+            if self.gossip.sign_keys.get(&h.name) != Some(&k) {
+                self.gossip.sign_keys.insert(h.name.clone(), k);
+                self.touch();
             }
         }
     }

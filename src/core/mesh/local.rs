@@ -133,12 +133,14 @@ impl Node {
                 self.finish(out),
             );
         }
-        let r = self.ipam.rmpeer(name);
+        let key = self.gossip.sign_keys.get(name).copied();
+        let r = self.ipam.rmpeer(name, key);
         if let Ok(n) = &r {
             out.info(format!("removed peer {name}: took over {n} addresses"));
             self.gossip.peers.remove(name);
             // Its key binding goes too: the node may come back reinstalled, with a new key.
             self.gossip.keys.remove(name);
+            self.gossip.sign_keys.remove(name);
             self.forget_data_keys(name, &mut out);
             self.touch();
             out.push(Action::RoutesChanged);
@@ -161,6 +163,7 @@ impl Node {
             );
         }
         let dropped = self.gossip.keys.remove(name);
+        self.gossip.sign_keys.remove(name);
         if let Some(k) = dropped {
             out.info(format!(
                 "forgot key {k} of {name}: the next node presenting that name is bound to its key"

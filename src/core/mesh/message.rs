@@ -6,7 +6,7 @@
 //! adapter feeds whatever bytes arrived and takes out whole messages.
 
 use crate::core::ipam::paxos::{Accepted, Ballot};
-use crate::core::ipam::Ring;
+use crate::core::ipam::{Ring, SignKey, Signed};
 use crate::core::mesh::secure::PublicKey;
 use crate::core::mesh::PeerName;
 use ipnet::Ipv4Net;
@@ -45,6 +45,9 @@ pub struct Hello {
     /// stale, so it does not vouch for anything.
     #[serde(default)]
     pub gated: bool,
+    /// The key the sender signs its ring records with (see `ipam::sign`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sign_key: Option<SignKey>,
 }
 
 /// What one peer knows about another, gossiped so that every node learns every owner's
@@ -94,6 +97,10 @@ pub enum Message {
         subnet: Option<Ipv4Net>,
         #[serde(default)]
         incarnation: u32,
+        /// The sender's signature of its comeback record at `incarnation` (above 0), so
+        /// that a donor that has not heard of the comeback yet can write it down.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signed: Option<Signed>,
     },
     /// Paxos phase 1a/1b/2a/2b, and a refusal carrying the acceptor's promise.
     Prepare {
@@ -235,6 +242,7 @@ mod tests {
             range: "192.168.0.0/16".into(),
             digest: Some(7),
             gated: false,
+            sign_key: Some(crate::core::ipam::Signer::from_seed(&[1; 32]).public()),
         })
     }
 

@@ -19,7 +19,7 @@ use super::message::Message;
 use super::secure::PublicKey;
 use super::PeerName;
 use crate::core::ipam::paxos::Acceptor;
-use crate::core::ipam::{IpallocInit, Ipam};
+use crate::core::ipam::{IpallocInit, Ipam, SignKey};
 use crate::core::persist::PersistedState;
 use crate::core::rng::SplitMix64;
 use ipnet::Ipv4Net;
@@ -57,6 +57,9 @@ pub struct NodeConfig {
     /// With `WEAVE_PASSWORD`: the secret data keys are drawn from (the data plane is then
     /// sealed); `None` sends plain VXLAN.
     pub data_key_seed: Option<super::datakeys::KeySeed>,
+    /// Signs this node's ring records (tombstones it writes, its comebacks); its public
+    /// half goes out in the Hello. Derived from the static key (`Signer::seed_from_static`).
+    pub signer: crate::core::ipam::Signer,
 }
 
 /// Event counts for the report and metrics.
@@ -79,6 +82,9 @@ pub struct NodeCounters {
     pub peers_over_bound: u64,
     /// Rings refused because they removed a peer known to be alive (see gossip).
     pub refused_tombstones: u64,
+    /// Rings refused because a tombstone or comeback record in them was not signed by
+    /// the peer whose word it is (a forgery, or a key this node knows to be wrong).
+    pub forged_records: u64,
 }
 
 /// One control connection as the node sees it.
@@ -120,7 +126,8 @@ impl Node {
     /// `ipam` and `acceptor` may come from persisted state; if the ring already exists the
     /// node is ready at once (but allocates only once it has heard from a peer, if the
     /// ring names others). Call [`Node::start`] next.
-    pub fn new(cfg: NodeConfig, ipam: Ipam, acceptor: Acceptor) -> Node {
+    pub fn new(cfg: NodeConfig, mut ipam: Ipam, acceptor: Acceptor) -> Node {
+        ipam.set_signer(cfg.signer.clone());
         let gated = ipam.ring().is_some_and(|r| {
             r.seeds.iter().any(|s| s != &cfg.name) || r.entries.iter().any(|e| e.owner != cfg.name)
         });
@@ -186,6 +193,7 @@ impl Node {
         )
         .with_nicknames(self.gossip.nicknames.clone())
         .with_keys(self.gossip.keys.clone())
+        .with_sign_keys(self.gossip.sign_keys.clone())
         .with_tentative(self.tentative.keys().cloned().collect())
     }
 
@@ -209,6 +217,17 @@ impl Node {
     /// The key `name` is bound to, if any.
     pub fn bound_key(&self, name: &PeerName) -> Option<PublicKey> {
         self.gossip.keys.get(name).copied()
+    }
+
+    /// Restores the peers' record-signing keys (from [`PersistedState`]).
+    pub fn remember_sign_keys(&mut self, keys: BTreeMap<PeerName, SignKey>) {
+        self.gossip.sign_keys = keys;
+        self.gossip.sign_keys.remove(&self.cfg.name);
+    }
+
+    /// The record-signing key `name` is bound to, if any.
+    pub fn bound_sign_key(&self, name: &PeerName) -> Option<SignKey> {
+        self.gossip.sign_keys.get(name).copied()
     }
 
     /// Restores the nicknames of peers met before a restart (from [`PersistedState`]).
@@ -370,7 +389,8 @@ impl Node {
             Message::SpaceRequest {
                 subnet,
                 incarnation,
-            } => self.on_space_request(id, &from, incarnation, subnet, out),
+                signed,
+            } => self.on_space_request(id, &from, incarnation, signed, subnet, out),
             Message::Prepare { ballot } => self.on_prepare(id, ballot, out),
             Message::Promise { ballot, accepted } => self.on_promise(from, ballot, accepted, out),
             Message::Accept { ballot, value } => self.on_accept(id, ballot, value, out),

@@ -6,7 +6,7 @@ use super::secure::PublicKey;
 use super::*;
 use crate::core::datapath::aead::DataKey;
 use crate::core::ipam::paxos::Ballot;
-use crate::core::ipam::{IpallocInit, Ipam, IpamError, Ring};
+use crate::core::ipam::{IpallocInit, Ipam, IpamError, Ring, Signer};
 use ipnet::Ipv4Net;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -25,6 +25,11 @@ fn range() -> Ipv4Net {
     "192.168.0.0/16".parse().unwrap()
 }
 
+/// Node `i`'s record-signing key.
+fn signer(i: u8) -> Signer {
+    Signer::from_seed(&[i; 32])
+}
+
 fn node(i: u8, consensus: usize, uid: u64) -> Node {
     node_with(i, IpallocInit::Consensus(consensus), uid)
 }
@@ -40,6 +45,7 @@ fn node_with(i: u8, init: IpallocInit, uid: u64) -> Node {
         init,
         tentative_ticks: crate::core::mesh::TENTATIVE_TICKS,
         data_key_seed: Some(crate::core::mesh::KeySeed([i; 32])),
+        signer: signer(i),
     };
     Node::new(cfg, Ipam::new(name(i), range()), Default::default())
 }
@@ -476,6 +482,7 @@ fn a_donation_leaves_only_after_the_donor_saved_it() {
         Message::SpaceRequest {
             subnet: None,
             incarnation: 0,
+            signed: None,
         },
     );
     assert!(fx.save.is_some(), "{fx:?}");
@@ -692,7 +699,8 @@ fn a_ring_removing_a_live_peer_is_refused_and_counted() {
     net.run();
     // Node 3 turns hostile: it removes node 1 (heir: itself) in a ring of its own making.
     let mut forger = Ipam::restore(name(3), range(), net.nodes[2].ipam().state()).unwrap();
-    forger.rmpeer(&name(1)).unwrap();
+    forger.set_signer(signer(3));
+    forger.rmpeer(&name(1), Some(signer(1).public())).unwrap();
     let forged = forger.ring().unwrap().clone();
     assert!(forged.is_removed(&name(1)));
     let ring_before = net.nodes[1].ipam().ring().cloned();
@@ -862,6 +870,69 @@ fn a_digest_flood_gets_one_ring_per_tick() {
     assert_eq!(flood(&mut net.nodes[0]), 1, "and one in the next");
 }
 
+/// A removal is believed only as its remover's word: a ring removing a peer that is not
+/// connected to the receiver (the live-peer rule cannot tell) in the name of another
+/// member is refused, whether unsigned or signed with the forger's own key, and changes
+/// nothing; the same removal signed by that member is taken.
+#[test]
+fn a_removal_not_signed_by_its_remover_is_refused_and_counted() {
+    let mut net = Net::new(vec![node(1, 3, 11), node(2, 3, 12), node(3, 3, 13)]);
+    net.connect(0, 1);
+    let c_32 = net.connect(2, 1);
+    net.connect(2, 0);
+    net.run();
+    // Node 1 goes away (its connections close); node 2 no longer sees it alive.
+    let gone: Vec<ConnId> = net
+        .links
+        .iter()
+        .filter(|(_, &(a, b))| a == 0 || b == 0)
+        .map(|(&id, _)| id)
+        .collect();
+    for id in gone {
+        let (a, b) = net.links.remove(&id).unwrap();
+        for x in [a, b] {
+            let fx = net.nodes[x].on_closed(id, "gone");
+            net.absorb(x, fx);
+        }
+    }
+    net.run();
+    let state = net.nodes[1].ipam().state();
+    let removal_by = |by: u8, key: Option<Signer>| {
+        let mut r = Ipam::restore(name(by), range(), state.clone()).unwrap();
+        if let Some(k) = key {
+            r.set_signer(k);
+        }
+        r.rmpeer(&name(1), Some(signer(1).public())).unwrap();
+        r.ring().unwrap().clone()
+    };
+    let gossip = |ring: Ring| Message::Gossip {
+        peers: Vec::new(),
+        ring: Some(ring),
+        gated: false,
+        answer: false,
+    };
+    let before = net.nodes[1].ipam().ring().cloned();
+    // Removals of node 1 in node 3's name that node 3 did not sign: unsigned, and signed
+    // with a stranger's key (node 2 has node 3's key from its Hello).
+    for forged in [removal_by(3, None), removal_by(3, Some(signer(9)))] {
+        let fx = net.nodes[1].on_message(c_32, gossip(forged));
+        assert!(fx.save.is_none(), "a forged removal was merged: {fx:?}");
+    }
+    assert_eq!(net.nodes[1].counters().forged_records, 2);
+    assert_eq!(
+        net.nodes[1].ipam().ring().cloned(),
+        before,
+        "nothing changed"
+    );
+    let fx = net.nodes[1].on_message(c_32, gossip(removal_by(3, Some(signer(3)))));
+    assert!(
+        fx.save.is_some(),
+        "node 3's own removal was not taken: {fx:?}"
+    );
+    assert!(net.nodes[1].ipam().ring().unwrap().is_removed(&name(1)));
+    assert_eq!(net.nodes[1].counters().forged_records, 2);
+}
+
 #[test]
 fn two_nodes_in_their_restart_gates_do_not_vouch_for_each_other() {
     let mut net = Net::new(vec![node(1, 3, 11), node(2, 3, 12), node(3, 3, 13)]);
@@ -870,7 +941,8 @@ fn two_nodes_in_their_restart_gates_do_not_vouch_for_each_other() {
     net.connect(2, 0);
     net.run();
     let mut remover = Ipam::restore(name(3), range(), net.nodes[2].ipam().state()).unwrap();
-    remover.rmpeer(&name(1)).unwrap();
+    remover.set_signer(signer(3));
+    remover.rmpeer(&name(1), Some(signer(1).public())).unwrap();
     let removal = remover.ring().unwrap().clone();
     let gossip = |ring: Ring| Message::Gossip {
         peers: Vec::new(),
