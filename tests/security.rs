@@ -568,10 +568,11 @@ struct Intrusion {
 
 /// Joins node `to` as `mallory` (open mode: no password, so the handshake admits anyone),
 /// waits for the node's ring, then sends: rings tombstoning `victim` (live) in favour of
-/// `heir` (signed with the stranger's key) and of itself (signed); a gossip of 5,000 invented peers; and Digests that each ask for the whole ring,
+/// `heir` (signed with the stranger's key) and of itself (signed), and one giving `heir`'s
+/// entries to itself; a gossip of 5,000 invented peers; and Digests that each ask for the whole ring,
 /// without ever reading again.
 fn intrude(ns: &str, to: SocketAddr, victim: PeerName, heir: PeerName) -> Intrusion {
-    use weft::core::ipam::ring::PeerRecord;
+    use weft::core::ipam::ring::{Deed, PeerRecord};
     use weft::core::ipam::Signer;
     use weft::core::mesh::message::{Hello, Message, PeerSummary, PROTOCOL, PROTOCOL_VERSION};
     use weft::core::mesh::secure::{Mode, StaticKey};
@@ -626,15 +627,54 @@ fn intrude(ns: &str, to: SocketAddr, victim: PeerName, heir: PeerName) -> Intrus
                     };
                     rec.signed = Some(signer.sign(&rec.message(forged.range, &victim)));
                     forged.peers.insert(victim.clone(), rec);
+                    let range = forged.range;
                     for e in forged.entries.iter_mut().filter(|e| e.owner == victim) {
+                        let mut d = Deed {
+                            n: e.deeds.len() as u32,
+                            era: e.era + 2,
+                            to: by.clone(),
+                            inc: 0,
+                            takeover: true,
+                            start: e.start,
+                            end: u64::from(e.start) + 1,
+                            signed: None,
+                        };
+                        d.signed = Some(signer.sign(&d.message(range)));
+                        let mut deeds = e.deeds.to_vec();
+                        deeds.push(d);
+                        e.deeds = deeds.into();
                         e.owner = by.clone();
                         e.version = 0;
                         e.era += 2;
                     }
                     forged
                 };
+                // And a ring that simply gives `heir`'s entries to mallory, as a gift
+                // that only mallory signed.
+                let mut stolen = ring.clone();
+                let range = stolen.range;
+                for e in stolen.entries.iter_mut().filter(|e| e.owner == heir) {
+                    let mut d = Deed {
+                        n: e.deeds.len() as u32,
+                        era: e.era + 1,
+                        to: mallory.clone(),
+                        inc: 0,
+                        takeover: false,
+                        start: e.start,
+                        end: u64::from(e.start) + 1,
+                        signed: None,
+                    };
+                    d.signed = Some(signer.sign(&d.message(range)));
+                    let mut deeds = e.deeds.to_vec();
+                    deeds.push(d);
+                    e.deeds = deeds.into();
+                    e.owner = mallory.clone();
+                    e.era += 1;
+                    e.version = 1;
+                    e.signed = Some(signer.sign(&e.message(range)));
+                }
                 let mut sent = true;
-                for forged in [tombstone(&heir), tombstone(&mallory)] {
+                for forged in [tombstone(&heir), tombstone(&mallory), stolen] {
                     sent &= writer
                         .send(&Message::Gossip {
                             peers: Vec::new(),
@@ -706,9 +746,8 @@ fn intrude(ns: &str, to: SocketAddr, victim: PeerName, heir: PeerName) -> Intrus
 /// the stranger joins and attacks from inside. A forged tombstone of a live member is
 /// refused and counted, 5,000 invented peers are ignored (no dial storm, no metric
 /// series), a reader that never reads is disconnected and the node's memory stays flat;
-/// pods keep their addresses and keep talking. (A ring handing a member's entries to the
-/// stranger, without a tombstone, is still taken by the other members: the gap that
-/// entries signed by their owners would close, README "Not done yet".)
+/// pods keep their addresses and keep talking. A ring handing a member's entries to the
+/// stranger (a gift their owner never signed) is refused and counted too.
 fn a_member_turned_hostile_is_contained() {
     let mut c = cluster(4);
     start_members(&mut c, &[]);
@@ -742,8 +781,8 @@ fn a_member_turned_hostile_is_contained() {
         weft_testbed::metric_sum(&m, "weft_control_refused_total", &[("reason", reason)])
     };
     assert!(
-        refused("forged_record") >= 1.0,
-        "tombstone in another member's name not refused:\n{m}"
+        refused("forged_record") >= 2.0,
+        "tombstone in another member's name, or gift of its entries, not refused:\n{m}"
     );
     assert!(
         refused("tombstone_of_live_peer") >= 1.0,

@@ -1150,9 +1150,14 @@ pub fn run_scenario(sc: &Scenario) -> Result<Sim, String> {
                     .copied()
                     .filter(|&v| !sim.node(v).is_gated())
                     .collect();
-                if !victims.is_empty() {
+                // The forger works from a copy of a current ring (a node past its gate):
+                // relaying a restarted node's stale ring as a live member's word would
+                // open the gates of other restarted nodes, a power of members that
+                // the forger does not have.
+                let heirs: Vec<usize> = victims.clone();
+                if victims.len() >= 2 {
                     let v = victims[sim.rng.below(victims.len() as u64) as usize];
-                    let h = *up.iter().find(|&&h| h != v).expect("3 up");
+                    let h = *heirs.iter().find(|&&h| h != v).expect("2 past their gates");
                     sim.inject_forged_tombstone(v, h);
                 }
             }

@@ -338,8 +338,10 @@ impl Ipam {
         let mut trial = ring.clone();
         let n = trial.remove_peer(&self.me, dead)?;
         if let Some(rec) = trial.peers.get_mut(dead) {
-            if rec.removed_by.as_ref() == Some(&self.me) && rec.key.is_none() {
+            if rec.removed_by.as_ref() == Some(&self.me) && rec.key.is_none() && dead_key.is_some()
+            {
                 rec.key = dead_key;
+                rec.signed = None;
             }
         }
         *ring = trial;
@@ -711,10 +713,12 @@ impl Ipam {
         };
         let report = [(entry.start, count)];
         let me = self.me.clone();
-        Ok(self
+        let changed = self
             .ring
             .as_mut()
-            .map_or(Ok(false), |r| r.report_free(&me, &report))?)
+            .map_or(Ok(false), |r| r.report_free(&me, &report))?;
+        self.sign_own();
+        Ok(changed)
     }
 
     /// Brings the free counts of all my entries up to date.
@@ -729,10 +733,12 @@ impl Ipam {
             .map(|(first, last)| (first, self.free_count(Span::inclusive(first, last))))
             .collect();
         let me = self.me.clone();
-        Ok(self
+        let changed = self
             .ring
             .as_mut()
-            .map_or(Ok(false), |r| r.report_free(&me, &report))?)
+            .map_or(Ok(false), |r| r.report_free(&me, &report))?;
+        self.sign_own();
+        Ok(changed)
     }
 }
 

@@ -65,9 +65,127 @@ pub struct Entry {
     /// incarnation are orphans, not space given to the peer after it came back.
     #[serde(default)]
     pub inc: u32,
+    /// How the addresses at this token came to their owner since the ring was seeded:
+    /// every transfer, signed by the peer that made it (see `Deed`).
+    #[serde(default, skip_serializing_if = "Deeds::is_empty")]
+    pub deeds: Deeds,
+    /// The owner's signature of this state of the entry (`entry_message`); None on a
+    /// change until the owner signs it, and on the seeded entries nobody changed yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<Signed>,
+}
+
+/// An entry's deeds, shared between the replicas and cuts of one history: rings are
+/// cloned and compared on every merge, and a history is written far less often.
+#[derive(Clone, Debug, Default, Eq)]
+pub struct Deeds(std::sync::Arc<Vec<Deed>>);
+
+impl PartialEq for Deeds {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl std::ops::Deref for Deeds {
+    type Target = Vec<Deed>;
+    fn deref(&self) -> &Vec<Deed> {
+        &self.0
+    }
+}
+
+impl Deeds {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn make_mut(&mut self) -> &mut Vec<Deed> {
+        std::sync::Arc::make_mut(&mut self.0)
+    }
+}
+
+impl From<Vec<Deed>> for Deeds {
+    fn from(v: Vec<Deed>) -> Deeds {
+        Deeds(std::sync::Arc::new(v))
+    }
+}
+
+impl Serialize for Deeds {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Deeds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<Deed>::deserialize(d).map(Deeds::from)
+    }
+}
+
+/// One transfer of the addresses at a token: a gift by their owner (a donation, a whole
+/// entry given away or surrendered), signed by the giver, or a takeover of a removed
+/// peer's addresses, signed by the heir taking them. A receiver replays an entry's deeds
+/// from the seeded owner: each must be signed by the peer entitled to make it, so no
+/// member can give itself (or anyone) addresses their owner did not give away.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deed {
+    /// Position in the entry's deeds (signed, so a deed cannot be replayed elsewhere).
+    pub n: u32,
+    /// The entry's era after the transfer.
+    pub era: u32,
+    pub to: PeerName,
+    /// The incarnation of `to` that got the addresses.
+    pub inc: u32,
+    #[serde(default)]
+    pub takeover: bool,
+    /// The addresses transferred: `start` up to `end` (exclusive).
+    pub start: u32,
+    pub end: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<Signed>,
+}
+
+impl Deed {
+    pub fn message(&self, range: Ipv4Net) -> Vec<u8> {
+        let mut m = Vec::with_capacity(64);
+        m.extend_from_slice(b"weft ring deed v1\0");
+        m.extend_from_slice(&range.network().octets());
+        m.push(range.prefix_len());
+        m.extend_from_slice(&self.n.to_be_bytes());
+        m.extend_from_slice(&self.era.to_be_bytes());
+        sign::put_name(&mut m, &self.to);
+        m.extend_from_slice(&self.inc.to_be_bytes());
+        m.push(u8::from(self.takeover));
+        m.extend_from_slice(&self.start.to_be_bytes());
+        m.extend_from_slice(&self.end.to_be_bytes());
+        m
+    }
 }
 
 impl Entry {
+    /// Whether the owner's signature of the state is needed: not at version 0, as the
+    /// ring was seeded or a transfer made it (owner, era and incarnation follow from the
+    /// seeds and the signed deeds; the free count is the giver's estimate, which the
+    /// owner's first report replaces). Leaving those unsigned also keeps replicas equal
+    /// without a round of gossip.
+    pub fn needs_owner_signature(&self) -> bool {
+        self.version > 0
+    }
+
+    /// The bytes the owner's signature of this state covers (`range`: the ring's).
+    pub fn message(&self, range: Ipv4Net) -> Vec<u8> {
+        let mut m = Vec::with_capacity(64);
+        m.extend_from_slice(b"weft ring entry v1\0");
+        m.extend_from_slice(&range.network().octets());
+        m.push(range.prefix_len());
+        m.extend_from_slice(&self.start.to_be_bytes());
+        sign::put_name(&mut m, &self.owner);
+        for w in [self.version, self.free, self.era, self.inc] {
+            m.extend_from_slice(&w.to_be_bytes());
+        }
+        m.extend_from_slice(&(self.deeds.len() as u32).to_be_bytes());
+        m
+    }
+
     /// The merge order of two replicas of the entry at one token (module comment).
     pub fn key(&self) -> (u32, Reverse<&PeerName>, u32, u32, u32) {
         (
@@ -115,7 +233,8 @@ impl PeerRecord {
         )
     }
 
-    fn key(&self) -> (u32, bool, Reverse<Option<&PeerName>>) {
+    /// The merge order of two replicas of a peer's record (module comment).
+    pub fn key(&self) -> (u32, bool, Reverse<Option<&PeerName>>) {
         (
             self.incarnation,
             self.removed_by.is_some(),
@@ -232,6 +351,8 @@ impl Ring {
                 free: capacity_u32(range, span),
                 era: 0,
                 inc: 0,
+                deeds: Deeds::default(),
+                signed: None,
             });
             cur += size;
         }
@@ -330,6 +451,7 @@ impl Ring {
             if e.free != count {
                 e.free = count;
                 e.version += 1;
+                e.signed = None;
                 changed = true;
             }
         }
@@ -369,6 +491,20 @@ impl Ring {
         } else {
             self.record(new_owner).incarnation
         };
+        let mut deeds = e.deeds.clone();
+        if new_owner != me {
+            let n = deeds.len() as u32;
+            deeds.make_mut().push(Deed {
+                n,
+                era: e.era,
+                to: new_owner.clone(),
+                inc,
+                takeover: false,
+                start: at,
+                end: right.end,
+                signed: None,
+            });
+        }
         let new = Entry {
             start: at,
             owner: new_owner.clone(),
@@ -376,10 +512,13 @@ impl Ring {
             free: old_free.min(capacity_u32(self.range, right)),
             era: e.era,
             inc,
+            deeds,
+            signed: None,
         };
         let e = &mut self.entries[i];
         e.version += 1;
         e.free = old_free.min(capacity_u32(self.range, left));
+        e.signed = None;
         self.entries.insert(i + 1, new);
         Ok(())
     }
@@ -541,7 +680,10 @@ impl Ring {
             match (ta, tb) {
                 (Some(x), Some(y)) if x == y => {
                     let (ea, eb) = (&a[i], &b[j]);
-                    out.push(if eb.key() > ea.key() { eb } else { ea }.clone());
+                    // Equal states differ at most in being signed yet (a seeded entry its
+                    // owner signed): the signed copy wins, so replicas converge.
+                    let wins = (eb.key(), eb.signed.is_some()) > (ea.key(), ea.signed.is_some());
+                    out.push(if wins { eb } else { ea }.clone());
                     i += 1;
                     j += 1;
                 }
@@ -563,7 +705,9 @@ impl Ring {
         let mut peers = self.peers.clone();
         for (name, rec) in &other.peers {
             match peers.get(name) {
-                Some(have) if have.key() >= rec.key() => {}
+                Some(have)
+                    if (have.key(), have.signed.is_some()) >= (rec.key(), rec.signed.is_some()) => {
+                }
                 _ => {
                     peers.insert(name.clone(), rec.clone());
                 }
@@ -618,10 +762,22 @@ impl Ring {
         let Some(era) = e.era.checked_add(bump) else {
             return Err(RingError::VersionExhausted(space::addr(e.start)));
         };
+        let n = e.deeds.len() as u32;
+        e.deeds.make_mut().push(Deed {
+            n,
+            era,
+            to: to.clone(),
+            inc,
+            takeover: bump == TAKEOVER_ERAS,
+            start: span.start,
+            end: span.end,
+            signed: None,
+        });
         e.era = era;
         e.version = 0;
         e.owner = to.clone();
         e.inc = inc;
+        e.signed = None;
         Ok(span.len())
     }
 
@@ -713,25 +869,62 @@ impl Ring {
         Ok(())
     }
 
-    /// Signs every record that is `me`'s word (tombstones it wrote, its own comeback) and
-    /// does not carry `signer`'s signature yet. Returns true if any changed.
+    /// Signs what is `me`'s word and not signed by `signer` yet: records (tombstones it
+    /// wrote, its own comeback), deeds (its gifts, its takeovers) and the state of its
+    /// entries. Every change of these clears the signature, so the unsigned ones are
+    /// exactly those changed here. Returns true if anything changed.
     pub(crate) fn sign_own(&mut self, me: &PeerName, signer: &Signer) -> bool {
         let range = self.range;
+        let mine = Some(signer.public());
         let mut changed = false;
         for (peer, rec) in self.peers.iter_mut() {
-            if rec.writer(peer) != me {
+            if rec.writer(peer) != me || rec.signed.map(|s| s.key) == mine {
                 continue;
             }
             if peer == me {
-                rec.key = Some(signer.public());
+                rec.key = mine;
             }
-            let signed = signer.sign(&rec.message(range, peer));
-            if rec.signed != Some(signed) {
-                rec.signed = Some(signed);
+            rec.signed = Some(signer.sign(&rec.message(range, peer)));
+            changed = true;
+        }
+        let mut seeded: Option<Option<Ring>> = None;
+        for i in 0..self.entries.len() {
+            let start = self.entries[i].start;
+            for k in 0..self.entries[i].deeds.len() {
+                let d = &self.entries[i].deeds[k];
+                if d.signed.is_some() {
+                    continue;
+                }
+                let entitled = if d.takeover {
+                    &d.to == me
+                } else if k > 0 {
+                    &self.entries[i].deeds[k - 1].to == me
+                } else {
+                    let seeds =
+                        seeded.get_or_insert_with(|| Ring::seeded(self.range, &self.seeds).ok());
+                    seeds.as_ref().and_then(|r| r.owner_of(start)) == Some(me)
+                };
+                if entitled {
+                    let d = &mut self.entries[i].deeds.make_mut()[k];
+                    d.signed = Some(signer.sign(&d.message(range)));
+                    changed = true;
+                }
+            }
+            let e = &mut self.entries[i];
+            if &e.owner == me && e.needs_owner_signature() && e.signed.map(|s| s.key) != mine {
+                e.signed = Some(signer.sign(&e.message(range)));
                 changed = true;
             }
         }
         changed
+    }
+
+    /// The peer that owned the addresses at `addr` when the ring was seeded.
+    pub fn seed_owner_of(&self, addr: u32) -> Option<PeerName> {
+        Ring::seeded(self.range, &self.seeds)
+            .ok()?
+            .owner_of(addr)
+            .cloned()
     }
 
     /// Notes that `peer` told us it lives as `incarnation`, with its signature of that
@@ -778,12 +971,18 @@ impl Ring {
         for e in &self.entries {
             h.word(u64::from(e.start) << 32 | u64::from(e.version));
             h.word(u64::from(e.free) << 32 | u64::from(e.era));
-            h.word(u64::from(e.inc));
+            // Whether it is signed yet (a seeded entry its owner signed): replicas that
+            // differ only there must still exchange rings to converge.
+            h.word(
+                u64::from(e.inc)
+                    | u64::from(e.signed.is_some()) << 32
+                    | (e.deeds.len() as u64) << 33,
+            );
             h.bytes(e.owner.as_str().as_bytes());
         }
         for (name, r) in &self.peers {
             h.bytes(name.as_str().as_bytes());
-            h.word(u64::from(r.incarnation));
+            h.word(u64::from(r.incarnation) | u64::from(r.signed.is_some()) << 32);
             if let Some(by) = &r.removed_by {
                 h.bytes(by.as_str().as_bytes());
             }
@@ -1169,6 +1368,8 @@ mod tests {
                 free: 0,
                 era: 0,
                 inc: 0,
+                deeds: Deeds::default(),
+                signed: None,
             },
         );
         c.validate().unwrap();
@@ -1276,6 +1477,8 @@ mod tests {
                 free: 64,
                 era: 0,
                 inc: 0,
+                deeds: Deeds::default(),
+                signed: None,
             },
         );
         rogue.validate().unwrap();

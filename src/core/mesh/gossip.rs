@@ -23,7 +23,7 @@ use super::message::{Message, PeerSummary, MAX_SUMMARIES};
 use super::node::{Node, FANOUT, GATE_TICKS, PEERS_EVERY};
 use super::secure::PublicKey;
 use super::PeerName;
-use crate::core::ipam::{PeerRecord, Ring, SignKey, Signed};
+use crate::core::ipam::{Ring, SignKey};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -262,17 +262,18 @@ impl Node {
         flags: RingFlags,
         out: &mut Outbox,
     ) -> bool {
-        if let Some((peer, why)) = self.unsigned_record(ring) {
-            self.counters.forged_records += 1;
-            let why = format!(
-                "refused the IP ring from {from}: its record of {peer} is not that peer's or its remover's word: {why}"
-            );
-            if self.gossip.ring_error.as_deref() != Some(why.as_str()) {
-                out.warn(why.clone());
-                self.gossip.ring_error = Some(why);
+        let tofu = match self.check_provenance(ring) {
+            Ok(tofu) => tofu,
+            Err(why) => {
+                self.counters.forged_records += 1;
+                let why = format!("refused the IP ring from {from}: {why}");
+                if self.gossip.ring_error.as_deref() != Some(why.as_str()) {
+                    out.warn(why.clone());
+                    self.gossip.ring_error = Some(why);
+                }
+                return true;
             }
-            return true;
-        }
+        };
         if let Some(alive) = self.forged_tombstone(ring) {
             self.counters.refused_tombstones += 1;
             let why = format!(
@@ -287,7 +288,7 @@ impl Node {
         let was_ready = self.ipam.is_ready();
         let o = match self.ipam.merge_ring(ring) {
             Ok(o) => {
-                self.bind_record_keys(ring);
+                self.bind_keys(tofu);
                 o
             }
             Err(e) => {
@@ -342,122 +343,6 @@ impl Node {
         }
         self.check_want(out);
         true
-    }
-
-    /// This node's signature of its comeback record, if it came back (incarnation > 0).
-    pub(super) fn own_comeback_signature(&self) -> Option<Signed> {
-        let inc = self.ipam.incarnation();
-        let rec = self.ipam.ring()?.peers.get(&self.cfg.name)?;
-        (inc > 0 && rec.incarnation == inc && rec.removed_by.is_none())
-            .then_some(rec.signed)
-            .flatten()
-    }
-
-    /// Whether `rec`, the record of `peer` in `ring`, carries the signature of the peer
-    /// whose word it is (its remover, or the peer itself for a comeback).
-    ///
-    /// The writer's key is, in this order: this node's own (a record in this node's name
-    /// that it did not sign is forged, so an heir is never fooled into taking over); the
-    /// key the writer is bound to here; for a removed writer, the key its remover vouched
-    /// for in its tombstone (itself checked the same way); else the key the record carries,
-    /// bound once the ring is merged. A removed peer's own comeback may carry a new key:
-    /// rmpeer released its binding at the remover, and it may return reinstalled.
-    pub(super) fn record_signature_ok(
-        &self,
-        ring: &Ring,
-        peer: &PeerName,
-        rec: &PeerRecord,
-    ) -> Result<(), String> {
-        self.check_record(ring, peer, rec, 0)
-    }
-
-    fn check_record(
-        &self,
-        ring: &Ring,
-        peer: &PeerName,
-        rec: &PeerRecord,
-        depth: usize,
-    ) -> Result<(), String> {
-        let writer = rec.writer(peer);
-        let Some(signed) = rec.signed else {
-            return Err(format!("it is not signed by {writer}"));
-        };
-        let expected = if writer == &self.cfg.name {
-            Some(self.cfg.signer.public())
-        } else if let Some(k) = self.gossip.sign_keys.get(writer) {
-            Some(*k)
-        } else {
-            match ring.peers.get(writer) {
-                // A chain of removals is at most as long as the ring's record list.
-                Some(wrec) if wrec.removed_by.is_some() && writer != peer => {
-                    if depth > ring.peers.len() {
-                        return Err(format!("the removals of {writer} form a cycle"));
-                    }
-                    self.check_record(ring, writer, wrec, depth + 1)
-                        .map_err(|e| format!("the record of its writer {writer}: {e}"))?;
-                    wrec.key
-                }
-                _ => None,
-            }
-        };
-        let comeback_after_removal = rec.removed_by.is_none()
-            && self.ipam.ring().is_some_and(|r| {
-                r.peers.get(peer).is_some_and(|old| {
-                    old.removed_by.is_some() && old.incarnation < rec.incarnation
-                })
-            });
-        if let Some(k) = expected {
-            if k != signed.key && !(comeback_after_removal && writer != &self.cfg.name) {
-                return Err(format!(
-                    "it is signed with key {}, but {writer} signs with {k}",
-                    signed.key
-                ));
-            }
-        }
-        if !signed.verifies(&rec.message(ring.range, peer)) {
-            return Err(format!("its signature by {writer} does not verify"));
-        }
-        Ok(())
-    }
-
-    /// The first record of `ring` that differs from ours and is not signed by the peer
-    /// whose word it is: a tombstone not signed by its remover (heir), or a comeback not
-    /// signed by the peer. A member can thus forge no removal but its own (and those are
-    /// checked by `forged_tombstone`), whatever heir it names.
-    fn unsigned_record(&self, ring: &Ring) -> Option<(PeerName, String)> {
-        let ours = self.ipam.ring();
-        ring.peers.iter().find_map(|(peer, rec)| {
-            if ours.and_then(|r| r.peers.get(peer)) == Some(rec) {
-                return None;
-            }
-            self.record_signature_ok(ring, peer, rec)
-                .err()
-                .map(|why| (peer.clone(), why))
-        })
-    }
-
-    /// After `ring` was merged: binds the keys its winning records were signed with, for
-    /// writers this node has no key of yet, and for a removed peer's comeback (checked by
-    /// `record_signature_ok`: it may come back reinstalled, with a new key).
-    fn bind_record_keys(&mut self, ring: &Ring) {
-        let mut bind = Vec::new();
-        let merged = self.ipam.ring();
-        for (peer, rec) in &ring.peers {
-            let (writer, Some(s)) = (rec.writer(peer), rec.signed) else {
-                continue;
-            };
-            if writer == &self.cfg.name || merged.and_then(|r| r.peers.get(peer)) != Some(rec) {
-                continue;
-            }
-            let bound = self.gossip.sign_keys.get(writer);
-            if bound.is_none() || (rec.removed_by.is_none() && bound != Some(&s.key)) {
-                bind.push((writer.clone(), s.key));
-            }
-        }
-        if !bind.is_empty() {
-            self.gossip.sign_keys.extend(bind);
-            self.touch();
-        }
     }
 
     /// A tombstone in `ring` that this node knows to be false: it removes this node while

@@ -11,6 +11,7 @@ mod local;
 pub mod message;
 mod node;
 pub mod peer;
+mod provenance;
 pub mod secure;
 pub mod view;
 

@@ -163,7 +163,7 @@ fn three_nodes_agree_on_one_ring_in_any_connection_order() {
         }
         let rings: Vec<_> = net.nodes.iter().map(|n| n.ipam().ring().cloned()).collect();
         assert!(rings[0].is_some());
-        assert!(rings.iter().all(|r| r == &rings[0]));
+        assert!(rings.iter().all(|r| r == &rings[0]), "{rings:#?}");
         // The first two connected decided (quorum 2 of 3); the third owns nothing yet.
         assert_eq!(rings[0].as_ref().unwrap().seeds.len(), 2);
         assert!(net.closed.is_empty(), "{:?}", net.closed);
@@ -931,6 +931,108 @@ fn a_removal_not_signed_by_its_remover_is_refused_and_counted() {
     );
     assert!(net.nodes[1].ipam().ring().unwrap().is_removed(&name(1)));
     assert_eq!(net.nodes[1].counters().forged_records, 2);
+}
+
+/// Entries change only by their owners' word: a member that gives itself another
+/// member's entry (as a gift in the owner's name, or as a takeover without a removal),
+/// or rewrites another member's entry state, sends a ring that is refused and counted,
+/// and nothing changes.
+#[test]
+fn a_ring_changing_another_members_entry_is_refused_and_counted() {
+    use crate::core::ipam::ring::Deed;
+    let mut net = Net::new(vec![node(1, 3, 11), node(2, 3, 12), node(3, 3, 13)]);
+    net.connect(0, 1);
+    let c_31 = net.connect(2, 0);
+    net.connect(2, 1);
+    net.run();
+    let honest = net.nodes[2].ipam().ring().unwrap().clone();
+    let range = honest.range;
+    let victim = honest
+        .entries
+        .iter()
+        .position(|e| e.owner == name(2))
+        .expect("node 2 owns an entry");
+    let end = honest
+        .entries
+        .get(victim + 1)
+        .map_or(u64::from(u32::from(range.broadcast())) + 1, |e| {
+            u64::from(e.start)
+        });
+    let hostile = signer(3);
+    let forge = |takeover: bool, sign_as_owner: bool| {
+        let mut r = honest.clone();
+        let e = &mut r.entries[victim];
+        let mut d = Deed {
+            n: e.deeds.len() as u32,
+            era: e.era + if takeover { 2 } else { 1 },
+            to: name(3),
+            inc: 0,
+            takeover,
+            start: e.start,
+            end,
+            signed: None,
+        };
+        d.signed = Some(hostile.sign(&d.message(range)));
+        let mut deeds = e.deeds.to_vec();
+        deeds.push(d);
+        e.deeds = deeds.into();
+        e.era += if takeover { 2 } else { 1 };
+        e.owner = name(3);
+        e.version = 1;
+        if sign_as_owner {
+            e.signed = Some(hostile.sign(&e.message(range)));
+        }
+        r
+    };
+    let mut rewritten = honest.clone();
+    let e = &mut rewritten.entries[victim];
+    e.version += 7;
+    e.free = 0;
+    e.signed = Some(hostile.sign(&e.message(range)));
+    let before = net.nodes[0].ipam().ring().cloned();
+    for (k, forged) in [forge(false, true), forge(true, true), rewritten]
+        .into_iter()
+        .enumerate()
+    {
+        let fx = net.nodes[0].on_message(
+            c_31,
+            Message::Gossip {
+                peers: Vec::new(),
+                ring: Some(forged),
+                gated: false,
+                answer: false,
+            },
+        );
+        assert!(fx.save.is_none(), "forgery {k} was merged: {fx:?}");
+        assert_eq!(net.nodes[0].counters().forged_records, k as u64 + 1);
+    }
+    assert_eq!(
+        net.nodes[0].ipam().ring().cloned(),
+        before,
+        "nothing changed"
+    );
+    // The same gift signed by its owner is a real one, and is taken.
+    let mut gift = forge(false, true);
+    let e = &mut gift.entries[victim];
+    let mut deeds = e.deeds.to_vec();
+    let d = deeds.last_mut().unwrap();
+    d.signed = Some(signer(2).sign(&d.message(range)));
+    e.deeds = deeds.into();
+    let fx = net.nodes[0].on_message(
+        c_31,
+        Message::Gossip {
+            peers: Vec::new(),
+            ring: Some(gift),
+            gated: false,
+            answer: false,
+        },
+    );
+    assert!(fx.save.is_some(), "the owner's gift was not taken: {fx:?}");
+    assert_eq!(net.nodes[0].counters().forged_records, 3);
+    assert_eq!(
+        net.nodes[0].ipam().ring().unwrap().entries[victim].owner,
+        name(3)
+    );
 }
 
 #[test]
