@@ -257,6 +257,24 @@ pub fn ip_in(ns: &str, args: &[&str]) -> Result<String> {
     ip(&all)
 }
 
+/// Waits until `dev` in `ns` is operationally up. A veth's carrier comes up with its
+/// peer, but the kernel attaches the device's queue only when its link watcher runs,
+/// which under load can be a moment later; a datagram sent before that is dropped
+/// without a trace (this once lost a test's first datagram in CI).
+pub fn wait_link_up(ns: &str, dev: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let line = ip_in(ns, &["-o", "link", "show", "dev", dev])?;
+        if line.contains("state UP") {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(failed(format!("{dev} in {ns} is not up after 5 s: {line}")));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn create_netns(ns: &str) -> Result<()> {
     ip(&["netns", "add", ns])?;
     register_ns(ns);
@@ -1275,7 +1293,8 @@ impl Cluster {
                 ip_in(ns, &["route", "add", "default", "via", &gw.to_string()])?;
             }
         }
-        Ok(())
+        wait_link_up(u, port)?;
+        wait_link_up(ns, "eth0")
     }
 
     /// A bare namespace, removed with the cluster: `{prefix}-{name}`.
