@@ -123,6 +123,7 @@ fn staggered_start_late_joiner_rmpeer_and_restart() {
     // The late joiner owns nothing at first and must obtain space from the others.
     ok(c.start_router(3), "start n4");
     ok(c.wait_ready(3, READY), "n4 ready");
+    ok(c.wait_overlay_address(3, READY), "n4 given space");
     let e = ok(c.add_pod(3, "e"), "ADD e on n4 (needs donated space)");
     assert_unique(&[&a, &b, &d, &e]);
     let n4 = c.nodes[3].name.clone();

@@ -1496,6 +1496,35 @@ impl Cluster {
         Ok(status)
     }
 
+    /// Waits until node `i`'s router has given its overlay interface (`weave`) an
+    /// address: only then can the plugin attach pods (before, it answers CNI code 11 and
+    /// a runtime retries). `/status` answers 200 earlier, as soon as there is a ring; a
+    /// node that joins late gets its own address only once it was given space.
+    pub fn wait_overlay_address(&mut self, i: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = ip_in(
+                &self.nodes[i].ns,
+                &["-o", "-4", "addr", "show", "dev", "weave"],
+            )
+            .unwrap_or_default();
+            if out.contains(" inet ") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(TestbedError::Timeout {
+                    what: format!(
+                        "router {} to address its overlay interface; log tail:\n{}",
+                        self.nodes[i].nickname,
+                        self.log_tail(i, 30)
+                    ),
+                    after: timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Polls `GET /status` in node `i` until it answers 200. Fails at once if the router
     /// process exits.
     pub fn wait_ready(&mut self, i: usize, timeout: Duration) -> Result<()> {
