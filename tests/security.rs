@@ -558,6 +558,34 @@ fn the_data_plane_is_sealed_and_spoofed_or_replayed_datagrams_go_nowhere() {
     );
 }
 
+/// Appends a deed handing entry `e` to `to` (a takeover: two eras up; a gift: one),
+/// signed by `signer` whoever should have signed it, and makes `to` the owner.
+fn hand_over(
+    e: &mut weft::core::ipam::Entry,
+    to: &PeerName,
+    takeover: bool,
+    signer: &weft::core::ipam::Signer,
+    range: ipnet::Ipv4Net,
+) {
+    let era = e.era + if takeover { 2 } else { 1 };
+    let mut d = weft::core::ipam::ring::Deed {
+        n: e.deeds.len() as u32,
+        era,
+        to: to.clone(),
+        inc: 0,
+        takeover,
+        start: e.start,
+        end: u64::from(e.start) + 1,
+        signed: None,
+    };
+    d.signed = Some(signer.sign(&d.message(range)));
+    let mut deeds = e.deeds.to_vec();
+    deeds.push(d);
+    e.deeds = deeds.into();
+    e.owner = to.clone();
+    e.era = era;
+}
+
 /// What a stranger that joined sends, speaking weft's own protocol (the library's
 /// handshake and framing), and what it got back before the node hung up.
 struct Intrusion {
@@ -572,7 +600,7 @@ struct Intrusion {
 /// entries to itself; a gossip of 5,000 invented peers; and Digests that each ask for the whole ring,
 /// without ever reading again.
 fn intrude(ns: &str, to: SocketAddr, victim: PeerName, heir: PeerName) -> Intrusion {
-    use weft::core::ipam::ring::{Deed, PeerRecord};
+    use weft::core::ipam::ring::PeerRecord;
     use weft::core::ipam::Signer;
     use weft::core::mesh::message::{Hello, Message, PeerSummary, PROTOCOL, PROTOCOL_VERSION};
     use weft::core::mesh::secure::{Mode, StaticKey};
@@ -629,23 +657,8 @@ fn intrude(ns: &str, to: SocketAddr, victim: PeerName, heir: PeerName) -> Intrus
                     forged.peers.insert(victim.clone(), rec);
                     let range = forged.range;
                     for e in forged.entries.iter_mut().filter(|e| e.owner == victim) {
-                        let mut d = Deed {
-                            n: e.deeds.len() as u32,
-                            era: e.era + 2,
-                            to: by.clone(),
-                            inc: 0,
-                            takeover: true,
-                            start: e.start,
-                            end: u64::from(e.start) + 1,
-                            signed: None,
-                        };
-                        d.signed = Some(signer.sign(&d.message(range)));
-                        let mut deeds = e.deeds.to_vec();
-                        deeds.push(d);
-                        e.deeds = deeds.into();
-                        e.owner = by.clone();
+                        hand_over(e, by, true, &signer, range);
                         e.version = 0;
-                        e.era += 2;
                     }
                     forged
                 };
@@ -654,22 +667,7 @@ fn intrude(ns: &str, to: SocketAddr, victim: PeerName, heir: PeerName) -> Intrus
                 let mut stolen = ring.clone();
                 let range = stolen.range;
                 for e in stolen.entries.iter_mut().filter(|e| e.owner == heir) {
-                    let mut d = Deed {
-                        n: e.deeds.len() as u32,
-                        era: e.era + 1,
-                        to: mallory.clone(),
-                        inc: 0,
-                        takeover: false,
-                        start: e.start,
-                        end: u64::from(e.start) + 1,
-                        signed: None,
-                    };
-                    d.signed = Some(signer.sign(&d.message(range)));
-                    let mut deeds = e.deeds.to_vec();
-                    deeds.push(d);
-                    e.deeds = deeds.into();
-                    e.owner = mallory.clone();
-                    e.era += 1;
+                    hand_over(e, &mallory, false, &signer, range);
                     e.version = 1;
                     e.signed = Some(signer.sign(&e.message(range)));
                 }
