@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use serde::Deserialize;
 use weft_contract::{paths, Client, ClientError, ContainerId, IpStatus, Method};
 
 use crate::spec::{Cidr, CniError, ErrorCode};
@@ -10,6 +11,12 @@ use crate::spec::{Cidr, CniError, ErrorCode};
 /// POST blocks in the daemon until IPAM is ready (it bounds that at ~30 s), so the
 /// plugin waits longer than the daemon does and sees its 503 rather than a timeout.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// STATUS asks a question the daemon answers from memory.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+/// The observation is best effort: it must not make a command noticeably slower.
+const OBSERVATION_TIMEOUT: Duration = Duration::from_millis(200);
+/// Where the plugin reports each command's duration and outcome (weft's metrics).
+pub const OBSERVATION_PATH: &str = "/cni/observation";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -38,6 +45,21 @@ pub enum DaemonError {
         what: String,
         body: String,
     },
+    /// 400 to an allocation in a subnet: the subnet is not one the daemon can serve
+    /// (outside its range), so the network config is wrong.
+    #[error("the weft daemon at {addr} refused {what}: {body}")]
+    SubnetRefused {
+        addr: SocketAddr,
+        what: String,
+        body: String,
+    },
+    /// 409 to an allocation in a subnet: the container holds an address elsewhere.
+    #[error("the weft daemon at {addr} refused {what}: {body}")]
+    HeldElsewhere {
+        addr: SocketAddr,
+        what: String,
+        body: String,
+    },
 }
 
 impl From<DaemonError> for CniError {
@@ -59,6 +81,16 @@ impl From<DaemonError> for CniError {
                 ErrorCode::DaemonFailed,
                 "the weft daemon could not complete the request",
                 format!("{e}; nothing was granted: see the router's log (a full disk under --db-dir?)"),
+            ),
+            DaemonError::SubnetRefused { .. } => CniError::new(
+                ErrorCode::InvalidConfig,
+                "ipam.subnet cannot be served by the weft daemon",
+                format!("{e}; ipam.subnet must lie inside the router's IPALLOC_RANGE (GET /ipinfo/defaultsubnet shows it)"),
+            ),
+            DaemonError::HeldElsewhere { .. } => CniError::new(
+                ErrorCode::AlreadyAttached,
+                "the container already holds a weft address outside ipam.subnet",
+                format!("{e}; weft gives a container one address: DEL its other weft attachment first"),
             ),
             DaemonError::Unexpected { .. } | DaemonError::BadAddress { .. } => CniError::new(
                 ErrorCode::DaemonProtocol,
@@ -146,6 +178,54 @@ impl Daemon {
         }
     }
 
+    /// `POST /ip/{id}/{net}/{prefix}?tentative`: as [`Daemon::allocate`], inside
+    /// `subnet`; the answer carries the subnet's prefix length.
+    pub fn allocate_in(
+        &self,
+        container_id: &ContainerId,
+        subnet: Cidr,
+    ) -> Result<Cidr, DaemonError> {
+        let path = format!(
+            "{}/{}/{}?tentative",
+            paths::ip(container_id),
+            subnet.network(),
+            subnet.prefix
+        );
+        let what = format!("POST {path}");
+        let (status, body) = self.exchange(Method::Post, &path)?;
+        let addr = self.addr;
+        match IpStatus::from_code(status) {
+            Some(IpStatus::Granted) => {
+                let got = self.parse_cidr(&what, &body)?;
+                if subnet.contains(got.addr) {
+                    // An older daemon answers with the range's prefix: the pod's network
+                    // is the subnet all the same.
+                    Ok(Cidr {
+                        addr: got.addr,
+                        prefix: subnet.prefix,
+                    })
+                } else {
+                    Err(DaemonError::BadAddress {
+                        addr,
+                        what: format!("{what} (an address inside {subnet})"),
+                        body: excerpt(&body),
+                    })
+                }
+            }
+            Some(IpStatus::BadRequest) => Err(DaemonError::SubnetRefused {
+                addr,
+                what,
+                body: excerpt(&body),
+            }),
+            Some(IpStatus::Conflict) => Err(DaemonError::HeldElsewhere {
+                addr,
+                what,
+                body: excerpt(&body),
+            }),
+            _ => Err(self.unexpected(&what, status, &body)),
+        }
+    }
+
     /// `POST /ip/{id}?confirm`: the pod is plumbed, keep its address.
     pub fn confirm(&self, container_id: &ContainerId) -> Result<Cidr, DaemonError> {
         let path = paths::ip_confirm(container_id);
@@ -179,6 +259,122 @@ impl Daemon {
             _ => Err(self.unexpected(&what, status, &body)),
         }
     }
+}
+
+/// One entry of `GET /ip` (Weave's JSON: `{"owned": [{"containerid", "addrs"}]}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub container_id: String,
+    pub addrs: Vec<Cidr>,
+}
+
+/// Parses the body of `GET /ip`; addresses that are not IPv4 CIDRs are left out.
+pub fn parse_held(body: &str) -> Option<Vec<Held>> {
+    #[derive(Deserialize)]
+    struct Owned {
+        containerid: String,
+        #[serde(default)]
+        addrs: Option<Vec<String>>,
+    }
+    #[derive(Deserialize)]
+    struct All {
+        #[serde(default)]
+        owned: Option<Vec<Owned>>,
+    }
+    let all: All = serde_json::from_str(body).ok()?;
+    Some(
+        all.owned
+            .unwrap_or_default()
+            .into_iter()
+            .map(|o| Held {
+                container_id: o.containerid,
+                addrs: o
+                    .addrs
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|a| Cidr::parse(a))
+                    .collect(),
+            })
+            .collect(),
+    )
+}
+
+impl Daemon {
+    /// `GET /ip`: every allocation this node's daemon holds.
+    pub fn held(&self) -> Result<Vec<Held>, DaemonError> {
+        let what = format!("GET {}", paths::IP);
+        let (status, body) = self.exchange(Method::Get, paths::IP)?;
+        match IpStatus::from_code(status) {
+            Some(IpStatus::Granted) => parse_held(&body).ok_or_else(|| DaemonError::Unexpected {
+                addr: self.addr,
+                what,
+                status,
+                body: excerpt(&body),
+            }),
+            _ => Err(self.unexpected(&what, status, &body)),
+        }
+    }
+}
+
+/// What `GET /status` says about the daemon's readiness to allocate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// Answered, but not ready (503), or answered something else: the reason.
+    NotReady(String),
+    /// Nothing answered.
+    Unreachable(String),
+}
+
+/// `GET /status` at `addr`, with a short timeout.
+pub fn readiness(addr: SocketAddr) -> Readiness {
+    let client = Client::with_timeout(&addr.to_string(), STATUS_TIMEOUT);
+    match client.call(Method::Get, paths::STATUS) {
+        Ok(a) if a.status == 200 => Readiness::Ready,
+        Ok(a) if a.status == 503 => Readiness::NotReady(format!(
+            "GET {} answered 503 (not ready): {}",
+            paths::STATUS,
+            excerpt(&a.body)
+        )),
+        Ok(a) => Readiness::NotReady(format!(
+            "GET {} answered {} instead of 200: {}",
+            paths::STATUS,
+            a.status,
+            excerpt(&a.body)
+        )),
+        Err(e) => Readiness::Unreachable(e.to_string()),
+    }
+}
+
+/// How a command ended, for the daemon's metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub command: &'static str,
+    /// `None` for success, else the CNI error code answered.
+    pub code: Option<u32>,
+    pub seconds: f64,
+}
+
+impl Observation {
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "command": self.command,
+            "result": if self.code.is_some() { "error" } else { "ok" },
+            "seconds": self.seconds,
+        });
+        if let Some(code) = self.code {
+            v["code"] = code.into();
+        }
+        v
+    }
+}
+
+/// `POST /cni/observation`, best effort: bounded by [`OBSERVATION_TIMEOUT`], every
+/// failure (nothing listening, a daemon without the endpoint: 404) ignored.
+pub fn observe(addr: SocketAddr, observation: &Observation) {
+    let client = Client::with_timeout(&addr.to_string(), OBSERVATION_TIMEOUT);
+    let body = observation.to_json().to_string();
+    let _ = client.post(OBSERVATION_PATH, "application/json", body.as_bytes());
 }
 
 #[cfg(test)]
@@ -307,6 +503,119 @@ mod tests {
         let e: CniError = Daemon::new(addr).release(&id("a")).unwrap_err().into();
         assert_eq!(e.code, ErrorCode::TryAgainLater);
         assert!(e.msg.contains(&addr.to_string()), "{e}");
+    }
+
+    #[test]
+    fn allocate_in_a_subnet() {
+        let (addr, server) = serve(vec![
+            (200, "10.32.0.1/24"),
+            // An older daemon: the range's prefix.
+            (200, "10.32.0.2/12"),
+            (200, "10.99.0.1/24"),
+            (
+                400,
+                "subnet 10.99.0.0/24 is not inside the allocation range 10.32.0.0/12",
+            ),
+            (409, "container b already has address 10.32.5.1"),
+            (503, "not ready"),
+        ]);
+        let d = Daemon::new(addr);
+        let subnet = Cidr::parse("10.32.0.0/24").unwrap();
+        assert_eq!(
+            d.allocate_in(&id("a"), subnet).unwrap().to_string(),
+            "10.32.0.1/24"
+        );
+        assert_eq!(
+            d.allocate_in(&id("a"), subnet).unwrap().to_string(),
+            "10.32.0.2/24"
+        );
+        let e: CniError = d.allocate_in(&id("a"), subnet).unwrap_err().into();
+        assert_eq!(e.code, ErrorCode::DaemonProtocol, "outside the subnet: {e}");
+        let e: CniError = d
+            .allocate_in(&id("a"), Cidr::parse("10.99.0.0/24").unwrap())
+            .unwrap_err()
+            .into();
+        assert_eq!(e.code, ErrorCode::InvalidConfig);
+        assert_eq!(e.code.code(), 7);
+        assert!(e.details.contains("not inside the allocation range"), "{e}");
+        let e: CniError = d.allocate_in(&id("b"), subnet).unwrap_err().into();
+        assert_eq!(e.code, ErrorCode::AlreadyAttached);
+        let e: CniError = d.allocate_in(&id("a"), subnet).unwrap_err().into();
+        assert_eq!(e.code, ErrorCode::TryAgainLater);
+        let seen = server.join().unwrap();
+        assert_eq!(seen[0], "POST /ip/a/10.32.0.0/24?tentative HTTP/1.1");
+        assert_eq!(seen[3], "POST /ip/a/10.99.0.0/24?tentative HTTP/1.1");
+    }
+
+    #[test]
+    fn held_parses_weaves_json() {
+        let h = parse_held(
+            r#"{"owned":[{"containerid":"weave:expose","addrs":["10.32.0.1/12"]},{"containerid":"abc","addrs":["10.32.0.2/12","junk"]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[0].container_id, "weave:expose");
+        assert_eq!(h[1].addrs, vec![Cidr::parse("10.32.0.2/12").unwrap()]);
+        assert_eq!(parse_held(r#"{"owned":null}"#), Some(vec![]));
+        assert_eq!(parse_held("{}"), Some(vec![]));
+        assert_eq!(parse_held("nope"), None);
+    }
+
+    #[test]
+    fn readiness_from_status() {
+        let (addr, server) = serve(vec![(200, "ok"), (503, "IPAM: waiting for consensus")]);
+        assert_eq!(readiness(addr), Readiness::Ready);
+        match readiness(addr) {
+            Readiness::NotReady(why) => assert!(why.contains("waiting for consensus"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(server.join().unwrap(), ["GET /status HTTP/1.1"; 2]);
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        assert!(matches!(readiness(closed), Readiness::Unreachable(_)));
+    }
+
+    #[test]
+    fn observation_json() {
+        let ok = Observation {
+            command: "ADD",
+            code: None,
+            seconds: 0.25,
+        };
+        assert_eq!(
+            ok.to_json(),
+            serde_json::json!({"command":"ADD","result":"ok","seconds":0.25})
+        );
+        let err = Observation {
+            command: "DEL",
+            code: Some(11),
+            seconds: 1.5,
+        };
+        assert_eq!(
+            err.to_json(),
+            serde_json::json!({"command":"DEL","result":"error","code":11,"seconds":1.5})
+        );
+    }
+
+    #[test]
+    fn observation_is_bounded_and_ignores_failure() {
+        // A listener that never answers: the call gives up within its short timeout.
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = silent.local_addr().unwrap();
+        let obs = Observation {
+            command: "ADD",
+            code: None,
+            seconds: 0.1,
+        };
+        let t = std::time::Instant::now();
+        observe(addr, &obs);
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        // 404 (a daemon without the endpoint) is fine too.
+        let (addr, server) = serve(vec![(404, "404 page not found")]);
+        observe(addr, &obs);
+        assert_eq!(server.join().unwrap(), ["POST /cni/observation HTTP/1.1"]);
     }
 
     #[test]

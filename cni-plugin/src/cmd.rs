@@ -1,13 +1,15 @@
-//! ADD, DEL and CHECK: the daemon, the node namespace and the container namespace
-//! put together.
+//! ADD, DEL, CHECK, GC and STATUS: the daemon, the node namespace and the container
+//! namespace put together.
 
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 
 use serde_json::Value;
+use weft_contract::{ContainerId, HOST_VETH_PREFIX};
 
-use crate::client::Daemon;
-use crate::config::{Env, NetConf};
+use crate::client::{self, Daemon, Readiness};
+use crate::config::{is_plugin_container_id, Env, NetConf};
 use crate::link::{self, host_veth_name, LinkError, LinkState, Netlink};
 use crate::netns::{Netns, NetnsError};
 use crate::spec::{
@@ -165,7 +167,10 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     }
 
     let daemon = Daemon::new(conf.daemon_address);
-    let address = daemon.allocate(&env.container_id)?;
+    let address = match conf.subnet {
+        Some(subnet) => daemon.allocate_in(&env.container_id, subnet)?,
+        None => daemon.allocate(&env.container_id)?,
+    };
 
     match plumb(
         &nl,
@@ -178,6 +183,10 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     ) {
         Ok(outcome) => match daemon.confirm(&env.container_id) {
             Ok(confirmed) if confirmed.addr == address.addr => {
+                let outcome = AddOutcome {
+                    dns: conf.dns.clone(),
+                    ..outcome
+                };
                 Ok(render_add_result(&outcome, conf.version))
             }
             Ok(other) => {
@@ -290,6 +299,7 @@ fn plumb(
         sandbox: netns.path().to_string(),
         address,
         gateway,
+        dns: Default::default(),
     })
 }
 
@@ -423,8 +433,10 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
         .run(move || check_pod(&ifname, expected.address, gateway))
         .map_err(netns_error)??;
 
+    // The daemon answers with its range's prefix; with ipam.subnet the pod's is the
+    // subnet's, which the pod side checked above.
     match Daemon::new(conf.daemon_address).lookup(&env.container_id)? {
-        Some(held) if held == expected.address => Ok(()),
+        Some(held) if held.addr == expected.address.addr => Ok(()),
         Some(held) => Err(mismatch(
             format!(
                 "the weft daemon holds {held} for this container, not {}",
@@ -483,5 +495,156 @@ fn check_pod(ifname: &str, address: Cidr, gateway: Ipv4Addr) -> Result<(), CniEr
             "recreate the pod",
         ));
     }
+    Ok(())
+}
+
+fn needs_1_1(conf: &NetConf, command: &str) -> Result<(), CniError> {
+    if conf.version.supports_gc_and_status() {
+        return Ok(());
+    }
+    Err(CniError::new(
+        ErrorCode::IncompatibleVersion,
+        format!("{command} is not defined for cniVersion {}", conf.version),
+        format!("{command} needs cniVersion 1.1.0 or later"),
+    ))
+}
+
+/// GC: frees what this node holds for attachments of this network that the runtime no
+/// longer knows (`cni.dev/valid-attachments`), and removes their host veths.
+///
+/// Which allocations are the plugin's is told by their id: the plugin allocates under
+/// `CNI_CONTAINERID`, so an id of the spec's container-id form is taken for one; any
+/// other id (the node's own `weave:expose`, ids with `:`) is never touched. With
+/// `ipam.subnet` only allocations inside it count as this network's. A container is
+/// kept if it is listed under any interface name (weft gives a container one address).
+/// Host veths (`vethwepl...` tagged with a container id) of freed containers go, and so
+/// do those of unlisted containers that hold no address at all (leftovers of a DEL that
+/// never came). Errors do not stop the sweep; the first one is answered at the end.
+pub fn gc(conf: &NetConf) -> Result<(), CniError> {
+    needs_1_1(conf, "GC")?;
+    let valid = conf.valid_attachments.as_ref().ok_or_else(|| {
+        CniError::new(
+            ErrorCode::InvalidConfig,
+            "GC needs cni.dev/valid-attachments",
+            "the runtime must list the attachments still in use; without the list nothing is freed",
+        )
+    })?;
+    let keep: HashSet<&str> = valid.iter().map(|a| a.container_id.as_str()).collect();
+    let nl = Netlink::new().map_err(io_error("cannot open netlink in the node namespace"))?;
+    // Links before allocations: an ADD allocates before it creates its veth, so a veth
+    // seen here whose container holds nothing in the list taken next is no ADD under way.
+    let veths: Vec<(String, String)> = nl
+        .links()
+        .map_err(io_error("cannot list the node's interfaces"))?
+        .into_iter()
+        .filter(|l| l.name.starts_with(HOST_VETH_PREFIX))
+        .filter_map(|l| {
+            let id = l.alias?;
+            (is_plugin_container_id(&id)
+                && host_veth_name(&id) == l.name
+                && !keep.contains(id.as_str()))
+            .then_some((l.name, id))
+        })
+        .collect();
+    let daemon = Daemon::new(conf.daemon_address);
+    let held = daemon.held()?;
+    let held_ids: HashSet<&str> = held.iter().map(|h| h.container_id.as_str()).collect();
+
+    let mut first_error: Option<CniError> = None;
+    let mut note = |e: CniError| {
+        eprintln!("weft-cni: GC: {e}");
+        first_error.get_or_insert(e);
+    };
+    for h in &held {
+        let id = h.container_id.as_str();
+        if !is_plugin_container_id(id) || keep.contains(id) {
+            continue;
+        }
+        if let Some(subnet) = conf.subnet {
+            if !h.addrs.iter().any(|a| subnet.contains(a.addr)) {
+                continue;
+            }
+        }
+        let Ok(container_id) = ContainerId::parse(id) else {
+            continue;
+        };
+        // As DEL: the veth (and its /32 route) before the address.
+        if let Err(e) = remove_host_veth(&nl, id) {
+            note(e);
+            continue;
+        }
+        match daemon.release(&container_id) {
+            Ok(()) => {
+                let addrs: Vec<String> = h.addrs.iter().map(|a| a.to_string()).collect();
+                eprintln!(
+                    "weft-cni: GC: freed [{}] of container {id}: not among the runtime's valid attachments",
+                    addrs.join(", ")
+                );
+            }
+            Err(e) => note(e.into()),
+        }
+    }
+    for (name, id) in &veths {
+        if held_ids.contains(id.as_str()) {
+            continue;
+        }
+        match remove_host_veth(&nl, id) {
+            Ok(()) => eprintln!(
+                "weft-cni: GC: removed {name} of container {id}: it holds no address and is not among the runtime's valid attachments"
+            ),
+            Err(e) => note(e),
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Deletes the container's host veth if it is there and tagged as its own.
+fn remove_host_veth(nl: &Netlink, container_id: &str) -> Result<(), CniError> {
+    let name = host_veth_name(container_id);
+    match own_host_veth(nl, &name, container_id) {
+        Ok(Some(l)) => nl
+            .delete(l.index)
+            .map(|_| ())
+            .map_err(io_error(format!("cannot delete {name}"))),
+        Ok(None) => Ok(()),
+        // Another container's interface (a hash collision): not ours to remove.
+        Err(e) if e.code == ErrorCode::NameCollision => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// STATUS: ready when the daemon answers `GET /status` with 200 and the overlay
+/// interface has its address (what ADD needs); otherwise code 50.
+pub fn status(conf: &NetConf) -> Result<(), CniError> {
+    needs_1_1(conf, "STATUS")?;
+    let addr = conf.daemon_address;
+    let unavailable =
+        |msg: String, details: String| CniError::new(ErrorCode::Unavailable, msg, details);
+    match client::readiness(addr) {
+        Readiness::Ready => {}
+        Readiness::NotReady(why) => {
+            return Err(unavailable(
+                format!("the weft daemon at {addr} is not ready"),
+                format!("{why}; it cannot allocate pod addresses until it is (see `weft status`)"),
+            ))
+        }
+        Readiness::Unreachable(why) => {
+            return Err(unavailable(
+                format!("the weft daemon at {addr} is not running"),
+                format!("{why}; check that the weft router runs on this node"),
+            ))
+        }
+    }
+    let nl = Netlink::new().map_err(io_error("cannot open netlink in the node namespace"))?;
+    overlay(&nl).map_err(|e| {
+        if e.code == ErrorCode::TryAgainLater {
+            unavailable(e.msg, e.details)
+        } else {
+            e
+        }
+    })?;
     Ok(())
 }

@@ -3,13 +3,17 @@
 //! `hairpinMode` is accepted but changes nothing: weft routes pod traffic at L3 through
 //! the host, so a pod reaching itself through a service address already comes back
 //! over its own veth (the host routes it); there is no bridge port to set hairpin on.
+//!
+//! `ipam.subnet` (Weave's `ipam: {"subnet": "10.32.0.0/24"}`) makes ADD allocate inside
+//! that subnet of the daemon's range; `ipam.type` is not looked at (weft's daemon is the
+//! IPAM). `dns` is handed back in the ADD result unchanged.
 
 use std::net::SocketAddr;
 
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::spec::{CniError, ErrorCode, Version};
+use crate::spec::{Cidr, CniError, Dns, ErrorCode, Version};
 
 use weft_contract::ContainerId;
 pub use weft_contract::DEFAULT_HTTP_ADDR as DEFAULT_DAEMON_ADDRESS;
@@ -20,6 +24,10 @@ const ACCEPTED_TYPES: [&str; 2] = ["weft", "weave-net"];
 /// Linux accepts MTUs from 68 (IPv4 minimum) to 65535 on veth.
 const MTU_RANGE: std::ops::RangeInclusive<u64> = 68..=65535;
 
+/// The smallest subnet with an address for a pod: the allocator never hands out a
+/// subnet's network and broadcast addresses, so a /31 or /32 holds none.
+const MAX_SUBNET_PREFIX: u8 = 30;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct NetConf {
     pub version: Version,
@@ -27,6 +35,19 @@ pub struct NetConf {
     pub mtu: Option<u32>,
     pub daemon_address: SocketAddr,
     pub prev_result: Option<Value>,
+    /// `ipam.subnet`: allocate inside it (its network address, prefix <= 30).
+    pub subnet: Option<Cidr>,
+    /// `dns`, for the ADD result.
+    pub dns: Dns,
+    /// GC's `cni.dev/valid-attachments`; `None` when the key is absent.
+    pub valid_attachments: Option<Vec<Attachment>>,
+}
+
+/// One entry of GC's list of attachments still in use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub container_id: String,
+    pub ifname: String,
 }
 
 #[derive(Deserialize)]
@@ -40,6 +61,133 @@ struct RawConf {
     hairpin_mode: Option<Value>,
     daemon_address: Option<Value>,
     prev_result: Option<Value>,
+    ipam: Option<Value>,
+    dns: Option<Value>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    valid_attachments: Option<Value>,
+    /// The key's name in a draft of the spec; libcni sends both (containernetworking/cni#1101).
+    #[serde(rename = "cni.dev/attachments")]
+    attachments: Option<Value>,
+}
+
+/// Whether `id` could be a `CNI_CONTAINERID`: the spec's rule, "must start with an
+/// alphanumeric character, optionally followed by any combination of one or more
+/// alphanumeric characters, underscore (_), dot (.) or hyphen (-)". The plugin allocates
+/// under the container id, so every daemon allocation of this form is taken for the
+/// plugin's; Weave's own reserved ids (`weave:expose`) have a `:` and never are.
+pub fn is_plugin_container_id(id: &str) -> bool {
+    let mut bytes = id.bytes();
+    bytes.next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn parse_subnet(raw: Option<Value>) -> Result<Option<Cidr>, CniError> {
+    let ipam = match raw {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(map)) => map,
+        Some(other) => {
+            return Err(invalid(
+                "ipam must be an object",
+                format!("ipam is {other}; for example {{\"subnet\": \"10.32.0.0/24\"}}"),
+            ))
+        }
+    };
+    let text = match ipam.get("subnet") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => {
+            return Err(invalid(
+                "ipam.subnet must be a string",
+                format!("ipam.subnet is {other}; for example \"10.32.0.0/24\""),
+            ))
+        }
+    };
+    let subnet = Cidr::parse(&text).ok_or_else(|| {
+        invalid(
+            "ipam.subnet is not an IPv4 subnet",
+            format!(
+                "ipam.subnet is {text:?}; give address/prefix-length, for example \"10.32.0.0/24\""
+            ),
+        )
+    })?;
+    if subnet.addr != subnet.network() {
+        return Err(invalid(
+            "ipam.subnet has bits set after its prefix",
+            format!(
+                "ipam.subnet is {subnet}; did you mean {}/{}?",
+                subnet.network(),
+                subnet.prefix
+            ),
+        ));
+    }
+    if subnet.prefix > MAX_SUBNET_PREFIX {
+        return Err(invalid(
+            "ipam.subnet is too small",
+            format!("ipam.subnet is {subnet}; a subnet needs a prefix of /{MAX_SUBNET_PREFIX} or shorter to hold an address besides its network and broadcast addresses"),
+        ));
+    }
+    Ok(Some(subnet))
+}
+
+fn parse_dns(raw: Option<Value>) -> Result<Dns, CniError> {
+    #[derive(Deserialize)]
+    struct RawDns {
+        nameservers: Option<Vec<String>>,
+        domain: Option<String>,
+        search: Option<Vec<String>>,
+        options: Option<Vec<String>>,
+    }
+    match raw {
+        None | Some(Value::Null) => Ok(Dns::default()),
+        Some(v @ Value::Object(_)) => {
+            let text = v.to_string();
+            let d: RawDns = serde_json::from_value(v).map_err(|e| {
+                invalid(
+                    "dns is not a CNI DNS object",
+                    format!("{e} in {text}; expected {{\"nameservers\": [..], \"domain\": \"..\", \"search\": [..], \"options\": [..]}}"),
+                )
+            })?;
+            Ok(Dns {
+                nameservers: d.nameservers.unwrap_or_default(),
+                domain: d.domain.unwrap_or_default(),
+                search: d.search.unwrap_or_default(),
+                options: d.options.unwrap_or_default(),
+            })
+        }
+        Some(other) => Err(invalid("dns must be an object", format!("dns is {other}"))),
+    }
+}
+
+fn parse_attachments(raw: Option<Value>) -> Result<Option<Vec<Attachment>>, CniError> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct RawAttachment {
+        #[serde(rename = "containerID")]
+        container_id: String,
+        #[serde(default)]
+        ifname: String,
+    }
+    match raw {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => {
+            let list: Vec<RawAttachment> = serde_json::from_value(v).map_err(|e| {
+                invalid(
+                    "cni.dev/valid-attachments is not a list of attachments",
+                    format!(
+                        "{e}; expected [{{\"containerID\": \"...\", \"ifname\": \"eth0\"}}, ...]"
+                    ),
+                )
+            })?;
+            Ok(Some(
+                list.into_iter()
+                    .map(|a| Attachment {
+                        container_id: a.container_id,
+                        ifname: a.ifname,
+                    })
+                    .collect(),
+            ))
+        }
+    }
 }
 
 /// Reads only `cniVersion`, so that errors about the rest of the config can still
@@ -52,6 +200,30 @@ pub fn declared_version(stdin: &[u8]) -> Option<Version> {
     }
     let v: OnlyVersion = serde_json::from_slice(stdin).ok()?;
     Version::parse(v.cni_version.as_deref()?)
+}
+
+/// Where the daemon listens according to `stdin`, read leniently (for reporting a
+/// command's outcome even when the config was refused): its `daemonAddress` if that is
+/// an address, else the default.
+pub fn daemon_address_of(stdin: &[u8]) -> SocketAddr {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct OnlyAddress {
+        daemon_address: Option<Value>,
+    }
+    serde_json::from_slice::<OnlyAddress>(stdin)
+        .ok()
+        .and_then(|c| match c.daemon_address {
+            Some(Value::String(s)) => s.parse().ok(),
+            _ => None,
+        })
+        .unwrap_or_else(default_daemon_address)
+}
+
+fn default_daemon_address() -> SocketAddr {
+    DEFAULT_DAEMON_ADDRESS
+        .parse()
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 6784)))
 }
 
 fn invalid(msg: impl Into<String>, details: impl Into<String>) -> CniError {
@@ -153,6 +325,9 @@ impl NetConf {
             mtu,
             daemon_address,
             prev_result: raw.prev_result.filter(|v| !v.is_null()),
+            subnet: parse_subnet(raw.ipam)?,
+            dns: parse_dns(raw.dns)?,
+            valid_attachments: parse_attachments(raw.valid_attachments.or(raw.attachments))?,
         })
     }
 }
@@ -162,6 +337,8 @@ pub enum Command {
     Add,
     Del,
     Check,
+    Gc,
+    Status,
     Version,
 }
 
@@ -171,17 +348,31 @@ impl Command {
             Some("ADD") => Ok(Command::Add),
             Some("DEL") => Ok(Command::Del),
             Some("CHECK") => Ok(Command::Check),
+            Some("GC") => Ok(Command::Gc),
+            Some("STATUS") => Ok(Command::Status),
             Some("VERSION") => Ok(Command::Version),
             None | Some("") => Err(CniError::new(
                 ErrorCode::InvalidEnv,
                 "CNI_COMMAND is not set",
-                "weft-cni is a CNI plugin: it is run by a container runtime with CNI_COMMAND=ADD, DEL, CHECK or VERSION",
+                "weft-cni is a CNI plugin: it is run by a container runtime with CNI_COMMAND=ADD, DEL, CHECK, GC, STATUS or VERSION",
             )),
             Some(other) => Err(CniError::new(
                 ErrorCode::InvalidEnv,
                 "unknown CNI_COMMAND",
-                format!("CNI_COMMAND is {other:?}; weft-cni understands ADD, DEL, CHECK and VERSION"),
+                format!("CNI_COMMAND is {other:?}; weft-cni understands ADD, DEL, CHECK, GC, STATUS and VERSION"),
             )),
+        }
+    }
+
+    /// The name a runtime gives the command (`CNI_COMMAND`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Command::Add => "ADD",
+            Command::Del => "DEL",
+            Command::Check => "CHECK",
+            Command::Gc => "GC",
+            Command::Status => "STATUS",
+            Command::Version => "VERSION",
         }
     }
 }
@@ -330,11 +521,11 @@ mod tests {
             (r#"{"cniVersion":1}"#, ErrorCode::Decode),
             (r#"{"name":"n","type":"weft"}"#, ErrorCode::InvalidConfig),
             (
-                r#"{"cniVersion":"0.2.0","name":"n","type":"weft"}"#,
+                r#"{"cniVersion":"0.5.0","name":"n","type":"weft"}"#,
                 ErrorCode::IncompatibleVersion,
             ),
             (
-                r#"{"cniVersion":"1.1.0","name":"n","type":"weft"}"#,
+                r#"{"cniVersion":"1.2.0","name":"n","type":"weft"}"#,
                 ErrorCode::IncompatibleVersion,
             ),
             (
@@ -388,6 +579,22 @@ mod tests {
     }
 
     #[test]
+    fn daemon_address_is_read_leniently() {
+        assert_eq!(
+            daemon_address_of(br#"{"daemonAddress":"127.0.0.1:7000","mtu":"bad"}"#),
+            "127.0.0.1:7000".parse().unwrap()
+        );
+        for other in [
+            &b"{"[..],
+            b"{}",
+            br#"{"daemonAddress":"x"}"#,
+            br#"{"daemonAddress":1}"#,
+        ] {
+            assert_eq!(daemon_address_of(other), "127.0.0.1:6784".parse().unwrap());
+        }
+    }
+
+    #[test]
     fn declared_version_reads_only_the_version() {
         assert_eq!(
             declared_version(br#"{"cniVersion":"0.3.1","mtu":"x"}"#),
@@ -420,11 +627,180 @@ mod tests {
             ErrorCode::InvalidEnv
         );
         assert_eq!(
-            Command::from_env(&lookup_from(&[("CNI_COMMAND", "GC")]))
+            Command::from_env(&lookup_from(&[("CNI_COMMAND", "GC")])),
+            Ok(Command::Gc)
+        );
+        assert_eq!(
+            Command::from_env(&lookup_from(&[("CNI_COMMAND", "STATUS")])),
+            Ok(Command::Status)
+        );
+        assert_eq!(
+            Command::from_env(&lookup_from(&[("CNI_COMMAND", "gc")]))
                 .unwrap_err()
                 .code,
             ErrorCode::InvalidEnv
         );
+        for c in [
+            Command::Add,
+            Command::Del,
+            Command::Check,
+            Command::Gc,
+            Command::Status,
+            Command::Version,
+        ] {
+            assert_eq!(
+                Command::from_env(&lookup_from(&[("CNI_COMMAND", c.as_str())])),
+                Ok(c)
+            );
+        }
+    }
+
+    #[test]
+    fn every_version_is_accepted() {
+        for v in Version::ALL {
+            let c = parse(&format!(
+                r#"{{"cniVersion":"{v}","name":"n","type":"weft"}}"#
+            ))
+            .unwrap();
+            assert_eq!(c.version, v);
+        }
+        // 1.1.0's list of versions is the runtime's business: cniVersion is what counts.
+        let c = parse(
+            r#"{"cniVersion":"1.1.0","cniVersions":["1.0.0","1.1.0"],"name":"n","type":"weft"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.version, Version::V1_1_0);
+    }
+
+    fn with(extra: &str) -> Result<NetConf, CniError> {
+        parse(&format!(
+            r#"{{"cniVersion":"1.1.0","name":"n","type":"weave-net",{extra}}}"#
+        ))
+    }
+
+    #[test]
+    fn ipam_subnet() {
+        let c = with(r#""ipam":{"subnet":"10.32.0.0/24"}"#).unwrap();
+        assert_eq!(c.subnet, Cidr::parse("10.32.0.0/24"));
+        for none in [
+            r#""ipam":{}"#,
+            r#""ipam":null"#,
+            r#""ipam":{"type":"weave-ipam"}"#,
+            r#""ipam":{"subnet":null}"#,
+        ] {
+            assert_eq!(with(none).unwrap().subnet, None, "{none}");
+        }
+        assert_eq!(
+            with(r#""ipam":{"subnet":"10.0.0.0/30"}"#).unwrap().subnet,
+            Cidr::parse("10.0.0.0/30")
+        );
+        for bad in [
+            r#""ipam":"10.32.0.0/24""#,
+            r#""ipam":{"subnet":24}"#,
+            r#""ipam":{"subnet":"10.32.0.0"}"#,
+            r#""ipam":{"subnet":"10.32.0/24"}"#,
+            r#""ipam":{"subnet":"fd00::/64"}"#,
+            r#""ipam":{"subnet":"10.32.0.0/33"}"#,
+            r#""ipam":{"subnet":"10.32.0.0/31"}"#,
+            r#""ipam":{"subnet":"10.32.0.0/32"}"#,
+        ] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidConfig, "{bad}");
+            assert!(e.msg.contains("ipam"), "{bad}: {e}");
+        }
+        let e = with(r#""ipam":{"subnet":"10.32.0.5/24"}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidConfig);
+        assert!(e.details.contains("did you mean 10.32.0.0/24"), "{e}");
+    }
+
+    #[test]
+    fn dns_is_read() {
+        let c = with(
+            r#""dns":{"nameservers":["10.96.0.10"],"domain":"cluster.local","search":["a.b"],"options":["ndots:5"],"x":1}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.dns,
+            Dns {
+                nameservers: vec!["10.96.0.10".into()],
+                domain: "cluster.local".into(),
+                search: vec!["a.b".into()],
+                options: vec!["ndots:5".into()],
+            }
+        );
+        assert_eq!(with(r#""dns":{}"#).unwrap().dns, Dns::default());
+        assert_eq!(with(r#""dns":null"#).unwrap().dns, Dns::default());
+        assert_eq!(
+            with(r#""dns":{"domain":null,"search":["s"]}"#).unwrap().dns,
+            Dns {
+                search: vec!["s".into()],
+                ..Dns::default()
+            }
+        );
+        for bad in [
+            r#""dns":[]"#,
+            r#""dns":{"nameservers":"10.0.0.1"}"#,
+            r#""dns":{"domain":5}"#,
+            r#""dns":{"search":[1]}"#,
+        ] {
+            assert_eq!(
+                with(bad).unwrap_err().code,
+                ErrorCode::InvalidConfig,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn valid_attachments() {
+        let c = with(
+            r#""cni.dev/valid-attachments":[{"containerID":"a1","ifname":"eth0"},{"containerID":"b2","ifname":"net1"}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.valid_attachments,
+            Some(vec![
+                Attachment {
+                    container_id: "a1".into(),
+                    ifname: "eth0".into()
+                },
+                Attachment {
+                    container_id: "b2".into(),
+                    ifname: "net1".into()
+                },
+            ])
+        );
+        assert_eq!(with(r#""x":1"#).unwrap().valid_attachments, None);
+        assert_eq!(
+            with(r#""cni.dev/valid-attachments":[]"#)
+                .unwrap()
+                .valid_attachments,
+            Some(vec![])
+        );
+        // The draft's name, as libcni also sends it.
+        let c = with(r#""cni.dev/attachments":[{"containerID":"z","ifname":"eth0"}]"#).unwrap();
+        assert_eq!(c.valid_attachments.unwrap()[0].container_id, "z");
+        for bad in [
+            r#""cni.dev/valid-attachments":{}"#,
+            r#""cni.dev/valid-attachments":[{"ifname":"eth0"}]"#,
+            r#""cni.dev/valid-attachments":[{"containerID":7}]"#,
+        ] {
+            assert_eq!(
+                with(bad).unwrap_err().code,
+                ErrorCode::InvalidConfig,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn plugin_container_ids() {
+        for id in ["a", "abc-1.2_3", "0123abcdef", "Z.z"] {
+            assert!(is_plugin_container_id(id), "{id}");
+        }
+        for id in ["", "weave:expose", "_x", "-x", ".x", "a:b", "a b", "a/b"] {
+            assert!(!is_plugin_container_id(id), "{id}");
+        }
     }
 
     #[test]

@@ -144,6 +144,15 @@ impl Netlink {
         }
     }
 
+    /// Every interface of the namespace.
+    pub fn links(&self) -> Result<Vec<LinkState>, LinkError> {
+        let msgs: Vec<LinkMessage> = self
+            .rt
+            .block_on(self.handle.link().get().execute().try_collect())
+            .map_err(nl("listing interfaces"))?;
+        Ok(msgs.iter().map(LinkState::from_message).collect())
+    }
+
     /// The interface with this index, if any.
     pub fn link_by_index(&self, index: u32) -> Result<Option<LinkState>, LinkError> {
         let res = self.rt.block_on(

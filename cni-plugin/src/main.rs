@@ -11,6 +11,7 @@ mod netns;
 mod spec;
 
 use std::io::{Read, Write};
+use std::time::Instant;
 
 use config::{Command, Env, NetConf};
 use spec::{CniError, ErrorCode, Version};
@@ -19,7 +20,7 @@ fn lookup(key: &str) -> Option<String> {
     std::env::var_os(key).map(|v| v.to_string_lossy().into_owned())
 }
 
-/// What a successful command prints (DEL and CHECK print nothing).
+/// What a successful command prints (DEL, CHECK, GC and STATUS print nothing).
 fn run(command: Command, stdin: &[u8]) -> Result<Option<serde_json::Value>, CniError> {
     match command {
         Command::Version => Ok(Some(spec::version_reply())),
@@ -38,6 +39,9 @@ fn run(command: Command, stdin: &[u8]) -> Result<Option<serde_json::Value>, CniE
             let env = Env::for_add(&lookup)?;
             cmd::check(&conf, &env).map(|()| None)
         }
+        // Neither concerns one container: only CNI_COMMAND (and CNI_PATH) are given.
+        Command::Gc => cmd::gc(&NetConf::parse(stdin)?).map(|()| None),
+        Command::Status => cmd::status(&NetConf::parse(stdin)?).map(|()| None),
     }
 }
 
@@ -67,6 +71,7 @@ fn read_stdin() -> Result<Vec<u8>, CniError> {
 }
 
 fn main() {
+    let started = Instant::now();
     let command = Command::from_env(&lookup);
     // VERSION may be run by hand with a terminal on stdin: do not wait for input.
     // Everything else reads it, also to answer errors in the declared version.
@@ -79,6 +84,7 @@ fn main() {
         (Ok(command), Ok(input)) => run(*command, input),
     };
     let stdin = stdin.unwrap_or_default();
+    let answered = outcome.as_ref().err().map(|e| e.code.code());
     let mut out = std::io::stdout().lock();
     let code = match outcome {
         Ok(Some(value)) => {
@@ -98,5 +104,19 @@ fn main() {
         }
     };
     let _ = out.flush();
+    drop(out);
+    // After the answer is out, so a slow or absent daemon changes neither output nor
+    // exit status; VERSION is no command on a network.
+    match command {
+        Ok(Command::Version) | Err(_) => {}
+        Ok(command) => {
+            let observation = client::Observation {
+                command: command.as_str(),
+                code: answered,
+                seconds: started.elapsed().as_secs_f64(),
+            };
+            client::observe(config::daemon_address_of(&stdin), &observation);
+        }
+    }
     std::process::exit(code);
 }

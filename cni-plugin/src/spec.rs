@@ -12,20 +12,26 @@ use serde_json::{json, Value};
 /// replies for configs whose version could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Version {
+    V0_1_0,
+    V0_2_0,
     V0_3_0,
     V0_3_1,
     V0_4_0,
     V1_0_0,
+    V1_1_0,
 }
 
 impl Version {
-    pub const ALL: [Version; 4] = [
+    pub const ALL: [Version; 7] = [
+        Version::V0_1_0,
+        Version::V0_2_0,
         Version::V0_3_0,
         Version::V0_3_1,
         Version::V0_4_0,
         Version::V1_0_0,
+        Version::V1_1_0,
     ];
-    pub const NEWEST: Version = Version::V1_0_0;
+    pub const NEWEST: Version = Version::V1_1_0;
 
     pub fn parse(s: &str) -> Option<Version> {
         Version::ALL.into_iter().find(|v| v.as_str() == s)
@@ -33,11 +39,20 @@ impl Version {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Version::V0_1_0 => "0.1.0",
+            Version::V0_2_0 => "0.2.0",
             Version::V0_3_0 => "0.3.0",
             Version::V0_3_1 => "0.3.1",
             Version::V0_4_0 => "0.4.0",
             Version::V1_0_0 => "1.0.0",
+            Version::V1_1_0 => "1.1.0",
         }
+    }
+
+    /// Before 0.3.0 a result is `{"ip4": {...}, "dns": {...}}` (libcni's `types/020`),
+    /// without interfaces.
+    pub fn legacy_result(self) -> bool {
+        self < Version::V0_3_0
     }
 
     /// Before 1.0.0 every `ips` entry names its IP version ("4"/"6").
@@ -48,6 +63,11 @@ impl Version {
     /// CHECK exists since 0.4.0; libcni refuses it for older configs and so do we.
     pub fn supports_check(self) -> bool {
         self >= Version::V0_4_0
+    }
+
+    /// GC and STATUS exist since 1.1.0; libcni sends them to nothing older.
+    pub fn supports_gc_and_status(self) -> bool {
+        self >= Version::V1_1_0
     }
 }
 
@@ -70,11 +90,15 @@ pub fn version_reply() -> Value {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     IncompatibleVersion,
-    InvalidConfig,
+    /// 4: "Invalid necessary environment variables, like CNI_COMMAND, CNI_CONTAINERID".
+    InvalidEnv,
     Io,
     Decode,
-    InvalidEnv,
+    /// 7: "Invalid network config".
+    InvalidConfig,
     TryAgainLater,
+    /// 50 (STATUS): "The plugin is not available (i.e. cannot service ADD requests)".
+    Unavailable,
     /// The daemon answered something the plugin does not understand.
     DaemonProtocol,
     /// No free address: the range (or the requested subnet) is exhausted.
@@ -94,11 +118,12 @@ impl ErrorCode {
     pub fn code(self) -> u32 {
         match self {
             ErrorCode::IncompatibleVersion => 1,
-            ErrorCode::InvalidConfig => 4,
+            ErrorCode::InvalidEnv => 4,
             ErrorCode::Io => 5,
             ErrorCode::Decode => 6,
-            ErrorCode::InvalidEnv => 7,
+            ErrorCode::InvalidConfig => 7,
             ErrorCode::TryAgainLater => 11,
+            ErrorCode::Unavailable => 50,
             ErrorCode::DaemonProtocol => 100,
             ErrorCode::NameCollision => 101,
             ErrorCode::AddressesExhausted => 102,
@@ -158,6 +183,23 @@ impl Cidr {
         let prefix: u8 = prefix.parse().ok()?;
         (prefix <= 32).then_some(Cidr { addr, prefix })
     }
+
+    fn mask(self) -> u32 {
+        match self.prefix {
+            0 => 0,
+            p => u32::MAX << (32 - u32::from(p.min(32))),
+        }
+    }
+
+    /// The first address of the network (`10.32.0.5/24` -> `10.32.0.0`).
+    pub fn network(self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
+    }
+
+    /// Whether `addr` lies inside this network.
+    pub fn contains(self, addr: Ipv4Addr) -> bool {
+        u32::from(addr) & self.mask() == u32::from(self.network())
+    }
 }
 
 impl fmt::Display for Cidr {
@@ -175,6 +217,20 @@ pub fn format_mac(bytes: &[u8]) -> String {
         .join(":")
 }
 
+/// The spec's DNS type: passed from the network config's `dns` to the ADD result, as
+/// the reference plugins do. Empty fields are left out (libcni's `omitempty`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dns {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub domain: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
+}
+
 /// What ADD set up, independent of the result version it is rendered in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AddOutcome {
@@ -183,8 +239,11 @@ pub struct AddOutcome {
     pub pod_ifname: String,
     pub pod_mac: String,
     pub sandbox: String,
+    /// The pod's address with the prefix length of its network (the range, or the
+    /// config's `ipam.subnet`).
     pub address: Cidr,
     pub gateway: Ipv4Addr,
+    pub dns: Dns,
 }
 
 #[derive(Serialize)]
@@ -217,14 +276,49 @@ struct AddResultOut<'a> {
     interfaces: Vec<InterfaceOut<'a>>,
     ips: Vec<IpOut<'a>>,
     routes: Vec<RouteOut>,
-    dns: Value,
+    dns: &'a Dns,
+}
+
+/// 0.1.0 and 0.2.0: one `ip4` object with its own routes, no interfaces.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LegacyResultOut<'a> {
+    cni_version: &'a str,
+    ip4: LegacyIpOut,
+    dns: &'a Dns,
+}
+
+#[derive(Serialize)]
+struct LegacyIpOut {
+    ip: String,
+    gateway: String,
+    routes: Vec<RouteOut>,
 }
 
 /// Index of the pod interface within `interfaces` (the host veth comes first).
 const POD_INTERFACE_INDEX: usize = 1;
 
+fn default_route(outcome: &AddOutcome) -> RouteOut {
+    RouteOut {
+        dst: "0.0.0.0/0",
+        gw: outcome.gateway.to_string(),
+    }
+}
+
 /// Renders the ADD result in the version the config declared.
 pub fn render_add_result(outcome: &AddOutcome, version: Version) -> Value {
+    if version.legacy_result() {
+        let result = LegacyResultOut {
+            cni_version: version.as_str(),
+            ip4: LegacyIpOut {
+                ip: outcome.address.to_string(),
+                gateway: outcome.gateway.to_string(),
+                routes: vec![default_route(outcome)],
+            },
+            dns: &outcome.dns,
+        };
+        return serde_json::to_value(result).unwrap_or(Value::Null);
+    }
     let result = AddResultOut {
         cni_version: version.as_str(),
         interfaces: vec![
@@ -245,11 +339,8 @@ pub fn render_add_result(outcome: &AddOutcome, version: Version) -> Value {
             gateway: outcome.gateway.to_string(),
             interface: POD_INTERFACE_INDEX,
         }],
-        routes: vec![RouteOut {
-            dst: "0.0.0.0/0",
-            gw: outcome.gateway.to_string(),
-        }],
-        dns: json!({}),
+        routes: vec![default_route(outcome)],
+        dns: &outcome.dns,
     };
     serde_json::to_value(result).unwrap_or(Value::Null)
 }
@@ -332,6 +423,19 @@ mod tests {
                 prefix: 16,
             },
             gateway: Ipv4Addr::new(192, 168, 0, 1),
+            dns: Dns::default(),
+        }
+    }
+
+    fn with_dns() -> AddOutcome {
+        AddOutcome {
+            dns: Dns {
+                nameservers: vec!["10.96.0.10".into()],
+                domain: "cluster.local".into(),
+                search: vec!["default.svc.cluster.local".into(), "cluster.local".into()],
+                options: vec!["ndots:5".into()],
+            },
+            ..outcome()
         }
     }
 
@@ -340,21 +444,59 @@ mod tests {
         for v in Version::ALL {
             assert_eq!(Version::parse(v.as_str()), Some(v));
         }
-        assert_eq!(Version::parse("0.2.0"), None);
-        assert_eq!(Version::parse("1.1.0"), None);
+        assert!(Version::ALL.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(Version::parse("0.5.0"), None);
+        assert_eq!(Version::parse("1.2.0"), None);
+        assert_eq!(Version::parse("1.1"), None);
         assert_eq!(Version::parse(""), None);
         assert!(Version::V0_4_0.supports_check());
+        assert!(Version::V1_1_0.supports_check());
         assert!(!Version::V0_3_1.supports_check());
+        assert!(!Version::V0_2_0.supports_check());
         assert!(Version::V0_3_0.ips_carry_version());
         assert!(!Version::V1_0_0.ips_carry_version());
+        assert!(!Version::V1_1_0.ips_carry_version());
+        assert!(Version::V0_1_0.legacy_result() && Version::V0_2_0.legacy_result());
+        assert!(!Version::V0_3_0.legacy_result());
+        assert!(Version::V1_1_0.supports_gc_and_status());
+        assert!(!Version::V1_0_0.supports_gc_and_status());
     }
 
     #[test]
     fn version_reply_lists_all() {
         assert_eq!(
             version_reply(),
-            json!({"cniVersion":"1.0.0","supportedVersions":["0.3.0","0.3.1","0.4.0","1.0.0"]})
+            json!({"cniVersion":"1.1.0","supportedVersions":
+                ["0.1.0","0.2.0","0.3.0","0.3.1","0.4.0","1.0.0","1.1.0"]})
         );
+    }
+
+    #[test]
+    fn spec_error_codes() {
+        for (code, n) in [
+            (ErrorCode::IncompatibleVersion, 1),
+            (ErrorCode::InvalidEnv, 4),
+            (ErrorCode::Io, 5),
+            (ErrorCode::Decode, 6),
+            (ErrorCode::InvalidConfig, 7),
+            (ErrorCode::TryAgainLater, 11),
+            (ErrorCode::Unavailable, 50),
+        ] {
+            assert_eq!(code.code(), n, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn cidr_network_and_membership() {
+        let c = Cidr::parse("10.32.0.77/24").unwrap();
+        assert_eq!(c.network(), Ipv4Addr::new(10, 32, 0, 0));
+        assert!(c.contains(Ipv4Addr::new(10, 32, 0, 1)));
+        assert!(c.contains(Ipv4Addr::new(10, 32, 0, 255)));
+        assert!(!c.contains(Ipv4Addr::new(10, 32, 1, 0)));
+        let all = Cidr::parse("0.0.0.0/0").unwrap();
+        assert!(all.contains(Ipv4Addr::new(1, 2, 3, 4)));
+        let host = Cidr::parse("10.0.0.1/32").unwrap();
+        assert!(host.contains(host.addr) && !host.contains(Ipv4Addr::new(10, 0, 0, 2)));
     }
 
     #[test]
@@ -413,6 +555,76 @@ mod tests {
     }
 
     #[test]
+    fn result_1_1_0_is_like_1_0_0() {
+        let mut v = render_add_result(&outcome(), Version::V1_1_0);
+        assert_eq!(v["cniVersion"], "1.1.0");
+        v["cniVersion"] = json!("1.0.0");
+        assert_eq!(v, render_add_result(&outcome(), Version::V1_0_0));
+    }
+
+    #[test]
+    fn legacy_results_have_ip4() {
+        for version in [Version::V0_1_0, Version::V0_2_0] {
+            assert_eq!(
+                render_add_result(&outcome(), version),
+                json!({
+                    "cniVersion": version.as_str(),
+                    "ip4": {
+                        "ip": "192.168.0.5/16",
+                        "gateway": "192.168.0.1",
+                        "routes": [{"dst":"0.0.0.0/0","gw":"192.168.0.1"}]
+                    },
+                    "dns": {}
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn dns_is_passed_through_in_every_version() {
+        let expected = json!({
+            "nameservers": ["10.96.0.10"],
+            "domain": "cluster.local",
+            "search": ["default.svc.cluster.local", "cluster.local"],
+            "options": ["ndots:5"]
+        });
+        for version in Version::ALL {
+            assert_eq!(
+                render_add_result(&with_dns(), version)["dns"],
+                expected,
+                "{version}"
+            );
+        }
+        let partial = AddOutcome {
+            dns: Dns {
+                nameservers: vec!["1.1.1.1".into()],
+                ..Dns::default()
+            },
+            ..outcome()
+        };
+        assert_eq!(
+            render_add_result(&partial, Version::V0_3_1)["dns"],
+            json!({"nameservers": ["1.1.1.1"]})
+        );
+    }
+
+    #[test]
+    fn subnet_prefix_is_rendered() {
+        let o = AddOutcome {
+            address: Cidr::parse("10.32.0.3/24").unwrap(),
+            ..outcome()
+        };
+        assert_eq!(
+            render_add_result(&o, Version::V1_1_0)["ips"][0]["address"],
+            "10.32.0.3/24"
+        );
+        assert_eq!(
+            render_add_result(&o, Version::V0_2_0)["ip4"]["ip"],
+            "10.32.0.3/24"
+        );
+    }
+
+    #[test]
     fn result_old_versions_carry_ip_version() {
         for version in [Version::V0_3_0, Version::V0_3_1, Version::V0_4_0] {
             let v = render_add_result(&outcome(), version);
@@ -425,7 +637,7 @@ mod tests {
 
     #[test]
     fn prev_result_round_trip() {
-        for version in Version::ALL {
+        for version in Version::ALL.into_iter().filter(|v| v.supports_check()) {
             let v = render_add_result(&outcome(), version);
             let e = expected_from_prev_result(&v).unwrap();
             assert_eq!(e.address, outcome().address);

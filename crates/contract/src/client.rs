@@ -96,6 +96,24 @@ impl Client {
             Method::Post => self.agent.post(&url).send_empty(),
             Method::Put => self.agent.put(&url).send_empty(),
         };
+        self.answer(sent)
+    }
+
+    /// A POST with a body of type `content_type` (e.g. `application/json`).
+    pub fn post(&self, path: &str, content_type: &str, body: &[u8]) -> Result<Answer, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let sent = self
+            .agent
+            .post(&url)
+            .header("Content-Type", content_type)
+            .send(body);
+        self.answer(sent)
+    }
+
+    fn answer(
+        &self,
+        sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Answer, ClientError> {
         let mut response = sent.map_err(|e| self.error(e))?;
         let status = response.status().as_u16();
         let body = response
@@ -204,6 +222,50 @@ mod tests {
                 "GET /ip/a HTTP/1.1"
             ]
         );
+    }
+
+    #[test]
+    fn a_post_carries_its_body() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut head = Vec::new();
+            let mut len = 0usize;
+            loop {
+                let mut h = String::new();
+                reader.read_line(&mut h).unwrap();
+                if h.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+                head.push(h.trim().to_string());
+            }
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            let mut stream = stream;
+            write!(
+                stream,
+                "HTTP/1.1 404 X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            (head, String::from_utf8(body).unwrap())
+        });
+        let a = Client::new(&addr)
+            .post("/x", "application/json", br#"{"a":1}"#)
+            .unwrap();
+        assert_eq!(a.status, 404);
+        let (head, body) = server.join().unwrap();
+        assert_eq!(head[0], "POST /x HTTP/1.1");
+        assert!(
+            head.iter()
+                .any(|h| h.eq_ignore_ascii_case("content-type: application/json")),
+            "{head:?}"
+        );
+        assert_eq!(body, r#"{"a":1}"#);
     }
 
     #[test]
