@@ -81,6 +81,131 @@ pub fn forget_key(addr: &str, name: &str) -> Result<String, CliError> {
     }
 }
 
+/// `weft report -f TEMPLATE`: the report through a Go text/template, rendered by the
+/// router (`/report?format=`), as `weave report -f` did.
+pub fn report_format(addr: &str, template: &str) -> Result<String, CliError> {
+    let q: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("format", template)
+        .finish();
+    match request(
+        addr,
+        Method::Get,
+        &format!("{}?{q}", paths::REPORT),
+        QUERY_TIMEOUT,
+    )? {
+        (200, body) => Ok(body),
+        (code, body) => Err(server_error(addr, code, body)),
+    }
+}
+
+fn peer_form(peers: &[String], replace: bool) -> String {
+    let mut f = form_urlencoded::Serializer::new(String::new());
+    for p in peers {
+        f.append_pair("peer", p);
+    }
+    if replace {
+        f.append_pair("replace", "true");
+    }
+    f.finish()
+}
+
+fn post_form(addr: &str, path: &str, form: &str) -> Result<String, CliError> {
+    let answer = Client::with_timeout(addr, QUERY_TIMEOUT)
+        .post(path, "application/x-www-form-urlencoded", form.as_bytes())
+        .map_err(client_error)?;
+    match answer.status {
+        200 | 204 => Ok(answer.body),
+        code => Err(server_error(addr, code, answer.body)),
+    }
+}
+
+/// `weft connect [--replace] PEER...`: the router dials these peers too.
+pub fn connect(addr: &str, peers: &[String], replace: bool) -> Result<String, CliError> {
+    post_form(addr, "/connect", &peer_form(peers, replace))
+}
+
+/// `weft forget PEER...`: the router stops dialling these peers.
+pub fn forget(addr: &str, peers: &[String]) -> Result<String, CliError> {
+    post_form(addr, "/forget", &peer_form(peers, false))
+}
+
+/// `weft expose`: this node's own overlay address (allocated if it has none yet).
+pub fn expose(addr: &str) -> Result<String, CliError> {
+    match request(addr, Method::Post, "/expose", RMPEER_TIMEOUT)? {
+        (200, body) => Ok(body),
+        (code, body) => Err(server_error(addr, code, body)),
+    }
+}
+
+/// What `weft status dns` answers: Weave had weaveDNS; weft has none.
+pub const NO_DNS: &str = "weft has no DNS service. Weave's weaveDNS is not part of weft: in Kubernetes, pods resolve names through the cluster's DNS (CoreDNS), which works over weft unchanged.\n";
+
+/// One pod attachment on this node, for `weft ps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub container_id: String,
+    /// The node-side interface (`weave` for the node's own address).
+    pub interface: String,
+    /// The pod interface's MAC (`-` if the kernel does not say: the veth is gone).
+    pub mac: String,
+    pub address: String,
+}
+
+/// The node's attachments as the router holds them (`GET /ip`), in container-id order;
+/// interfaces follow from the ids (the plugin names host veths after them).
+pub fn attachments(addr: &str) -> Result<Vec<Attachment>, CliError> {
+    #[derive(serde::Deserialize)]
+    struct Owned {
+        owned: Vec<crate::api::report::OwnedReport>,
+    }
+    let (code, body) = request(addr, Method::Get, "/ip", QUERY_TIMEOUT)?;
+    if code != 200 {
+        return Err(server_error(addr, code, body));
+    }
+    let owned: Owned = serde_json::from_str(&body).map_err(|e| CliError::Transport {
+        addr: addr.to_string(),
+        reason: format!("unexpected answer to GET /ip: {e}"),
+    })?;
+    let mut v: Vec<Attachment> = owned
+        .owned
+        .into_iter()
+        .flat_map(|o| {
+            let interface = if o.containerid == weft_contract::EXPOSE_ID {
+                weft_contract::TUN_NAME.to_string()
+            } else {
+                weft_contract::host_veth_name(&o.containerid)
+            };
+            o.addrs.into_iter().map(move |a| Attachment {
+                container_id: o.containerid.clone(),
+                interface: interface.clone(),
+                mac: "-".into(),
+                address: a,
+            })
+        })
+        .collect();
+    v.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+    Ok(v)
+}
+
+/// `weft ps` lines: Weave's `CONTAINER MAC ADDRESS` with the interface after the id.
+pub fn render_ps(list: &[Attachment]) -> String {
+    let mut out = String::new();
+    for a in list {
+        out.push_str(&format!(
+            "{} {} {} {}\n",
+            a.container_id, a.interface, a.mac, a.address
+        ));
+    }
+    out
+}
+
+fn client_error(e: ClientError) -> CliError {
+    match e {
+        ClientError::Unreachable { addr, reason } => CliError::NotRunning { addr, reason },
+        ClientError::Transport { addr, reason } => CliError::Transport { addr, reason },
+    }
+}
+
 fn server_error(addr: &str, code: u16, body: String) -> CliError {
     CliError::Server {
         addr: addr.to_string(),
@@ -98,10 +223,7 @@ fn request(
 ) -> Result<(u16, String), CliError> {
     let answer = Client::with_timeout(addr, timeout)
         .call(method, path)
-        .map_err(|e| match e {
-            ClientError::Unreachable { addr, reason } => CliError::NotRunning { addr, reason },
-            ClientError::Transport { addr, reason } => CliError::Transport { addr, reason },
-        })?;
+        .map_err(client_error)?;
     Ok((answer.status, answer.body))
 }
 
@@ -277,6 +399,48 @@ mod tests {
         assert_eq!(
             rmpeer(&server.addr, "n3").unwrap(),
             "16 IPs taken over from n3\n"
+        );
+    }
+
+    #[test]
+    fn report_format_connect_forget_expose_and_ps_reach_the_router() {
+        let (ctl, server) = fake(true);
+        assert_eq!(
+            report_format(&server.addr, "{{.Router.Name}} {{len .Router.Peers}}").unwrap(),
+            "02:77:76:00:00:01 2"
+        );
+        assert!(matches!(
+            report_format(&server.addr, "{{.Router"),
+            Err(CliError::Server { code: 400, .. })
+        ));
+        connect(
+            &server.addr,
+            &["10.0.0.7".to_string(), "10.0.0.8:7000".to_string()],
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            *ctl.targets.lock().unwrap(),
+            ["10.0.0.7:6783", "10.0.0.8:7000"]
+        );
+        assert_eq!(
+            forget(&server.addr, &["10.0.0.8:7000".to_string()]).unwrap(),
+            "1 target(s) forgotten\n"
+        );
+        assert_eq!(expose(&server.addr).unwrap(), "192.168.0.1/16");
+        let ps = attachments(&server.addr).unwrap();
+        // The fake's report lists pod-a; the expose above gave weave:expose its address.
+        let ids: Vec<&str> = ps.iter().map(|a| a.container_id.as_str()).collect();
+        assert!(ids.contains(&"weave:expose"), "{ps:?}");
+        let expose_line = ps
+            .iter()
+            .find(|a| a.container_id == "weave:expose")
+            .unwrap();
+        assert_eq!(expose_line.interface, "weave");
+        let text = render_ps(&ps);
+        assert!(
+            text.contains("weave:expose weave - 192.168.0.1/16\n"),
+            "{text}"
         );
     }
 }

@@ -25,8 +25,45 @@ enum Command {
         #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weft::config::DEFAULT_HTTP_ADDR)]
         http_addr: String,
     },
-    /// Print the router's full state as JSON.
+    /// Print the router's full state as JSON, or through a Go template (`-f`).
     Report {
+        /// A Go text/template over the report, as `weave report -f`, e.g.
+        /// '{{.Router.Name}}' or '{{range .Router.Peers}}{{.NickName}} {{end}}'.
+        #[arg(short = 'f', long = "format", value_name = "TEMPLATE")]
+        format: Option<String>,
+        #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weft::config::DEFAULT_HTTP_ADDR)]
+        http_addr: String,
+    },
+    /// List the pods attached on this node: container id, node-side interface, the pod
+    /// interface's MAC, address.
+    Ps {
+        #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weft::config::DEFAULT_HTTP_ADDR)]
+        http_addr: String,
+    },
+    /// Make the router dial these peers too (`host` or `host:port`).
+    Connect {
+        /// Drop the peers added with `connect` before and not listed here.
+        #[arg(long)]
+        replace: bool,
+        #[arg(value_name = "PEER")]
+        peers: Vec<String>,
+        #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weft::config::DEFAULT_HTTP_ADDR)]
+        http_addr: String,
+    },
+    /// Make the router stop dialling these peers.
+    Forget {
+        #[arg(required = true, value_name = "PEER")]
+        peers: Vec<String>,
+        #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weft::config::DEFAULT_HTTP_ADDR)]
+        http_addr: String,
+    },
+    /// Print this node's own overlay address (the node is always exposed to the overlay).
+    Expose {
+        #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weft::config::DEFAULT_HTTP_ADDR)]
+        http_addr: String,
+    },
+    /// Print the versions of this program and of the running router.
+    Version {
         #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weft::config::DEFAULT_HTTP_ADDR)]
         http_addr: String,
     },
@@ -105,6 +142,49 @@ const ROUTER_ENV: [&str; 11] = [
     "NO_MASQ_LOCAL",
 ];
 
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`, e.g. `weft=debug,info`), as
+/// text or, with `WEFT_LOG_FORMAT=json`, one JSON object per line for log collectors.
+fn init_logs() -> anyhow::Result<()> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match std::env::var("WEFT_LOG_FORMAT").as_deref() {
+        Ok("json") => builder.json().with_current_span(false).init(),
+        Ok("text") | Ok("") | Err(_) => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        Ok(other) => anyhow::bail!("WEFT_LOG_FORMAT={other:?}: expected text or json"),
+    }
+    Ok(())
+}
+
+/// Reads each pod interface's MAC from the kernel (the far end of its node-side veth);
+/// left as `-` where it cannot be read.
+fn fill_macs(list: &mut [weft::cli::Attachment]) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    rt.block_on(async {
+        let Ok(nl) = weft::io::netlink::Netlink::open() else {
+            return;
+        };
+        for a in list.iter_mut() {
+            if let Ok(Some(mac)) = nl.veth_peer_mac(&a.interface).await {
+                a.mac = mac
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":");
+            }
+        }
+    });
+}
+
 fn main() -> anyhow::Result<()> {
     for var in ROUTER_ENV {
         if std::env::var_os(var).is_some_and(|v| v.to_string_lossy().trim().is_empty()) {
@@ -119,14 +199,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse_from(args);
     match cli.command {
         Command::Router(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+            init_logs()?;
             let hostname = nix::unistd::gethostname()
                 .ok()
                 .and_then(|h| h.into_string().ok())
@@ -135,13 +208,58 @@ fn main() -> anyhow::Result<()> {
             weft::router::run(cfg).context("weft router failed")
         }
         Command::Status { what, http_addr } => {
+            if what.as_deref() == Some("dns") {
+                print!("{}", weft::cli::NO_DNS);
+                return Ok(());
+            }
             let text = weft::cli::status(&http_addr, what.as_deref())?;
             print!("{text}");
             Ok(())
         }
-        Command::Report { http_addr } => {
+        Command::Report {
+            format: Some(template),
+            http_addr,
+        } => {
+            // Printed as rendered: a template decides its own newlines, as Weave's did.
+            print!("{}", weft::cli::report_format(&http_addr, &template)?);
+            Ok(())
+        }
+        Command::Report {
+            format: None,
+            http_addr,
+        } => {
             let text = weft::cli::report(&http_addr)?;
             println!("{}", text.trim_end());
+            Ok(())
+        }
+        Command::Ps { http_addr } => {
+            let mut list = weft::cli::attachments(&http_addr)?;
+            fill_macs(&mut list);
+            print!("{}", weft::cli::render_ps(&list));
+            Ok(())
+        }
+        Command::Connect {
+            replace,
+            peers,
+            http_addr,
+        } => {
+            print!("{}", weft::cli::connect(&http_addr, &peers, replace)?);
+            Ok(())
+        }
+        Command::Forget { peers, http_addr } => {
+            print!("{}", weft::cli::forget(&http_addr, &peers)?);
+            Ok(())
+        }
+        Command::Expose { http_addr } => {
+            println!("{}", weft::cli::expose(&http_addr)?.trim_end());
+            Ok(())
+        }
+        Command::Version { http_addr } => {
+            println!("weft {}", env!("CARGO_PKG_VERSION"));
+            match weft::cli::report_format(&http_addr, "{{.Version}}") {
+                Ok(v) => println!("router {}", v.trim()),
+                Err(e) => println!("router: {e}"),
+            }
             Ok(())
         }
         Command::Rmpeer { names, http_addr } => {

@@ -699,6 +699,7 @@ fn intrude(ns: &str, to: SocketAddr, victim: PeerName, heir: PeerName) -> Intrus
                         control_port: 6783,
                         data_port: 6784,
                         connections: Vec::new(),
+                        links: Vec::new(),
                         key: None,
                     })
                     .collect();

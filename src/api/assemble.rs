@@ -3,9 +3,10 @@
 //! this is the one place where the daemon's state becomes text for operators.
 
 use super::report::{
-    ConnectionReport, DataplaneReport, DropReport, IpamReport, OwnedReport, PeerConnectionReport,
+    BroadcastRouteReport, ClaimReport, ConnectionAttrs, ConnectionReport, DataplaneReport,
+    DropReport, IpamReport, OverlayDiagnostics, OwnedReport, PaxosReport, PeerConnectionReport,
     PeerReport, PeerTrafficReport, RefusedReport, Report, RingEntryReport, RouteReport,
-    RouterReport,
+    RouterReport, UnicastRouteReport, VersionCheckReport,
 };
 use crate::core::mesh::message::{PROTOCOL, PROTOCOL_VERSION};
 use crate::core::mesh::view::{ConnState, ConnectionView, IpamStatus, IpamView, PeerView};
@@ -58,8 +59,8 @@ pub struct Sources {
     pub terminations: u64,
     pub refused: RefusedReport,
     pub ipam: IpamView,
-    /// Allocation requests waiting for IPAM right now.
-    pub pending_allocates: u64,
+    /// Container ids of allocation requests waiting for IPAM right now.
+    pub pending_allocates: Vec<String>,
     pub bad_requests: u64,
     pub datapath: DatapathView,
 }
@@ -82,6 +83,65 @@ pub fn ipam_status_text(s: &IpamStatus) -> String {
     }
 }
 
+/// Weave's `UnicastRoutes` and `BroadcastRoutes` over the control mesh: the next hop to
+/// every peer on a shortest path of established connections (breadth first, neighbours in
+/// name order, so the answer is stable), and this node's broadcast fan-out (its direct
+/// neighbours: gossip goes to each of them).
+fn control_routes(
+    me: &PeerName,
+    peers: &[PeerView],
+) -> (Vec<UnicastRouteReport>, Vec<BroadcastRouteReport>) {
+    use std::collections::{BTreeMap, BTreeSet, VecDeque};
+    let mut adj: BTreeMap<&PeerName, BTreeSet<&PeerName>> = BTreeMap::new();
+    for p in peers {
+        for l in &p.links {
+            // A connection counts once either end reports it: the other end's summary may
+            // not have arrived yet.
+            adj.entry(&p.name).or_default().insert(&l.name);
+            adj.entry(&l.name).or_default().insert(&p.name);
+        }
+    }
+    let mut via: BTreeMap<&PeerName, Option<&PeerName>> = BTreeMap::new();
+    via.insert(me, None);
+    let mut queue = VecDeque::from([me]);
+    while let Some(at) = queue.pop_front() {
+        let first_hop = via[at];
+        for &next in adj.get(at).into_iter().flatten() {
+            if via.contains_key(next) {
+                continue;
+            }
+            via.insert(next, Some(first_hop.unwrap_or(next)));
+            queue.push_back(next);
+        }
+    }
+    let unicast = via
+        .iter()
+        .map(|(dest, hop)| UnicastRouteReport {
+            dest: dest.to_string(),
+            via: hop.map_or_else(|| "00:00:00:00:00:00".to_string(), |h| h.to_string()),
+        })
+        .collect();
+    let neighbours: Vec<String> = peers
+        .iter()
+        .find(|p| &p.name == me)
+        .map(|p| {
+            let mut v: Vec<String> = p.links.iter().map(|l| l.name.to_string()).collect();
+            v.sort();
+            v.dedup();
+            v
+        })
+        .unwrap_or_default();
+    let broadcast = if neighbours.is_empty() {
+        Vec::new()
+    } else {
+        vec![BroadcastRouteReport {
+            source: me.to_string(),
+            via: neighbours,
+        }]
+    };
+    (unicast, broadcast)
+}
+
 pub fn report(s: Sources) -> Report {
     let mtu = s.router.mtu;
     let mut connections: Vec<ConnectionReport> = s
@@ -96,6 +156,11 @@ pub fn report(s: Sources) -> Report {
                 peer_name: Some(peer.to_string()),
                 peer_nick_name: Some(nickname.clone()),
                 mtu,
+                attrs: Some(ConnectionAttrs {
+                    mtu,
+                    name: "vxlan".into(),
+                    encrypted: s.router.encrypted,
+                }),
             },
             ConnState::Handshake => ConnectionReport {
                 address: c.remote.to_string(),
@@ -105,6 +170,7 @@ pub fn report(s: Sources) -> Report {
                 peer_name: None,
                 peer_nick_name: None,
                 mtu,
+                attrs: None,
             },
         })
         .collect();
@@ -124,6 +190,7 @@ pub fn report(s: Sources) -> Report {
             peer_name: None,
             peer_nick_name: None,
             mtu,
+            attrs: None,
         });
     }
     let peers = s
@@ -133,6 +200,8 @@ pub fn report(s: Sources) -> Report {
             name: p.name.to_string(),
             nick_name: p.nickname.clone(),
             uid: p.uid,
+            short_id: 0,
+            version: 0,
             data_address: p.data_addr.map(|a| a.to_string()),
             connections: p
                 .links
@@ -140,6 +209,7 @@ pub fn report(s: Sources) -> Report {
                 .map(|l| PeerConnectionReport {
                     name: l.name.to_string(),
                     nick_name: l.nickname.clone(),
+                    // A peer that did not say (an older weft) leaves it empty.
                     address: l.remote.map(|r| r.to_string()).unwrap_or_default(),
                     outbound: l.outbound,
                     established: true,
@@ -148,7 +218,16 @@ pub fn report(s: Sources) -> Report {
         })
         .collect();
     let prefix = s.ipam.range.prefix_len();
+    let paxos = match s.ipam.status {
+        IpamStatus::AwaitingConsensus { quorum, known } => Some(PaxosReport {
+            elector: true,
+            known_nodes: known as u64,
+            quorum: quorum as u64,
+        }),
+        _ => None,
+    };
     let ipam = IpamReport {
+        paxos,
         status: ipam_status_text(&s.ipam.status),
         range: s.ipam.range.to_string(),
         range_num_ips: s.ipam.max_ips,
@@ -179,8 +258,19 @@ pub fn report(s: Sources) -> Report {
                 addrs: vec![format!("{a}/{prefix}")],
             })
             .collect(),
-        pending_allocates: s.pending_allocates,
-        pending_claims: s.ipam.pending_claims,
+        // Weave's `null` for none: `{{len .IPAM.PendingAllocates}}` behaves the same.
+        pending_allocates: Some(s.pending_allocates.clone()).filter(|v| !v.is_empty()),
+        pending_claims: Some(
+            s.ipam
+                .pending_claims
+                .iter()
+                .map(|(id, a)| ClaimReport {
+                    ident: id.clone(),
+                    cidr: format!("{a}/32"),
+                })
+                .collect::<Vec<_>>(),
+        )
+        .filter(|v| !v.is_empty()),
         bad_gossip: s.ipam.bad_gossip,
         bad_requests: s.bad_requests,
     };
@@ -194,7 +284,12 @@ pub fn report(s: Sources) -> Report {
                 end: r.last.to_string(),
                 size: r.size(),
                 peer: r.owner.to_string(),
-                nick_name: r.nickname.clone(),
+                // The data path knows other peers' nicknames; this node's own is here.
+                nick_name: if r.nickname.is_empty() && r.owner == s.router.name {
+                    s.router.nickname.clone()
+                } else {
+                    r.nickname.clone()
+                },
                 via: match r.via {
                     Via::Local => "local".into(),
                     Via::Peer(a) => a.to_string(),
@@ -225,9 +320,26 @@ pub fn report(s: Sources) -> Report {
             })
             .collect(),
     };
+    let (unicast_routes, broadcast_routes) = control_routes(&s.router.name, &s.peers);
+    let mut overlay_diagnostics = std::collections::BTreeMap::new();
+    overlay_diagnostics.insert(
+        "vxlan".to_string(),
+        Some(OverlayDiagnostics {
+            interface: s.router.interface.clone(),
+            mtu,
+            data_port: s.router.data_port,
+            seal: if s.router.encrypted {
+                "aes-256-gcm"
+            } else {
+                "none"
+            }
+            .into(),
+        }),
+    );
     Report {
         ready: s.ready,
         version: env!("CARGO_PKG_VERSION").to_string(),
+        version_check: VersionCheckReport::default(),
         router: RouterReport {
             protocol: PROTOCOL.to_string(),
             protocol_min_version: PROTOCOL_VERSION,
@@ -249,8 +361,14 @@ pub fn report(s: Sources) -> Report {
             overlay_address: s.router.overlay_address.map(|n| n.to_string()),
             targets: s.router.targets,
             peers,
+            unicast_routes,
+            broadcast_routes,
             connections,
             termination_count: s.terminations,
+            overlay_diagnostics,
+            trusted_subnets: Vec::new(),
+            capture_stats: Default::default(),
+            macs: Vec::new(),
             refused: s.refused.clone(),
         },
         ipam,
@@ -347,10 +465,10 @@ mod tests {
                     free: 32767,
                 }],
                 owned: vec![("weave:expose".into(), "192.168.0.1".parse().unwrap())],
-                pending_claims: 0,
+                pending_claims: vec![("c9".into(), "192.168.7.7".parse().unwrap())],
                 bad_gossip: 2,
             },
-            pending_allocates: 1,
+            pending_allocates: vec!["c8".into()],
             bad_requests: 5,
             datapath: DatapathView {
                 routes: vec![RouteView {
@@ -380,7 +498,14 @@ mod tests {
         assert_eq!(r.ipam.owned[0].addrs, vec!["192.168.0.1/16".to_string()]);
         assert_eq!(r.ipam.seeds.len(), 2);
         assert_eq!((r.ipam.bad_gossip, r.ipam.bad_requests), (2, 5));
-        assert_eq!(r.ipam.pending_allocates, 1);
+        assert_eq!(r.ipam.pending_allocates, Some(vec!["c8".to_string()]));
+        let claims = r.ipam.pending_claims.as_ref().unwrap();
+        assert_eq!(
+            (claims[0].ident.as_str(), claims[0].cidr.as_str()),
+            ("c9", "192.168.7.7/32")
+        );
+        let paxos = r.ipam.paxos.as_ref().unwrap();
+        assert_eq!((paxos.quorum, paxos.known_nodes), (2, 1));
         assert_eq!(
             r.router.connections.len(),
             2,
@@ -410,6 +535,102 @@ mod tests {
         );
         assert_eq!(r.dataplane.drops[0].reason, "no_route");
         assert_eq!(r.dataplane.peers[0].rx_bytes, 900);
+    }
+
+    #[test]
+    fn control_routes_follow_shortest_paths_over_gossiped_links() {
+        // n1 - n2 - n3, and n4 connected to n3 only: n1 reaches n3 and n4 through n2.
+        let link = |i: u8| PeerLink {
+            name: name(i),
+            nickname: format!("n{i}"),
+            remote: None,
+            outbound: false,
+        };
+        let peer = |i: u8, links: Vec<PeerLink>| PeerView {
+            name: name(i),
+            nickname: format!("n{i}"),
+            uid: u64::from(i),
+            data_addr: None,
+            links,
+        };
+        let peers = vec![
+            peer(1, vec![link(2)]),
+            peer(2, vec![link(1), link(3)]),
+            peer(3, vec![link(4)]),
+            peer(4, vec![]),
+        ];
+        let (uni, bc) = control_routes(&name(1), &peers);
+        let hops: Vec<(String, String)> = uni.into_iter().map(|u| (u.dest, u.via)).collect();
+        assert_eq!(
+            hops,
+            vec![
+                (name(1).to_string(), "00:00:00:00:00:00".to_string()),
+                (name(2).to_string(), name(2).to_string()),
+                (name(3).to_string(), name(2).to_string()),
+                (name(4).to_string(), name(2).to_string()),
+            ]
+        );
+        assert_eq!(bc.len(), 1);
+        assert_eq!(bc[0].via, vec![name(2).to_string()]);
+    }
+
+    /// Every key of the report a real Weave 2.8.1 router served
+    /// (`weave-samples/n1-report-after-traffic.json`, copied in `testdata/`) is in weft's,
+    /// with the same JSON type (`null` matches anything: Weave's empty values).
+    #[test]
+    fn the_report_has_every_key_of_weaves_with_its_type() {
+        let weave: serde_json::Value =
+            serde_json::from_str(include_str!("testdata/weave-2.8.1-report.json")).unwrap();
+        let mut r = report(sources());
+        r.ipam.paxos = None;
+        let weft = serde_json::to_value(&r).unwrap();
+        let mut missing = Vec::new();
+        compare_keys("", &weave, &weft, &mut missing);
+        assert!(missing.is_empty(), "missing or mistyped: {missing:#?}");
+    }
+
+    fn compare_keys(
+        path: &str,
+        weave: &serde_json::Value,
+        weft: &serde_json::Value,
+        out: &mut Vec<String>,
+    ) {
+        use serde_json::Value as V;
+        // Weave's things weft does not have (see the README's report section): the key is
+        // there with an empty value. OverlayDiagnostics is keyed by overlay name.
+        const EMPTY_IN_WEFT: [&str; 4] = [
+            ".Router.CaptureStats",
+            ".Router.MACs",
+            ".Router.TrustedSubnets",
+            ".Router.OverlayDiagnostics",
+        ];
+        if EMPTY_IN_WEFT.contains(&path) {
+            if path == ".Router.OverlayDiagnostics" {
+                assert!(weft.get("vxlan").is_some(), "{weft}");
+            }
+            return;
+        }
+        match (weave, weft) {
+            (V::Null, _) => {}
+            (V::Object(w), V::Object(f)) => {
+                for (k, wv) in w {
+                    match f.get(k) {
+                        Some(fv) => compare_keys(&format!("{path}.{k}"), wv, fv, out),
+                        None => out.push(format!("{path}.{k}")),
+                    }
+                }
+            }
+            (V::Array(w), V::Array(f)) => {
+                // Element shapes are compared where both sides have one.
+                if let (Some(we), Some(fe)) = (w.first(), f.first()) {
+                    compare_keys(&format!("{path}[]"), we, fe, out);
+                }
+            }
+            (V::Bool(_), V::Bool(_))
+            | (V::Number(_), V::Number(_))
+            | (V::String(_), V::String(_)) => {}
+            (w, f) => out.push(format!("{path}: weave {w} vs weft {f}")),
+        }
     }
 
     #[test]

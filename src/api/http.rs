@@ -40,6 +40,7 @@ pub fn api_router<C: Control>(ctl: Arc<C>) -> Router {
 pub fn api_router_with_wait<C: Control>(ctl: Arc<C>, wait: Duration) -> Router {
     let api = Arc::new(Api { ctl, wait });
     Router::new()
+        .route("/", get(live_page))
         .route("/status", get(status_page::<C>))
         .route("/status/{page}", get(status_subpage::<C>))
         .route("/report", get(report::<C>))
@@ -52,9 +53,19 @@ pub fn api_router_with_wait<C: Control>(ctl: Arc<C>, wait: Duration) -> Router {
         )
         .route(
             "/ip/{id}/{ip}/{prefix}",
-            post(ip_allocate_in::<C>).put(ip_claim::<C>),
+            post(ip_allocate_in::<C>)
+                .put(ip_claim::<C>)
+                .get(ip_lookup_in::<C>),
         )
         .route("/ipinfo/defaultsubnet", get(default_subnet::<C>))
+        .route("/ip/{id}/{ip}", delete(ip_free_addr::<C>))
+        .route("/connect", post(connect::<C>))
+        .route("/forget", post(forget::<C>))
+        .route(
+            "/expose",
+            get(expose::<C>).post(expose::<C>).delete(unexpose::<C>),
+        )
+        .route("/cni/observation", post(cni_observation::<C>))
         .route("/peer/{name}", delete(peer_remove::<C>))
         .route("/peer/{name}/key", delete(peer_forget_key::<C>))
         .fallback(not_found)
@@ -103,6 +114,30 @@ async fn not_found() -> Response {
     text_error(StatusCode::NOT_FOUND, "404 page not found")
 }
 
+/// `GET /`: the live picture, one self-contained page (no external resources: clusters
+/// are often offline) that polls `/report` and draws peers, the ring, routes and traffic.
+const LIVE_PAGE: &str = include_str!("live.html");
+
+async fn live_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // The browser enforces what the page promises: nothing loaded from elsewhere,
+            // no eval, only this origin's /report fetched.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; \
+                 frame-ancestors 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        LIVE_PAGE,
+    )
+        .into_response()
+}
+
 async fn status_page<C: Control>(State(api): St<C>) -> Response {
     let r = api.ctl.report();
     // Kubernetes' readiness probe hits this path: until the router is ready the same text
@@ -124,10 +159,36 @@ async fn status_subpage<C: Control>(State(api): St<C>, Path(page): Path<String>)
         "routes" => status::render_routes,
         _ => return not_found().await,
     };
-    render(&api.ctl.report()).into_response()
+    let r = api.ctl.report();
+    // As /status: a probe or script reading a sub-page before the node is ready gets a
+    // status that says so, not a page of half-known facts with 200.
+    let code = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, render(&r)).into_response()
 }
 
-async fn report<C: Control>(State(api): St<C>) -> Response {
+/// The value of `key` in a query string or form body (the last one if repeated).
+fn form_values(raw: &[u8], key: &str) -> Vec<String> {
+    form_urlencoded::parse(raw)
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+        .collect()
+}
+
+async fn report<C: Control>(State(api): St<C>, RawQuery(query): RawQuery) -> Response {
+    let format = query
+        .as_deref()
+        .and_then(|q| form_values(q.as_bytes(), "format").pop());
+    if let Some(template) = format {
+        // Weave's `/report?format=TEMPLATE`: the report through a Go text/template.
+        return match super::template::render(&template, &api.ctl.report()) {
+            Ok(text) => text.into_response(),
+            Err(e) => bad_request(&api, e.to_string()),
+        };
+    }
     // Weave indented its report with four spaces; scripts diffing reports keep working.
     let mut body = Vec::new();
     let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
@@ -207,8 +268,16 @@ async fn ip_allocate<C: Control>(
         Err(msg) => return bad_request(&api, msg),
     };
     match query.as_deref() {
-        None | Some("") => allocated(api.ctl.allocate(id, api.wait).await),
-        Some("tentative") => allocated(api.ctl.allocate_tentative(id, api.wait).await),
+        None | Some("") => allocated(counted(
+            &api,
+            "allocate",
+            api.ctl.allocate(id, api.wait).await,
+        )),
+        Some("tentative") => allocated(counted(
+            &api,
+            "allocate",
+            api.ctl.allocate_tentative(id, api.wait).await,
+        )),
         Some("confirm") => match api.ctl.confirm(id.clone()).await {
             Ok(Some(net)) => net.to_string().into_response(),
             Ok(None) => text_error(
@@ -224,10 +293,23 @@ async fn ip_allocate<C: Control>(
     }
 }
 
+/// `POST /ip/{id}/{ip}/{prefix}` (Weave's), answered with the subnet's prefix;
+/// `?tentative` as for `POST /ip/{id}` (confirmed with `POST /ip/{id}?confirm`).
 async fn ip_allocate_in<C: Control>(
     State(api): St<C>,
     Path((id, ip, prefix)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
 ) -> Response {
+    let tentative = match query.as_deref() {
+        None | Some("") => false,
+        Some("tentative") => true,
+        Some(other) => {
+            return bad_request(
+                &api,
+                format!("unknown query {other:?}: expected none or `tentative`"),
+            )
+        }
+    };
     let (id, (addr, len)) = match (container_id(&id), ip_and_prefix(&ip, &prefix)) {
         (Ok(id), Ok(p)) => (id, p),
         (Err(msg), _) | (_, Err(msg)) => return bad_request(&api, msg),
@@ -245,7 +327,7 @@ async fn ip_allocate_in<C: Control>(
             ),
         );
     }
-    allocated(api.ctl.allocate_in(id, subnet, api.wait).await)
+    allocated(api.ctl.allocate_in(id, subnet, tentative, api.wait).await)
 }
 
 async fn ip_claim<C: Control>(
@@ -256,7 +338,7 @@ async fn ip_claim<C: Control>(
         (Ok(id), Ok((addr, _))) => (id, addr),
         (Err(msg), _) | (_, Err(msg)) => return bad_request(&api, msg),
     };
-    match api.ctl.claim(id, addr, api.wait).await {
+    match counted(&api, "claim", api.ctl.claim(id, addr, api.wait).await) {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => ip_error(e),
     }
@@ -292,9 +374,165 @@ async fn ip_free<C: Control>(State(api): St<C>, Path(id): Path<String>) -> Respo
             ),
         );
     }
-    match api.ctl.free(&id).await {
+    match counted(&api, "free", api.ctl.free(&id).await) {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => ip_error(e),
+    }
+}
+
+/// How an IPAM operation ended, as the `result` label of `weft_ipam_operations_total`.
+fn op_result<T>(r: &Result<T, IpApiError>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(IpApiError::NotReady(_)) => "not_ready",
+        Err(IpApiError::Exhausted(_)) => "exhausted",
+        Err(IpApiError::BadRequest(_)) => "bad_request",
+        Err(IpApiError::Conflict(_)) => "conflict",
+        Err(IpApiError::NotFound(_)) => "not_found",
+        Err(IpApiError::Internal(_)) => "internal",
+    }
+}
+
+/// Counts the operation, then passes its result on.
+fn counted<C: Control, T>(
+    api: &Api<C>,
+    op: &'static str,
+    r: Result<T, IpApiError>,
+) -> Result<T, IpApiError> {
+    api.ctl.telemetry().count_ipam_op(op, op_result(&r));
+    r
+}
+
+/// Weave's `GET /ip/{id}/{ip}/{prefix}`: the container's address if it lies in that
+/// subnet, with the subnet's prefix.
+async fn ip_lookup_in<C: Control>(
+    State(api): St<C>,
+    Path((id, ip, prefix)): Path<(String, String, String)>,
+) -> Response {
+    let (id, (addr, len)) = match (container_id(&id), ip_and_prefix(&ip, &prefix)) {
+        (Ok(id), Ok(p)) => (id, p),
+        (Err(msg), _) | (_, Err(msg)) => return bad_request(&api, msg),
+    };
+    let subnet = match ipnet::Ipv4Net::new(addr, len) {
+        Ok(net) => net.trunc(),
+        Err(e) => return bad_request(&api, e.to_string()),
+    };
+    match api.ctl.lookup(&id) {
+        Ok(Some(net)) if subnet.contains(&net.addr()) => ipnet::Ipv4Net::new(net.addr(), len)
+            .expect("valid prefix")
+            .to_string()
+            .into_response(),
+        Ok(_) => text_error(
+            StatusCode::NOT_FOUND,
+            format_args!("no address in {subnet} allocated to {id}"),
+        ),
+        Err(e) => ip_error(e),
+    }
+}
+
+/// Weave's `DELETE /ip/{id}/{ip}`: frees that address of the container (a container
+/// holds one address in weft, so it is the container's address or nothing).
+async fn ip_free_addr<C: Control>(
+    State(api): St<C>,
+    Path((id, ip)): Path<(String, String)>,
+) -> Response {
+    let id = match container_id(&id) {
+        Ok(id) => id,
+        Err(msg) => return bad_request(&api, msg),
+    };
+    let addr: Ipv4Addr = match ip.parse() {
+        Ok(a) => a,
+        Err(_) => return bad_request(&api, format!("invalid IPv4 address {ip:?}")),
+    };
+    if id.as_str() == weft_contract::EXPOSE_ID {
+        return text_error(
+            StatusCode::FORBIDDEN,
+            format_args!("{id} is this node's own overlay address and cannot be freed"),
+        );
+    }
+    match api.ctl.lookup(&id) {
+        Ok(Some(net)) if net.addr() == addr => {
+            match counted(&api, "free", api.ctl.free(&id).await) {
+                Ok(_) => StatusCode::NO_CONTENT.into_response(),
+                Err(e) => ip_error(e),
+            }
+        }
+        Ok(_) => text_error(
+            StatusCode::NOT_FOUND,
+            format_args!("{addr} is not allocated to {id}"),
+        ),
+        Err(e) => ip_error(e),
+    }
+}
+
+/// The `peer` fields of a `/connect` or `/forget` form, parsed; the error is the 400.
+fn peer_targets(body: &[u8]) -> Result<Vec<crate::config::PeerTarget>, String> {
+    form_values(body, "peer")
+        .iter()
+        .map(|p| {
+            crate::config::parse_peer(p, crate::config::DEFAULT_CONTROL_PORT)
+                .map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+/// Weave's `POST /connect` (form: `peer=HOST[:PORT]`..., `replace=true`).
+async fn connect<C: Control>(State(api): St<C>, body: axum::body::Bytes) -> Response {
+    let targets = match peer_targets(&body) {
+        Ok(t) => t,
+        Err(msg) => return bad_request(&api, msg),
+    };
+    let replace = form_values(&body, "replace")
+        .last()
+        .is_some_and(|v| v == "true");
+    api.ctl.connect(targets, replace);
+    StatusCode::OK.into_response()
+}
+
+/// Weave's `POST /forget` (form: `peer=HOST[:PORT]`...).
+async fn forget<C: Control>(State(api): St<C>, body: axum::body::Bytes) -> Response {
+    let targets = match peer_targets(&body) {
+        Ok(t) if !t.is_empty() => t,
+        Ok(_) => return bad_request(&api, "no peer given: expected peer=HOST[:PORT]".into()),
+        Err(msg) => return bad_request(&api, msg),
+    };
+    let n = api.ctl.forget(targets);
+    (StatusCode::OK, format!("{n} target(s) forgotten\n")).into_response()
+}
+
+/// `GET`/`POST /expose`: the node's own overlay address, as Weave's `weave expose`
+/// printed it (`192.168.0.1/16`).
+async fn expose<C: Control>(State(api): St<C>) -> Response {
+    allocated(counted(&api, "expose", api.ctl.expose(api.wait).await))
+}
+
+/// Weave's `weave hide`: refused, as the node's address carries its own traffic and the
+/// masquerade of outside traffic into the overlay.
+async fn unexpose<C: Control>(State(_api): St<C>) -> Response {
+    text_error(
+        StatusCode::FORBIDDEN,
+        "weft keeps every node exposed: its overlay address carries the node's traffic to pods and the masquerade of outside traffic into the overlay; `weft reset` releases it",
+    )
+}
+
+/// `POST /cni/observation`: the CNI plugin's report of one command (it cannot keep
+/// metrics itself: it lives for one command).
+async fn cni_observation<C: Control>(State(api): St<C>, body: axum::body::Bytes) -> Response {
+    if body.len() > 1024 {
+        return bad_request(&api, "observation over 1024 bytes".into());
+    }
+    let obs: super::telemetry::CniObservation = match serde_json::from_slice(&body) {
+        Ok(o) => o,
+        Err(e) => return bad_request(&api, format!("invalid observation: {e}")),
+    };
+    match obs.result_label() {
+        Ok(result) => {
+            api.ctl
+                .telemetry()
+                .observe_cni(&obs.command, &result, obs.seconds);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(msg) => bad_request(&api, msg),
     }
 }
 
@@ -325,7 +563,7 @@ async fn peer_remove<C: Control>(State(api): St<C>, Path(name): Path<String>) ->
             format!("{name:?} is neither a peer name nor a Node name"),
         );
     }
-    match api.ctl.rmpeer(&name).await {
+    match counted(&api, "rmpeer", api.ctl.rmpeer(&name).await) {
         Ok(n) => (StatusCode::OK, format!("{n} IPs taken over from {name}\n")).into_response(),
         Err(e) => ip_error(e),
     }
@@ -334,7 +572,11 @@ async fn peer_remove<C: Control>(State(api): St<C>, Path(name): Path<String>) ->
 async fn metrics<C: Control>(State(ctl): State<Arc<C>>) -> Response {
     (
         [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
-        render_metrics(&ctl.report()),
+        render_metrics(
+            &ctl.report(),
+            ctl.telemetry(),
+            super::metrics::ProcessStats::read(),
+        ),
     )
         .into_response()
 }
@@ -362,6 +604,9 @@ pub(crate) mod fake {
         pub last_subnet: Mutex<Option<Ipv4Net>>,
         pub tentative: Mutex<std::collections::BTreeSet<String>>,
         pub bad_requests: std::sync::atomic::AtomicU64,
+        pub telemetry: crate::api::telemetry::Telemetry,
+        /// Targets added by `connect` (in order), as the router's operator targets.
+        pub targets: Mutex<Vec<String>>,
     }
 
     impl FakeControl {
@@ -375,6 +620,8 @@ pub(crate) mod fake {
                 last_subnet: Mutex::new(None),
                 tentative: Mutex::new(Default::default()),
                 bad_requests: Default::default(),
+                telemetry: Default::default(),
+                targets: Mutex::new(Vec::new()),
             }
         }
 
@@ -426,6 +673,35 @@ pub(crate) mod fake {
     }
 
     impl Control for FakeControl {
+        fn telemetry(&self) -> &crate::api::telemetry::Telemetry {
+            &self.telemetry
+        }
+
+        fn connect(&self, targets: Vec<crate::config::PeerTarget>, replace: bool) {
+            let mut t = self.targets.lock().unwrap();
+            if replace {
+                t.clear();
+            }
+            for target in targets {
+                let s = target.to_string();
+                if !t.contains(&s) {
+                    t.push(s);
+                }
+            }
+        }
+
+        fn forget(&self, targets: Vec<crate::config::PeerTarget>) -> usize {
+            let mut t = self.targets.lock().unwrap();
+            let before = t.len();
+            t.retain(|x| !targets.iter().any(|f| f.to_string() == *x));
+            before - t.len()
+        }
+
+        async fn expose(&self, wait: Duration) -> Result<Ipv4Net, IpApiError> {
+            let id = ContainerId::parse(weft_contract::EXPOSE_ID).expect("valid id");
+            self.take(id, wait, |a| self.next_free(a))
+        }
+
         fn report(&self) -> Report {
             let mut r = self.report.lock().unwrap().clone();
             r.ipam.owned = self
@@ -475,9 +751,16 @@ pub(crate) mod fake {
             &self,
             container_id: ContainerId,
             subnet: Ipv4Net,
+            tentative: bool,
             wait: Duration,
         ) -> impl Future<Output = Result<Ipv4Net, IpApiError>> + Send {
             *self.last_subnet.lock().unwrap() = Some(subnet);
+            if tentative {
+                self.tentative
+                    .lock()
+                    .unwrap()
+                    .insert(container_id.to_string());
+            }
             let r = self.take(container_id, wait, |a| {
                 subnet
                     .hosts()
@@ -578,10 +861,14 @@ mod tests {
     }
 
     async fn call(router: &Router, method: Method, uri: &str) -> Answer {
+        call_with(router, method, uri, "").await
+    }
+
+    async fn call_with(router: &Router, method: Method, uri: &str, body: &str) -> Answer {
         let req = Request::builder()
             .method(method)
             .uri(uri)
-            .body(Body::empty())
+            .body(Body::from(body.to_string()))
             .unwrap();
         let resp = router.clone().oneshot(req).await.unwrap();
         let code = resp.status();
@@ -604,6 +891,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn live_page_is_self_contained_html() {
+        let (_ctl, router) = setup(true);
+        let a = get_(&router, "/").await;
+        assert_eq!(a.code, StatusCode::OK);
+        assert_eq!(a.content_type.as_deref(), Some("text/html; charset=utf-8"));
+        let page = a.body.as_str();
+        assert!(page.starts_with("<!DOCTYPE html>"), "{}", &page[..40]);
+        assert!(page.len() < 32 * 1024, "{} bytes", page.len());
+        // It polls the report with a relative URL (works behind `kubectl proxy` too).
+        assert!(page.contains("fetch(\"report\""));
+        // Nothing from elsewhere: no src= at all, href= only to data: URLs, no CSS
+        // url()/@import, and the one absolute URL is the SVG namespace name (never fetched).
+        let lower = page.to_ascii_lowercase();
+        assert!(!lower.contains("src="), "the page loads something");
+        for (i, _) in lower.match_indices("href=") {
+            let value = lower[i + 5..].trim_start_matches(['"', '\'']);
+            assert!(
+                value.starts_with("data:"),
+                "external href: {}",
+                &page[i..i + 60]
+            );
+        }
+        assert!(!lower.contains("url(") && !lower.contains("@import"));
+        for scheme in ["http://", "https://"] {
+            for (i, _) in lower.match_indices(scheme) {
+                assert!(
+                    lower[i..].starts_with("http://www.w3.org/2000/svg\""),
+                    "external reference: {}",
+                    &page[i.saturating_sub(20)..i + 40]
+                );
+            }
+        }
+        assert!(!lower.contains("eval("), "no eval");
+        assert!(
+            !lower.contains(".innerhtml"),
+            "report text is set as text, never as HTML"
+        );
+        // And the browser is told to enforce it.
+        let req = Request::builder().uri("/").body(Body::empty()).unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        let csp = resp.headers()[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap();
+        assert!(csp.starts_with("default-src 'none';"), "{csp}");
+        assert!(csp.contains("connect-src 'self'") && !csp.contains("unsafe-eval"));
+    }
+
+    #[tokio::test]
     async fn status_is_503_until_ready_with_the_same_text() {
         let (ctl, router) = setup(false);
         let a = get_(&router, "/status").await;
@@ -615,7 +950,8 @@ mod tests {
         let a = get_(&router, "/status").await;
         assert_eq!(a.code, StatusCode::OK);
         assert!(
-            a.body.starts_with("        Version: weft 0.1.0\n"),
+            a.body
+                .starts_with("        Version: 0.1.0 (version check update disabled)\n"),
             "{}",
             a.body
         );
@@ -640,6 +976,141 @@ mod tests {
         let a = get_(&router, "/status/dns").await;
         assert_eq!(a.code, StatusCode::NOT_FOUND);
         assert_eq!(a.body, "404 page not found\n");
+    }
+
+    #[tokio::test]
+    async fn status_subpages_say_503_until_ready() {
+        let (ctl, router) = setup(false);
+        for page in ["peers", "connections", "ipam", "targets", "routes"] {
+            let a = get_(&router, &format!("/status/{page}")).await;
+            assert_eq!(a.code, StatusCode::SERVICE_UNAVAILABLE, "{page}");
+        }
+        ctl.report.lock().unwrap().ready = true;
+        assert_eq!(get_(&router, "/status/ipam").await.code, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn report_format_renders_a_go_template() {
+        let (_ctl, router) = setup(true);
+        let a = get_(&router, "/report?format=%7B%7B.Router.Name%7D%7D").await;
+        assert_eq!(
+            (a.code, a.body.as_str()),
+            (StatusCode::OK, "02:77:76:00:00:01")
+        );
+        let a = get_(
+            &router,
+            "/report?format=%7B%7Brange%20.Router.Peers%7D%7D%7B%7B.NickName%7D%7D,%7B%7Bend%7D%7D",
+        )
+        .await;
+        assert_eq!(a.body, "n1,n2,");
+        let a = get_(&router, "/report?format=%7B%7B.Router.Name").await;
+        assert_eq!(a.code, StatusCode::BAD_REQUEST);
+        assert!(a.body.contains("does not parse"), "{}", a.body);
+    }
+
+    #[tokio::test]
+    async fn connect_and_forget_change_the_operators_targets() {
+        let (ctl, router) = setup(true);
+        let a = call_with(
+            &router,
+            Method::POST,
+            "/connect",
+            "peer=10.0.0.7&peer=10.0.0.8%3A7000",
+        )
+        .await;
+        assert_eq!(a.code, StatusCode::OK);
+        assert_eq!(
+            *ctl.targets.lock().unwrap(),
+            ["10.0.0.7:6783", "10.0.0.8:7000"]
+        );
+        let a = call_with(
+            &router,
+            Method::POST,
+            "/connect",
+            "peer=10.0.0.9&replace=true",
+        )
+        .await;
+        assert_eq!(a.code, StatusCode::OK);
+        assert_eq!(*ctl.targets.lock().unwrap(), ["10.0.0.9:6783"]);
+        let a = call_with(&router, Method::POST, "/forget", "peer=10.0.0.9").await;
+        assert_eq!(
+            (a.code, a.body.as_str()),
+            (StatusCode::OK, "1 target(s) forgotten\n")
+        );
+        assert!(ctl.targets.lock().unwrap().is_empty());
+        let a = call_with(&router, Method::POST, "/connect", "peer=10.0.0.1/24").await;
+        assert_eq!(a.code, StatusCode::BAD_REQUEST);
+        let a = call_with(&router, Method::POST, "/forget", "").await;
+        assert_eq!(a.code, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn expose_answers_the_nodes_address_and_hide_is_refused() {
+        let (_ctl, router) = setup(true);
+        let a = call(&router, Method::POST, "/expose").await;
+        assert_eq!(
+            (a.code, a.body.as_str()),
+            (StatusCode::OK, "192.168.0.1/16")
+        );
+        let a = get_(&router, "/expose").await;
+        assert_eq!(a.body, "192.168.0.1/16");
+        let a = call(&router, Method::DELETE, "/expose").await;
+        assert_eq!(a.code, StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn lookup_in_a_subnet_and_free_of_one_address() {
+        let (_ctl, router) = setup(true);
+        let a = call(&router, Method::POST, "/ip/c1").await;
+        assert_eq!(a.body, "192.168.0.1/16");
+        let a = get_(&router, "/ip/c1/192.168.0.0/24").await;
+        assert_eq!(
+            (a.code, a.body.as_str()),
+            (StatusCode::OK, "192.168.0.1/24")
+        );
+        let a = get_(&router, "/ip/c1/10.0.0.0/8").await;
+        assert_eq!(a.code, StatusCode::NOT_FOUND);
+        let a = call(&router, Method::DELETE, "/ip/c1/192.168.0.9").await;
+        assert_eq!(a.code, StatusCode::NOT_FOUND);
+        let a = call(&router, Method::DELETE, "/ip/c1/192.168.0.1").await;
+        assert_eq!(a.code, StatusCode::NO_CONTENT);
+        assert_eq!(get_(&router, "/ip/c1").await.code, StatusCode::NOT_FOUND);
+        let a = call(&router, Method::DELETE, "/ip/weave:expose/192.168.0.1").await;
+        assert_eq!(a.code, StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn ipam_operations_and_cni_observations_become_metrics() {
+        let (ctl, router) = setup(true);
+        call(&router, Method::POST, "/ip/c1").await;
+        call(&router, Method::POST, "/ip/fail-exhausted").await;
+        call(&router, Method::DELETE, "/ip/c1").await;
+        let a = call_with(
+            &router,
+            Method::POST,
+            "/cni/observation",
+            r#"{"command":"ADD","result":"error","code":11,"seconds":0.25}"#,
+        )
+        .await;
+        assert_eq!(a.code, StatusCode::NO_CONTENT);
+        let a = call_with(
+            &router,
+            Method::POST,
+            "/cni/observation",
+            r#"{"command":"EVIL","result":"ok","seconds":0.25}"#,
+        )
+        .await;
+        assert_eq!(a.code, StatusCode::BAD_REQUEST);
+        let text = render_metrics(&ctl.report(), ctl.telemetry(), None);
+        for want in [
+            "weft_ipam_operations_total{op=\"allocate\",result=\"ok\"} 1",
+            "weft_ipam_operations_total{op=\"allocate\",result=\"exhausted\"} 1",
+            "weft_ipam_operations_total{op=\"free\",result=\"ok\"} 1",
+            "weft_cni_request_duration_seconds_count{command=\"ADD\",result=\"error_11\"} 1",
+        ] {
+            assert!(text.contains(want), "{want} in\n{text}");
+        }
+        assert!(!text.contains("EVIL"));
     }
 
     #[tokio::test]
@@ -766,6 +1237,21 @@ mod tests {
         let a = call(&router, Method::POST, "/ip/pod-b/10.1.2/24").await;
         assert_eq!(a.code, StatusCode::BAD_REQUEST);
         assert_eq!(a.body, "invalid IPv4 address \"10.1.2\"\n");
+        assert!(ctl.tentative.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn allocate_in_subnet_tentatively() {
+        let (ctl, router) = setup(true);
+        let a = call(&router, Method::POST, "/ip/pod-a/10.1.2.0/24?tentative").await;
+        assert_eq!((a.code, a.body.as_str()), (StatusCode::OK, "10.1.2.1/24"));
+        assert!(ctl.tentative.lock().unwrap().contains("pod-a"));
+        let a = call(&router, Method::POST, "/ip/pod-a?confirm").await;
+        assert_eq!(a.code, StatusCode::OK);
+        assert!(ctl.tentative.lock().unwrap().is_empty());
+        let a = call(&router, Method::POST, "/ip/pod-b/10.1.2.0/24?confirm").await;
+        assert_eq!(a.code, StatusCode::BAD_REQUEST);
+        assert!(a.body.contains("unknown query"), "{}", a.body);
     }
 
     #[tokio::test]
@@ -923,7 +1409,18 @@ mod tests {
         let a = get_(&router, "/metrics").await;
         assert_eq!(a.code, StatusCode::OK);
         assert_eq!(a.content_type.as_deref(), Some(METRICS_CONTENT_TYPE));
-        assert_eq!(a.body, render_metrics(&ctl.report()));
+        // The endpoint adds this process's figures in front of the report's.
+        let from_report = render_metrics(&ctl.report(), ctl.telemetry(), None);
+        let (process, rest) = a.body.split_at(a.body.find("# HELP weave_flows").unwrap());
+        assert_eq!(rest, from_report);
+        assert!(
+            process.contains("\nprocess_resident_memory_bytes "),
+            "{process}"
+        );
+        assert!(
+            process.contains("\nprocess_cpu_seconds_total "),
+            "{process}"
+        );
         assert!(a.body.contains("\nweave_max_ips 65536\n"), "{}", a.body);
         assert_eq!(get_(&router, "/status").await.code, StatusCode::NOT_FOUND);
     }

@@ -6,3 +6,5 @@ pub mod http;
 pub mod metrics;
 pub mod report;
 pub mod status;
+pub mod telemetry;
+pub mod template;

@@ -13,10 +13,34 @@ use weft_contract::ContainerId;
 pub struct Report {
     pub ready: bool,
     pub version: String,
+    /// Weave's update check; weft never calls home, so it is always disabled.
+    #[serde(default)]
+    pub version_check: VersionCheckReport,
     pub router: RouterReport,
     #[serde(rename = "IPAM")]
     pub ipam: IpamReport,
     pub dataplane: DataplaneReport,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct VersionCheckReport {
+    pub enabled: bool,
+    pub success: bool,
+    pub new_version: String,
+    /// Go's zero time, as Weave printed it when the check was disabled.
+    pub next_check_at: String,
+}
+
+impl Default for VersionCheckReport {
+    fn default() -> Self {
+        VersionCheckReport {
+            enabled: false,
+            success: false,
+            new_version: String::new(),
+            next_check_at: "0001-01-01T00:00:00Z".into(),
+        }
+    }
 }
 
 /// Counts of what the control mesh refused, each a reason an operator can look up.
@@ -68,8 +92,30 @@ pub struct RouterReport {
     /// The PEER arguments this router was started with (`host` or `host:port`).
     pub targets: Vec<String>,
     pub peers: Vec<PeerReport>,
+    /// How this router reaches each peer's control plane: `Via` is the neighbour the
+    /// messages go through (this peer itself is `00:00:00:00:00:00`), shortest paths over
+    /// the established connections all peers gossip.
+    #[serde(default)]
+    pub unicast_routes: Vec<UnicastRouteReport>,
+    /// Where this router's broadcasts (gossip) go: its direct neighbours.
+    #[serde(default)]
+    pub broadcast_routes: Vec<BroadcastRouteReport>,
     pub connections: Vec<ConnectionReport>,
     pub termination_count: u64,
+    /// Weave's per-overlay diagnostics: weft has one overlay, `vxlan`.
+    #[serde(default)]
+    pub overlay_diagnostics: std::collections::BTreeMap<String, Option<OverlayDiagnostics>>,
+    /// Weave's unencrypted subnets under encryption; weft has none (with WEAVE_PASSWORD
+    /// every datagram is sealed).
+    #[serde(default)]
+    pub trusted_subnets: Vec<String>,
+    /// Weave's pcap capture statistics; weft reads a TUN device, not pcap (its counters
+    /// are under `Dataplane`).
+    #[serde(default)]
+    pub capture_stats: std::collections::BTreeMap<String, u64>,
+    /// Weave's learnt MAC addresses; weft routes at layer 3 and learns none.
+    #[serde(default, rename = "MACs")]
+    pub macs: Vec<MacReport>,
     /// What the control mesh refused since start, by reason (weft's).
     #[serde(default)]
     pub refused: RefusedReport,
@@ -83,6 +129,14 @@ pub struct PeerReport {
     /// Random per process start: a restarted peer keeps its name and gets a new UID.
     #[serde(rename = "UID")]
     pub uid: u64,
+    /// Weave's 12-bit id for its kernel datapath; weft's data plane names peers by their
+    /// full name, so it is 0.
+    #[serde(rename = "ShortID", default)]
+    pub short_id: u16,
+    /// Weave's gossip version of the peer's connection set; weft gossips summaries
+    /// without versions, so it is 0.
+    #[serde(default)]
+    pub version: u64,
     /// Underlay address the peer's data plane is reached at (`ip:port`), if known.
     pub data_address: Option<String>,
     /// Connections of this peer as this router knows them (its own, and those gossiped).
@@ -113,11 +167,77 @@ pub struct ConnectionReport {
     pub peer_name: Option<String>,
     pub peer_nick_name: Option<String>,
     pub mtu: u32,
+    /// Weave's attributes of an established connection (`null` otherwise).
+    #[serde(default)]
+    pub attrs: Option<ConnectionAttrs>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ConnectionAttrs {
+    pub mtu: u32,
+    /// The overlay: always "vxlan".
+    pub name: String,
+    /// Datagrams to this peer are sealed (WEAVE_PASSWORD).
+    pub encrypted: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct UnicastRouteReport {
+    pub dest: String,
+    pub via: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct BroadcastRouteReport {
+    pub source: String,
+    pub via: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct OverlayDiagnostics {
+    pub interface: String,
+    #[serde(rename = "MTU")]
+    pub mtu: u32,
+    pub data_port: u16,
+    /// "aes-256-gcm" with WEAVE_PASSWORD, else "none".
+    pub seal: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct MacReport {
+    pub mac: String,
+    pub name: String,
+    pub nick_name: String,
+    pub last_seen: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ClaimReport {
+    pub ident: String,
+    #[serde(rename = "CIDR")]
+    pub cidr: String,
+}
+
+/// Weave's consensus state while the ring is being agreed (`null` once it exists).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct PaxosReport {
+    /// This node takes part in the vote (`consensus=N`; observers and seeds do not).
+    pub elector: bool,
+    pub known_nodes: u64,
+    pub quorum: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase")]
 pub struct IpamReport {
+    #[serde(default)]
+    pub paxos: Option<PaxosReport>,
     /// "ready", "awaiting consensus (quorum: 2, known: 1)", "waiting for IP range grant from peers", ...
     pub status: String,
     pub range: String,
@@ -131,8 +251,12 @@ pub struct IpamReport {
     pub entries: Vec<RingEntryReport>,
     /// This node's allocations: container id -> addresses (CIDR form).
     pub owned: Vec<OwnedReport>,
-    pub pending_allocates: u64,
-    pub pending_claims: u64,
+    /// Container ids of allocation requests waiting for IPAM (`null` when none, as Weave).
+    #[serde(default)]
+    pub pending_allocates: Option<Vec<String>>,
+    /// Claims of addresses waiting for a ring (`null` when none, as Weave).
+    #[serde(default)]
+    pub pending_claims: Option<Vec<ClaimReport>>,
     /// Gossiped rings refused as malformed or conflicting (the connection was closed and
     /// the ring left unchanged).
     #[serde(default)]
@@ -232,6 +356,8 @@ pub enum IpApiError {
 /// tests use a fake.
 pub trait Control: Send + Sync + 'static {
     fn report(&self) -> Report;
+    /// The daemon's event metrics (heartbeat RTTs, CNI durations, IPAM operations).
+    fn telemetry(&self) -> &super::telemetry::Telemetry;
     /// Allocates (or returns the existing) address for `container_id`, waiting up to
     /// `wait` for IPAM to become ready. Returns the address with the range's prefix.
     fn allocate(
@@ -252,11 +378,15 @@ pub trait Control: Send + Sync + 'static {
         &self,
         container_id: ContainerId,
     ) -> impl Future<Output = Result<Option<ipnet::Ipv4Net>, IpApiError>> + Send;
-    /// Allocates inside `subnet` (Weave's `POST /ip/{id}/{ip}/{prefix}`).
+    /// Allocates inside `subnet` (Weave's `POST /ip/{id}/{ip}/{prefix}`); returns the
+    /// address with the subnet's prefix. `tentative` (`?tentative`, the CNI plugin's):
+    /// freed again unless [`Control::confirm`] follows in time, as
+    /// [`Control::allocate_tentative`].
     fn allocate_in(
         &self,
         container_id: ContainerId,
         subnet: ipnet::Ipv4Net,
+        tentative: bool,
         wait: Duration,
     ) -> impl Future<Output = Result<ipnet::Ipv4Net, IpApiError>> + Send;
     /// Claims a given address for `container_id` (Weave's `PUT /ip/{id}/{ip}/{prefix}`).
@@ -281,4 +411,17 @@ pub trait Control: Send + Sync + 'static {
     fn forget_key(&self, name: &str) -> impl Future<Output = Result<u64, IpApiError>> + Send;
     /// Counts a request refused for malformed input (shown as `weft_api_bad_requests_total`).
     fn count_bad_request(&self);
+    /// Weave's `connect`: dial `targets` (`host` or `host:port`) besides the peer sources';
+    /// with `replace`, the targets added this way before and not listed are dropped.
+    fn connect(&self, targets: Vec<crate::config::PeerTarget>, replace: bool);
+    /// Weave's `forget`: stop dialling `targets` (closing the connections dialled for
+    /// them); returns how many were being dialled.
+    fn forget(&self, targets: Vec<crate::config::PeerTarget>) -> usize;
+    /// This node's own overlay address (`weave:expose`): the address the node's traffic
+    /// into the overlay (and masqueraded outside traffic) carries; allocated if the node
+    /// has none yet.
+    fn expose(
+        &self,
+        wait: Duration,
+    ) -> impl Future<Output = Result<ipnet::Ipv4Net, IpApiError>> + Send;
 }

@@ -80,25 +80,29 @@ fn line(out: &mut String, label: &str, value: impl std::fmt::Display) {
 pub fn render_status(r: &Report) -> String {
     let rt = &r.router;
     let mut out = String::new();
-    line(&mut out, "Version", format_args!("weft {}", r.version));
+    // Weave's `{{.Version}} ({{.VersionCheck}})`; weft never checks for updates.
+    line(
+        &mut out,
+        "Version",
+        format_args!("{} (version check update disabled)", r.version),
+    );
     out.push('\n');
     line(&mut out, "Service", "router");
     line(
         &mut out,
         "Protocol",
-        format_args!(
-            "{} {}..{}",
-            rt.protocol, rt.protocol_min_version, rt.protocol_max_version
-        ),
+        // Weave printed a range only when it spoke more than one version.
+        if rt.protocol_min_version < rt.protocol_max_version {
+            format!(
+                "{} {}..{}",
+                rt.protocol, rt.protocol_min_version, rt.protocol_max_version
+            )
+        } else {
+            format!("{} {}", rt.protocol, rt.protocol_max_version)
+        },
     );
     line(&mut out, "Name", display_name(&rt.name, &rt.nick_name));
-    // With WEAVE_PASSWORD both planes are encrypted; without it, anyone may join.
-    let encryption = if rt.encryption {
-        "enabled"
-    } else {
-        "disabled (no WEAVE_PASSWORD: any host may join)"
-    };
-    line(&mut out, "Encryption", encryption);
+    line(&mut out, "Encryption", on_off(rt.encryption));
     line(&mut out, "PeerDiscovery", on_off(rt.peer_discovery));
     line(&mut out, "Targets", rt.targets.len());
     let counts = connection_counts(&rt.connections);
@@ -147,6 +151,14 @@ pub fn render_status(r: &Report) -> String {
         "Encapsulation",
         format_args!("vxlan udp/{}", rt.data_port),
     );
+    // What Weave's "Encryption: disabled" never said: without WEAVE_PASSWORD anyone who
+    // reaches the control port may join.
+    let authentication = if rt.authentication == "password" {
+        "password (WEAVE_PASSWORD)"
+    } else {
+        "none (no WEAVE_PASSWORD: any host that reaches the control port may join)"
+    };
+    line(&mut out, "Authentication", authentication);
     line(
         &mut out,
         "OverlayAddress",
@@ -323,6 +335,7 @@ pub(crate) mod tests {
         Report {
             ready: true,
             version: "0.1.0".into(),
+            version_check: Default::default(),
             router: RouterReport {
                 protocol: "weft".into(),
                 protocol_min_version: 1,
@@ -343,6 +356,8 @@ pub(crate) mod tests {
                         name: n1.into(),
                         nick_name: "n1".into(),
                         uid: 1,
+                        short_id: 0,
+                        version: 0,
                         data_address: None,
                         connections: vec![PeerConnectionReport {
                             name: n2.into(),
@@ -356,6 +371,8 @@ pub(crate) mod tests {
                         name: n2.into(),
                         nick_name: "n2".into(),
                         uid: 2,
+                        short_id: 0,
+                        version: 0,
                         data_address: Some("10.200.0.2:6784".into()),
                         connections: vec![PeerConnectionReport {
                             name: n1.into(),
@@ -375,6 +392,11 @@ pub(crate) mod tests {
                         peer_name: Some(n2.into()),
                         peer_nick_name: Some("n2".into()),
                         mtu: 1450,
+                        attrs: Some(ConnectionAttrs {
+                            mtu: 1450,
+                            name: "vxlan".into(),
+                            encrypted: false,
+                        }),
                     },
                     ConnectionReport {
                         address: "10.200.0.3:6783".into(),
@@ -385,10 +407,12 @@ pub(crate) mod tests {
                         peer_name: None,
                         peer_nick_name: None,
                         mtu: 0,
+                        attrs: None,
                     },
                 ],
                 termination_count: 3,
                 refused: Default::default(),
+                ..Default::default()
             },
             ipam: IpamReport {
                 bad_gossip: 0,
@@ -441,8 +465,9 @@ pub(crate) mod tests {
                         addrs: vec!["192.168.0.2/16".into()],
                     },
                 ],
-                pending_allocates: 1,
-                pending_claims: 0,
+                pending_allocates: Some(vec!["pod-b".into()]),
+                pending_claims: None,
+                paxos: None,
             },
             dataplane: DataplaneReport {
                 routes: vec![
@@ -504,12 +529,12 @@ pub(crate) mod tests {
 
     #[test]
     fn status_matches_weave_layout() {
-        let expected = "        Version: weft 0.1.0
+        let expected = "        Version: 0.1.0 (version check update disabled)
 
         Service: router
-       Protocol: weft 1..1
+       Protocol: weft 1
            Name: 02:77:76:00:00:01(n1)
-     Encryption: disabled (no WEAVE_PASSWORD: any host may join)
+     Encryption: disabled
   PeerDiscovery: enabled
         Targets: 2
     Connections: 2 (1 established, 1 retrying)
@@ -525,9 +550,28 @@ pub(crate) mod tests {
       Interface: weave
             MTU: 1450
   Encapsulation: vxlan udp/6784
+ Authentication: none (no WEAVE_PASSWORD: any host that reaches the control port may join)
  OverlayAddress: 192.168.0.1/16
 ";
         assert_eq!(render_status(&sample_report()), expected);
+    }
+
+    /// Weave's own page (weave-samples/n1-status.txt, a 2.8.1 router) and weft's page for
+    /// the same facts agree byte for byte in Weave's sections.
+    #[test]
+    fn the_same_facts_give_weaves_page() {
+        let sample = include_str!("testdata/weave-2.8.1-status.txt");
+        let weave_body = sample.split_once("\r\n\r\n").unwrap().1;
+        let mut r = sample_report();
+        r.version = "2.8.1".into();
+        r.router.protocol = "weave".into();
+        r.router.protocol_max_version = 2;
+        r.router.peer_discovery = false;
+        r.router.targets.truncate(1);
+        r.router.connections.truncate(1);
+        let weft = render_status(&r);
+        let weft_weaves_part = weft.split("\n\n        Service: dataplane").next().unwrap();
+        assert_eq!(weft_weaves_part, weave_body.trim_end());
     }
 
     #[test]

@@ -242,9 +242,9 @@ mod tests {
         let (_ar, mut w, kb) = a.unwrap();
         let (mut r, _bw, ka) = b.unwrap();
         assert_eq!((ka, kb), (key(1).public(), key(2).public()));
-        w.send(&Message::Heartbeat).await.unwrap();
+        w.send(&Message::HEARTBEAT).await.unwrap();
         w.send(&Message::Digest { ring: Some(9) }).await.unwrap();
-        assert_eq!(r.next().await.unwrap(), Message::Heartbeat);
+        assert_eq!(r.next().await.unwrap(), Message::HEARTBEAT);
         assert_eq!(r.next().await.unwrap(), Message::Digest { ring: Some(9) });
         w.shutdown().await;
         assert!(matches!(r.next().await, Err(ControlIoError::Eof)));

@@ -41,6 +41,48 @@ impl Netlink {
         Ok(self.handle.link().get().execute().try_collect().await?)
     }
 
+    /// The MAC of the far end of veth `name` (a pod's interface, in the pod's namespace),
+    /// asked of the kernel by the namespace id it gives the peer (IFLA_TARGET_NETNSID), so
+    /// the pod's namespace is never entered. `None` if there is no such veth.
+    pub async fn veth_peer_mac(&self, name: &str) -> Result<Option<Vec<u8>>, NetlinkError> {
+        let Ok(msgs) = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_collect::<Vec<LinkMessage>>()
+            .await
+        else {
+            return Ok(None);
+        };
+        let Some(m) = msgs.first() else {
+            return Ok(None);
+        };
+        let peer = m.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Link(i) => Some(*i),
+            _ => None,
+        });
+        let nsid = m.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkNetNsId(i) => Some(*i),
+            _ => None,
+        });
+        let (Some(peer), Some(nsid)) = (peer, nsid) else {
+            return Ok(None);
+        };
+        let mut req = self.handle.link().get().match_index(peer);
+        req.message_mut()
+            .attributes
+            .push(LinkAttribute::IfNetnsId(nsid));
+        let msgs: Vec<LinkMessage> = req.execute().try_collect().await?;
+        Ok(msgs.first().and_then(|m| {
+            m.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Address(mac) => Some(mac.clone()),
+                _ => None,
+            })
+        }))
+    }
+
     pub(crate) async fn ipv4_addresses(&self) -> Result<Vec<(u32, Ipv4Net)>, NetlinkError> {
         let msgs: Vec<AddressMessage> = self.handle.address().get().execute().try_collect().await?;
         Ok(msgs

@@ -41,7 +41,7 @@ impl RouterControl {
         let s = &self.0;
         let deadline = tokio::time::Instant::now() + wait;
         let mut ready = s.ready.subscribe();
-        s.pending_allocates.fetch_add(1, Ordering::Relaxed);
+        let _pending = PendingAllocate::new(&s.pending_allocates, id);
         let result = loop {
             let (r, saved) = s.request(&op);
             match r {
@@ -74,12 +74,60 @@ impl RouterControl {
                 Err(e) => break Err(map_ipam_error(e)),
             }
         };
-        s.pending_allocates.fetch_sub(1, Ordering::Relaxed);
         result
     }
 }
 
+/// A request waiting in `ipam_op`, listed in the report's `PendingAllocates` until it
+/// ends (however it ends: the guard also covers a cancelled request).
+struct PendingAllocate<'a> {
+    list: &'a std::sync::Mutex<Vec<String>>,
+    id: String,
+}
+
+impl<'a> PendingAllocate<'a> {
+    fn new(list: &'a std::sync::Mutex<Vec<String>>, id: &str) -> Self {
+        lock(list).push(id.to_string());
+        PendingAllocate {
+            list,
+            id: id.to_string(),
+        }
+    }
+}
+
+impl Drop for PendingAllocate<'_> {
+    fn drop(&mut self) {
+        let mut list = lock(self.list);
+        if let Some(i) = list.iter().position(|x| *x == self.id) {
+            list.remove(i);
+        }
+    }
+}
+
 impl Control for RouterControl {
+    fn connect(&self, targets: Vec<crate::config::PeerTarget>, replace: bool) {
+        super::mesh::connect_targets(&self.0, targets, replace);
+    }
+
+    fn forget(&self, targets: Vec<crate::config::PeerTarget>) -> usize {
+        super::mesh::forget_targets(&self.0, targets)
+    }
+
+    async fn expose(&self, wait: Duration) -> Result<Ipv4Net, IpApiError> {
+        if let Some(net) = *lock(&self.0.overlay) {
+            return Ok(net);
+        }
+        let id = weft_contract::EXPOSE_ID;
+        let net = self.ipam_op(id, wait, |n| n.allocate(id)).await?;
+        // The overlay task puts it on the TUN (allocation is idempotent per id).
+        self.0.overlay_wanted.notify_one();
+        Ok(net)
+    }
+
+    fn telemetry(&self) -> &crate::api::telemetry::Telemetry {
+        &self.0.telemetry
+    }
+
     fn report(&self) -> Report {
         let s = &self.0;
         let (ready, peers, connections, ipam, terminations, counters) = s.with_node(|n| {
@@ -120,7 +168,7 @@ impl Control for RouterControl {
             terminations,
             refused,
             ipam,
-            pending_allocates: s.pending_allocates.load(Ordering::Relaxed),
+            pending_allocates: lock(&s.pending_allocates).clone(),
             bad_requests: s.bad_requests.load(Ordering::Relaxed),
             datapath: s.backend.view(),
         })
@@ -159,10 +207,36 @@ impl Control for RouterControl {
         &self,
         container_id: ContainerId,
         subnet: Ipv4Net,
+        tentative: bool,
         wait: Duration,
     ) -> Result<Ipv4Net, IpApiError> {
         let id = container_id.as_str();
-        self.ipam_op(id, wait, |n| n.allocate_in(id, subnet)).await
+        let subnet = subnet.trunc();
+        // The requester's mistakes, told apart from the router's failures: a subnet the
+        // range cannot serve is a bad request, an id holding an address elsewhere a
+        // conflict (the IPAM refuses both as well).
+        let range = self.0.cfg.range;
+        if !range.contains(&subnet) {
+            return Err(IpApiError::BadRequest(format!(
+                "subnet {subnet} is not inside the allocation range {range}"
+            )));
+        }
+        if let Some(held) = self.0.with_node(|n| n.ipam().lookup(id)) {
+            if !subnet.contains(&held) {
+                return Err(IpApiError::Conflict(format!(
+                    "container {id} already has address {held}, outside {subnet}"
+                )));
+            }
+        }
+        let granted = if tentative {
+            self.ipam_op(id, wait, |n| n.allocate_tentative(id, Some(subnet)))
+                .await?
+        } else {
+            self.ipam_op(id, wait, |n| n.allocate_in(id, subnet))
+                .await?
+        };
+        // The pod's network is the subnet, not the whole range.
+        Ok(Ipv4Net::new(granted.addr(), subnet.prefix_len()).expect("valid prefix"))
     }
 
     async fn claim(

@@ -49,6 +49,9 @@ pub(crate) enum Origin {
     Source,
     /// Named in a peer's gossip.
     Gossip,
+    /// Added by an operator (`weft connect`, Weave's `POST /connect`): stays until
+    /// forgotten or replaced.
+    Admin,
 }
 
 /// What a dialer is doing.
@@ -191,7 +194,7 @@ impl Mesh {
     pub(crate) fn source_targets(&self) -> Vec<String> {
         lock(&self.dialers)
             .iter()
-            .filter(|(_, d)| d.origin == Origin::Source)
+            .filter(|(_, d)| matches!(d.origin, Origin::Source | Origin::Admin))
             .map(|(t, _)| t.clone())
             .collect()
     }
@@ -276,6 +279,45 @@ pub(crate) fn set_targets(shared: &Arc<Shared>, targets: Vec<PeerTarget>) {
     for (_, t) in wanted {
         spawn_dialer(shared, t, Origin::Source);
     }
+}
+
+/// Weave's `connect`: dials `targets` as an operator's; with `replace`, the operator's
+/// earlier targets not listed are dropped (the peer sources' stay: they own theirs).
+pub(crate) fn connect_targets(shared: &Arc<Shared>, targets: Vec<PeerTarget>, replace: bool) {
+    let wanted: BTreeMap<String, PeerTarget> =
+        targets.into_iter().map(|t| (t.to_string(), t)).collect();
+    if replace {
+        lock(&shared.mesh.dialers).retain(|key, d| {
+            let keep = d.origin != Origin::Admin || wanted.contains_key(key);
+            if !keep {
+                let _ = d.cancel.send(true);
+                info!("peer {key} replaced by `connect --replace`: no longer dialling it");
+            }
+            keep
+        });
+    }
+    for (key, t) in wanted {
+        if lock(&shared.mesh.dialers).contains_key(&key) {
+            continue;
+        }
+        info!("connecting to {key} (asked through the API)");
+        spawn_dialer(shared, t, Origin::Admin);
+    }
+}
+
+/// Weave's `forget`: stops dialling `targets`, whoever asked for them, closing the
+/// connections dialled for them. Returns how many were being dialled.
+pub(crate) fn forget_targets(shared: &Arc<Shared>, targets: Vec<PeerTarget>) -> usize {
+    let mut n = 0;
+    let mut dialers = lock(&shared.mesh.dialers);
+    for t in targets {
+        if let Some(d) = dialers.remove(&t.to_string()) {
+            let _ = d.cancel.send(true);
+            info!("peer {t} forgotten (asked through the API): no longer dialling it");
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Gossip named a peer we are not connected to.
@@ -613,12 +655,19 @@ where
             target: target.clone(),
         },
     );
+    // The probe in flight and when it was written: the round trip is timed from the write,
+    // not from the tick, so that queueing behind a large ring is not counted as latency.
+    let probe_sent: Arc<Mutex<Option<(u64, std::time::Instant)>>> = Arc::default();
+    let probe_slot = probe_sent.clone();
     let mut writer_task = tokio::spawn(async move {
         while let Some(cmd) = rx.recv().await {
             match cmd {
                 ConnCmd::Send(m) => {
                     if let Err(e) = writer.send(&m).await {
                         return format!("write failed: {e}");
+                    }
+                    if let Message::Heartbeat { probe: Some(n), .. } = m {
+                        *lock(&probe_slot) = Some((n, std::time::Instant::now()));
                     }
                 }
                 ConnCmd::Close(why) => {
@@ -632,6 +681,7 @@ where
     shared.event(|n| n.on_connected(id, remote, outbound, key));
 
     let mut established = false;
+    let mut rtt_peer: Option<(String, String)> = None;
     let reason = loop {
         tokio::select! {
             _ = shared.room_for_effects() => {}
@@ -640,6 +690,9 @@ where
         tokio::select! {
             msg = reader.next() => match msg {
                 Ok(m) => {
+                    if let Message::Heartbeat { echo: Some(n), .. } = m {
+                        observe_rtt(&shared, id, n, &probe_sent, &mut rtt_peer);
+                    }
                     shared.event(|n| n.on_message(id, m));
                     if !established && shared.with_node(|n| n.is_established(id)) {
                         established = true;
@@ -678,8 +731,34 @@ where
         }
     }
     lock(&shared.mesh.conns).remove(&id);
+    if let Some((name, nick)) = &rtt_peer {
+        shared.telemetry.forget_peer(name, nick);
+    }
     shared.event(|n| n.on_closed(id, &reason));
     established
+}
+
+/// An echo of probe `n` arrived on connection `id`: the round trip since that probe was
+/// written goes into the peer's histogram. An echo of an older probe (one overtaken by a
+/// newer write) is not timed.
+fn observe_rtt(
+    shared: &Shared,
+    id: ConnId,
+    n: u64,
+    probe_sent: &Mutex<Option<(u64, std::time::Instant)>>,
+    peer: &mut Option<(String, String)>,
+) {
+    let Some((_, at)) = lock(probe_sent).take_if(|(sent, _)| *sent == n) else {
+        return;
+    };
+    if peer.is_none() {
+        *peer = shared.with_node(|node| node.peer_of_conn(id));
+    }
+    if let Some((name, nick)) = peer {
+        shared
+            .telemetry
+            .observe_rtt(name, nick, at.elapsed().as_secs_f64());
+    }
 }
 
 pub(crate) async fn tick_loop(shared: Arc<Shared>) {

@@ -63,7 +63,10 @@ pub(crate) struct Shared {
     ready: watch::Sender<bool>,
     overlay: Mutex<Option<Ipv4Net>>,
     overlay_wanted: Notify,
-    pending_allocates: AtomicU64,
+    /// Container ids of allocations waiting for IPAM (the report's `PendingAllocates`).
+    pending_allocates: Mutex<Vec<String>>,
+    /// Event metrics: heartbeat RTTs, CNI durations, IPAM operations.
+    pub(crate) telemetry: crate::api::telemetry::Telemetry,
     bad_requests: AtomicU64,
     /// The node's static key (its identity in every control handshake).
     identity: crate::core::mesh::secure::StaticKey,

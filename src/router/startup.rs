@@ -332,7 +332,8 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
         ready,
         overlay: Mutex::new(None),
         overlay_wanted: Notify::new(),
-        pending_allocates: AtomicU64::new(0),
+        pending_allocates: Mutex::new(Vec::new()),
+        telemetry: Default::default(),
         bad_requests: AtomicU64::new(0),
         identity,
     });

@@ -122,7 +122,8 @@ async fn harness_with(init: IpallocInit, peer_init: IpallocInit, args: &[&str]) 
         ready,
         overlay: Mutex::new(None),
         overlay_wanted: Notify::new(),
-        pending_allocates: AtomicU64::new(0),
+        pending_allocates: Mutex::new(Vec::new()),
+        telemetry: Default::default(),
         bad_requests: AtomicU64::new(0),
         identity: crate::core::mesh::secure::StaticKey::from_private(&[1; 32]).unwrap(),
     });

@@ -380,7 +380,7 @@ impl Sim {
         self.count_bytes(from, &msg);
         *self.stats.sent.entry(kind(&msg)).or_insert(0) += 1;
         // Heartbeats only keep TCP connections alive; they carry no state.
-        if matches!(msg, Message::Heartbeat) {
+        if matches!(msg, Message::Heartbeat { .. }) {
             return;
         }
         let to = if from == a { b } else { a };
@@ -992,7 +992,7 @@ fn kind(m: &Message) -> &'static str {
         Message::Hello(_) => "hello",
         Message::Gossip { ring: Some(_), .. } => "ring",
         Message::Gossip { .. } => "peers",
-        Message::Heartbeat => "heartbeat",
+        Message::Heartbeat { .. } => "heartbeat",
         Message::Digest { .. } => "digest",
         Message::SpaceRequest { .. } => "space-request",
         Message::Prepare { .. } => "prepare",

@@ -19,7 +19,7 @@
 //! was removed while it was down.
 
 use super::effects::{Action, ConnId, Outbox};
-use super::message::{Message, PeerSummary, MAX_SUMMARIES};
+use super::message::{LinkSummary, Message, PeerSummary, MAX_SUMMARIES};
 use super::node::{Node, FANOUT, GATE_TICKS, PEERS_EVERY};
 use super::secure::PublicKey;
 use super::PeerName;
@@ -41,6 +41,8 @@ pub(super) struct KnownPeer {
     pub(super) data_port: u16,
     /// The peers it is connected to, as it last told us (first-hand only).
     pub(super) connections: Vec<PeerName>,
+    /// Address and direction of those connections, where it told them.
+    pub(super) links: Vec<LinkSummary>,
     pub(super) key: Option<PublicKey>,
 }
 
@@ -113,10 +115,16 @@ impl Node {
         } else {
             Some(ids[(self.next_rand() % ids.len() as u64) as usize])
         };
+        // Every neighbour gets a probe each tick (the digest's target too), so that the
+        // round-trip time of every connection is measured, even a node's only one.
         for &id in &ids {
-            if Some(id) != target {
-                out.send(id, Message::Heartbeat);
-            }
+            out.send(
+                id,
+                Message::Heartbeat {
+                    probe: Some(self.ticks),
+                    echo: None,
+                },
+            );
         }
         if let Some(t) = target {
             self.counters.digests_sent += 1;
@@ -165,6 +173,7 @@ impl Node {
                 answer: false,
             },
         );
+        self.announce_links(Some(id), out);
         let mine = self.ipam.ring_digest();
         if their_digest != mine {
             if mine.is_some() {
@@ -418,6 +427,15 @@ impl Node {
             if &p.name == from {
                 if let Some(k) = self.gossip.peers.get_mut(from) {
                     k.connections = p.connections.clone();
+                    // Only links that describe a connection it names, at most one each:
+                    // the list cannot outgrow what the frame bound already allows.
+                    k.links = p
+                        .links
+                        .iter()
+                        .filter(|l| p.connections.contains(&l.name))
+                        .take(p.connections.len())
+                        .cloned()
+                        .collect();
                 }
                 continue;
             }
@@ -463,6 +481,7 @@ impl Node {
                         control_port: p.control_port,
                         data_port: p.data_port,
                         connections: Vec::new(),
+                        links: Vec::new(),
                         key: p.key,
                     },
                 );
@@ -489,6 +508,28 @@ impl Node {
         self.gossip.dialled.remove(&target);
     }
 
+    /// Our set of connections changed: every other neighbour hears our own summary now,
+    /// rather than at the next periodic round (a minute on average), so that each node's
+    /// peer list shows who is connected to whom within a round trip. One small message per
+    /// neighbour per local connection change.
+    pub(super) fn announce_links(&mut self, except: Option<ConnId>, out: &mut Outbox) {
+        let mine: Vec<PeerSummary> = self.summaries().into_iter().take(1).collect();
+        for other in self.established_ids() {
+            if Some(other) == except {
+                continue;
+            }
+            out.send(
+                other,
+                Message::Gossip {
+                    peers: mine.clone(),
+                    ring: None,
+                    gated: self.gossip.gated,
+                    answer: false,
+                },
+            );
+        }
+    }
+
     /// First-hand: this node with its connections, and each neighbour at the address this
     /// node observes (without the neighbour's own connections, which would be hearsay).
     fn summaries(&self) -> Vec<PeerSummary> {
@@ -501,6 +542,17 @@ impl Node {
             control_port: self.cfg.control_port,
             data_port: self.cfg.data_port,
             connections: direct.clone(),
+            links: self
+                .conns
+                .values()
+                .filter_map(|c| {
+                    Some(LinkSummary {
+                        name: c.peer.as_ref()?.0.clone(),
+                        remote: c.remote,
+                        outbound: c.outbound,
+                    })
+                })
+                .collect(),
             key: None,
         }];
         for name in direct {
@@ -513,6 +565,7 @@ impl Node {
                     control_port: k.control_port,
                     data_port: k.data_port,
                     connections: Vec::new(),
+                    links: Vec::new(),
                     key: k.key,
                 });
             }

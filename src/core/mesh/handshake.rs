@@ -174,6 +174,7 @@ impl Node {
                 control_port: h.control_port,
                 data_port: h.data_port,
                 connections: Vec::new(),
+                links: Vec::new(),
                 key: Some(conn.key),
             },
         );

@@ -65,10 +65,24 @@ pub struct PeerSummary {
     /// summary: what a peer says about others' connections would be second-hand).
     #[serde(default)]
     pub connections: Vec<PeerName>,
+    /// The same connections with their remote address and direction as the sender sees
+    /// them, so that every node's peer list shows who dialled whom and at which address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinkSummary>,
     /// Its static key as the summarising node authenticated it (None for the sender
     /// itself, whose key the receiver has from the handshake).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<PublicKey>,
+}
+
+/// One established control connection of the summarised peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkSummary {
+    pub name: PeerName,
+    /// The remote end's `ip:port` as the summarised peer sees it.
+    pub remote: std::net::SocketAddr,
+    /// The summarised peer dialled it.
+    pub outbound: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -87,7 +101,14 @@ pub enum Message {
         #[serde(default)]
         answer: bool,
     },
-    Heartbeat,
+    /// Liveness. A `probe` is echoed back at once (`echo`), so that the I/O layer, which
+    /// has the clock, can time the round trip; old peers ignore both fields.
+    Heartbeat {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        probe: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        echo: Option<u64>,
+    },
     /// Anti-entropy probe: the receiver answers with its ring if its digest differs.
     Digest {
         ring: Option<u64>,
@@ -134,6 +155,12 @@ pub enum Message {
 }
 
 impl Message {
+    /// A heartbeat without probe or echo.
+    pub const HEARTBEAT: Message = Message::Heartbeat {
+        probe: None,
+        echo: None,
+    };
+
     /// Whether this message states something the sender persisted (its ring, an
     /// acceptor's promise or acceptance, a proposal it promised itself, its incarnation),
     /// and so may leave only once that state is durable. Hellos, heartbeats, digests and
@@ -143,7 +170,7 @@ impl Message {
         !matches!(
             self,
             Message::Hello(_)
-                | Message::Heartbeat
+                | Message::Heartbeat { .. }
                 | Message::DataKey { .. }
                 | Message::DataKeyAck { .. }
                 | Message::Digest { .. }
@@ -250,7 +277,7 @@ mod tests {
     fn round_trip_byte_by_byte() {
         let mut wire = Vec::new();
         encode(&hello(), &mut wire);
-        encode(&Message::Heartbeat, &mut wire);
+        encode(&Message::HEARTBEAT, &mut wire);
         let mut d = Decoder::default();
         let mut got = Vec::new();
         for b in wire {
@@ -259,7 +286,7 @@ mod tests {
                 got.push(m);
             }
         }
-        assert_eq!(got, vec![hello(), Message::Heartbeat]);
+        assert_eq!(got, vec![hello(), Message::HEARTBEAT]);
     }
 
     #[test]
@@ -282,5 +309,29 @@ mod tests {
         d.feed(&(body.len() as u32).to_be_bytes());
         d.feed(body);
         assert!(d.next_message().is_err());
+    }
+
+    /// Heartbeats gained a probe and an echo without a version bump: a peer of the
+    /// previous release, whose `Heartbeat` was a unit variant, must still read them (and a
+    /// plain one from it must read here).
+    #[test]
+    fn heartbeats_with_probes_are_read_by_the_previous_release() {
+        #[derive(Debug, PartialEq, Deserialize)]
+        #[serde(tag = "type")]
+        enum PreviousRelease {
+            Heartbeat,
+        }
+        let mut wire = Vec::new();
+        encode(
+            &Message::Heartbeat {
+                probe: Some(3),
+                echo: None,
+            },
+            &mut wire,
+        );
+        let old: PreviousRelease = serde_json::from_slice(&wire[4..]).unwrap();
+        assert_eq!(old, PreviousRelease::Heartbeat);
+        let plain: Message = serde_json::from_str(r#"{"type":"Heartbeat"}"#).unwrap();
+        assert_eq!(plain, Message::HEARTBEAT);
     }
 }

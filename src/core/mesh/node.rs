@@ -373,7 +373,17 @@ impl Node {
         };
         match msg {
             Message::Hello(_) => {}
-            Message::Heartbeat => {}
+            Message::Heartbeat { probe, .. } => {
+                if let Some(n) = probe {
+                    out.send(
+                        id,
+                        Message::Heartbeat {
+                            probe: None,
+                            echo: Some(n),
+                        },
+                    );
+                }
+            }
             Message::Gossip {
                 peers,
                 ring,
@@ -413,6 +423,7 @@ impl Node {
                 ));
                 // The peer stays known: its address still routes data, since the data
                 // plane does not depend on the control connection.
+                self.announce_links(None, &mut out);
             }
         }
         self.finish(out)

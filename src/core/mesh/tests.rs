@@ -238,7 +238,7 @@ fn own_name_from_another_node_is_refused_but_self_connection_is_recognised() {
 fn messages_before_hello_close_the_connection() {
     let mut n = node(1, 2, 11);
     let _ = n.on_connected(7, Net::addr(1), false, key_of(1));
-    let fx = n.on_message(7, Message::Heartbeat);
+    let fx = n.on_message(7, Message::HEARTBEAT);
     assert!(matches!(&fx.now[0], Action::Close(7, _)));
 }
 
@@ -327,7 +327,7 @@ fn reclaim_waits_for_the_ring_and_never_hands_out_pending_addresses() {
     let theirs: Ipv4Addr = "192.168.200.1".parse().unwrap();
     let (r, _) = n.reclaim(vec![("pod-a".into(), mine), ("pod-b".into(), theirs)]);
     assert_eq!(r.pending, 2);
-    assert_eq!(n.ipam_view().pending_claims, 2);
+    assert_eq!(n.ipam_view().pending_claims.len(), 2);
     let mut net = Net::new(vec![n, node(2, 2, 12)]);
     net.connect(0, 1);
     net.run();
@@ -505,7 +505,7 @@ fn heartbeats_digests_and_hellos_do_not_wait_for_a_save() {
     assert!(fx.save.is_some());
     assert!(fx.now.iter().any(|a| matches!(
         a,
-        Action::Send(1, Message::Digest { .. } | Message::Heartbeat)
+        Action::Send(1, Message::Digest { .. } | Message::Heartbeat { .. })
     )));
     let fx = n.on_connected(2, Net::addr(2), true, key_of(2));
     assert!(matches!(fx.now[..], [Action::Send(2, Message::Hello(_))]));
@@ -614,6 +614,7 @@ fn gossip_naming_too_many_peers_is_ignored_and_counted() {
             control_port: 6783,
             data_port: 6784,
             connections: Vec::new(),
+            links: Vec::new(),
             key: None,
         })
         .collect();
@@ -1077,4 +1078,67 @@ fn two_nodes_in_their_restart_gates_do_not_vouch_for_each_other() {
     assert_eq!(net.nodes[1].counters().refused_tombstones, 1);
     assert!(fx.save.is_some(), "the removal was merged");
     assert!(net.nodes[1].ipam().ring().unwrap().is_removed(&name(1)));
+}
+
+#[test]
+fn a_heartbeat_probe_is_echoed_at_once_and_every_neighbour_is_probed() {
+    let mut n = connected(1, 2, 3);
+    let fx = n.on_message(
+        1,
+        Message::Heartbeat {
+            probe: Some(7),
+            echo: None,
+        },
+    );
+    assert!(fx.now.iter().any(|a| matches!(
+        a,
+        Action::Send(
+            1,
+            Message::Heartbeat {
+                probe: None,
+                echo: Some(7)
+            }
+        )
+    )));
+    // An echo asks for nothing back (no ping-pong).
+    let fx = n.on_message(
+        1,
+        Message::Heartbeat {
+            probe: None,
+            echo: Some(7),
+        },
+    );
+    assert!(!fx
+        .now
+        .iter()
+        .any(|a| matches!(a, Action::Send(_, Message::Heartbeat { .. }))));
+    // The only neighbour is also the digest's target, and is probed all the same.
+    let fx = n.on_tick();
+    assert!(fx.now.iter().any(|a| matches!(
+        a,
+        Action::Send(1, Message::Heartbeat { probe: Some(_), .. })
+    )));
+}
+
+#[test]
+fn gossiped_peers_show_their_connections_address_and_direction() {
+    // n1 - n2 - n3: n1 learns n3's link to n2 only from n3's summary, relayed by n2.
+    let mut net = Net::new(vec![node(1, 3, 11), node(2, 3, 12), node(3, 3, 13)]);
+    net.connect(0, 1);
+    net.connect(2, 1);
+    net.run();
+    // No tick has passed: n2 announced its new connection to n1 when it was made.
+    let view = net.nodes[0].peers_view();
+    let n2 = view.iter().find(|p| p.name == name(2)).expect("n2 known");
+    let to_n3 = n2
+        .links
+        .iter()
+        .find(|l| l.name == name(3))
+        .expect("n2's link to n3");
+    // n3 dialled n2, so n2 sees it inbound, at n3's address.
+    assert_eq!(to_n3.remote, Some(Net::addr(2)));
+    assert!(!to_n3.outbound);
+    let to_n1 = n2.links.iter().find(|l| l.name == name(1)).unwrap();
+    assert_eq!(to_n1.remote, Some(Net::addr(0)));
+    assert!(!to_n1.outbound);
 }

@@ -21,8 +21,8 @@ pub struct PeerView {
     pub links: Vec<PeerLink>,
 }
 
-/// One connection of a peer. For this node's own connections the remote address and the
-/// direction are known; for other peers' connections (gossiped) only the name is.
+/// One connection of a peer. For other peers' connections the remote address and the
+/// direction are what that peer told (absent if it did not).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PeerLink {
     pub name: PeerName,
@@ -100,7 +100,8 @@ pub struct IpamView {
     pub entries: Vec<RingEntryView>,
     /// This node's allocations, by container id.
     pub owned: Vec<(String, Ipv4Addr)>,
-    pub pending_claims: u64,
+    /// Claims (container id, address) kept until a ring exists.
+    pub pending_claims: Vec<(String, Ipv4Addr)>,
     /// Received rings refused as malformed or conflicting.
     pub bad_gossip: u64,
 }
@@ -164,7 +165,11 @@ impl Node {
             seeds,
             entries,
             owned,
-            pending_claims: self.ipam.pending_count(),
+            pending_claims: self
+                .ipam
+                .pending_claims()
+                .map(|(id, a)| (id.to_string(), a))
+                .collect(),
             bad_gossip: self.counters.bad_gossip,
         }
     }
@@ -200,16 +205,25 @@ impl Node {
                 links: k
                     .connections
                     .iter()
-                    .map(|n| PeerLink {
-                        name: n.clone(),
-                        nickname: self.nickname_of(n),
-                        remote: None,
-                        outbound: false,
+                    .map(|n| {
+                        let told = k.links.iter().find(|l| &l.name == n);
+                        PeerLink {
+                            name: n.clone(),
+                            nickname: self.nickname_of(n),
+                            remote: told.map(|l| l.remote),
+                            outbound: told.is_some_and(|l| l.outbound),
+                        }
                     })
                     .collect(),
             });
         }
         v
+    }
+
+    /// The peer (name, nickname) of an established connection.
+    pub fn peer_of_conn(&self, id: ConnId) -> Option<(String, String)> {
+        let (name, _) = self.conns.get(&id)?.peer.as_ref()?;
+        Some((name.to_string(), self.nickname_of(name)))
     }
 
     /// Control connections past the handshake or in it.
