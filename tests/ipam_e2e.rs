@@ -326,12 +326,22 @@ fn an_add_given_up_or_killed_holds_no_address() {
             Some(a) => Err(format!("{a} still held")),
         },
     );
-    let log = c.log_tail(0, 50);
-    let line = log
-        .lines()
-        .find(|l| l.contains(killed_id) && l.contains("never confirmed"))
-        .unwrap_or_else(|| panic!("no log line for the freed address:\n{log}"));
-    println!("{line}");
+    // The free is visible in the API as soon as the node made it; its log line is
+    // written by the effect runner a moment later.
+    let explained = |log: &str| {
+        log.lines()
+            .find(|l| l.contains(killed_id) && l.contains("never confirmed"))
+            .map(str::to_string)
+    };
+    eventually(
+        "a log line for the freed address",
+        Duration::from_secs(10),
+        || {
+            let log = c.log_tail(0, 50);
+            explained(&log).map(|_| ()).ok_or(log)
+        },
+    );
+    println!("{}", explained(&c.log_tail(0, 50)).unwrap());
     assert_eq!(
         lookup(&c, 0, &finished.container_id),
         Some(finished.addr),
