@@ -109,8 +109,8 @@ pub struct RouterReport {
     /// every datagram is sealed).
     #[serde(default)]
     pub trusted_subnets: Vec<String>,
-    /// Weave's pcap capture statistics; weft reads a TUN device, not pcap (its counters
-    /// are under `Dataplane`).
+    /// Weave's pcap capture statistics, from weft's TUN reader: `PacketsReceived` (taken
+    /// into the overlay), `PacketsDropped` (by the data plane), `PacketsIfDropped` (0).
     #[serde(default)]
     pub capture_stats: std::collections::BTreeMap<String, u64>,
     /// Weave's learnt MAC addresses; weft routes at layer 3 and learns none.
