@@ -25,7 +25,7 @@ while getopts "t:j:nh" opt; do
 done
 shift $((OPTIND - 1))
 ALL=(control_handshake control_frames control_messages ring_merge persisted_state
-     datapath_rx datapath_rx_sealed http_path_parts cni_config)
+     datapath_rx datapath_rx_sealed http_path_parts cni_config report_template)
 TARGETS=("${@:-${ALL[@]}}")
 [ "$#" -gt 0 ] || TARGETS=("${ALL[@]}")
 

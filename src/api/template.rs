@@ -2,7 +2,9 @@
 //! text/template, as `weave report -f` did, so that operators' scripts
 //! (`{{.Router.Name}}`, `{{range .IPAM.Entries}}...{{end}}`, `{{len .Router.Peers}}`,
 //! `{{json .IPAM}}`) keep working. The template engine is gtmpl (Go's syntax and builtins:
-//! `range`, `if`, `printf`, `len`, `index`, comparisons); weft adds Weave's `json`.
+//! `range`, `if`, `printf`, `len`, `index`, comparisons); weft adds Weave's `json`. Named
+//! templates (`define`, `template`, `block`) are refused, and nesting is bounded: gtmpl
+//! recurses, and a stack overflow would abort the daemon.
 
 use super::report::Report;
 use gtmpl::{Context, FuncError, Template, Value};
@@ -76,8 +78,73 @@ fn json(args: &[Value]) -> Result<Value, FuncError> {
     }
 }
 
+/// Longest template accepted: scripts' templates are a line or two.
+pub const MAX_TEMPLATE: usize = 8 * 1024;
+/// Deepest nesting of parentheses and blocks accepted. gtmpl parses and executes by
+/// recursion, and a stack overflow aborts the whole daemon (it cannot be caught), so a
+/// template nested past what any script needs is refused before it is parsed.
+pub const MAX_NESTING: usize = 32;
+
+/// The deepest nesting of `(` and of `{{if|range|with ...}}...{{end}}` in `t`, counted
+/// conservatively (parentheses in literal text count too); `Err` with the action's name
+/// for `define`, `template` and `block`, whose calls can recurse without bound.
+fn nesting(t: &str) -> Result<usize, &str> {
+    const OPENERS: [&str; 3] = ["if", "range", "with"];
+    const NAMED: [&str; 3] = ["define", "template", "block"];
+    let (mut depth, mut max) = (0usize, 0usize);
+    let mut rest = t;
+    while let Some(c) = rest.chars().next() {
+        if let Some(action) = rest.strip_prefix("{{") {
+            let word = action
+                .trim_start_matches('-')
+                .trim_start()
+                .split(|c: char| !c.is_ascii_alphabetic())
+                .next()
+                .unwrap_or("");
+            if NAMED.contains(&word) {
+                return Err(word);
+            }
+            if OPENERS.contains(&word) {
+                depth += 1;
+            } else if word == "end" {
+                depth = depth.saturating_sub(1);
+            }
+            max = max.max(depth);
+            rest = action;
+            continue;
+        }
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        max = max.max(depth);
+        rest = &rest[c.len_utf8()..];
+    }
+    Ok(max)
+}
+
 /// Renders `template` over the report.
 pub fn render(template: &str, report: &Report) -> Result<String, TemplateError> {
+    if template.len() > MAX_TEMPLATE {
+        return Err(TemplateError::Parse(format!(
+            "template of {} bytes, over the limit of {MAX_TEMPLATE}",
+            template.len()
+        )));
+    }
+    match nesting(template) {
+        Err(action) => {
+            return Err(TemplateError::Parse(format!(
+                "{action:?} is not supported: named templates may call themselves without end"
+            )))
+        }
+        Ok(depth) if depth > MAX_NESTING => {
+            return Err(TemplateError::Parse(format!(
+                "template nested deeper than {MAX_NESTING} levels"
+            )))
+        }
+        Ok(_) => {}
+    }
     let data = serde_json::to_value(report).map_err(|e| TemplateError::Execute(e.to_string()))?;
     let mut t = Template::default();
     t.add_func("json", json);
@@ -132,5 +199,34 @@ mod tests {
             render("{{json}}", &r),
             Err(TemplateError::Execute(_))
         ));
+    }
+
+    #[test]
+    fn deeply_nested_or_huge_templates_are_refused_before_they_can_overflow_the_stack() {
+        let r = sample_report();
+        let parens = |d: usize| format!("{{{{{}.Version{}}}}}", "(".repeat(d), ")".repeat(d));
+        let ifs = |d: usize| format!("{}x{}", "{{if true}}".repeat(d), "{{- end}}".repeat(d));
+        // The deepest accepted nesting renders (on a test thread's 2 MiB stack).
+        assert_eq!(render(&parens(MAX_NESTING), &r).unwrap(), "0.1.0");
+        assert_eq!(render(&ifs(MAX_NESTING), &r).unwrap(), "x");
+        for d in [MAX_NESTING + 1, 1000, 3000] {
+            assert!(matches!(
+                render(&parens(d), &r),
+                Err(TemplateError::Parse(_))
+            ));
+            assert!(matches!(render(&ifs(d), &r), Err(TemplateError::Parse(_))));
+        }
+        assert!(matches!(
+            render(&"x".repeat(MAX_TEMPLATE + 1), &r),
+            Err(TemplateError::Parse(_))
+        ));
+        // A template that calls itself recurses without bound.
+        let selfcall = r#"{{define "a"}}{{template "a"}}{{end}}{{template "a"}}"#;
+        assert!(matches!(render(selfcall, &r), Err(TemplateError::Parse(_))));
+        // Siblings are not nesting.
+        assert_eq!(
+            render(&"{{if true}}y{{end}}".repeat(100), &r).unwrap(),
+            "y".repeat(100)
+        );
     }
 }
