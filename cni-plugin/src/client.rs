@@ -266,6 +266,8 @@ impl Daemon {
 pub struct Held {
     pub container_id: String,
     pub addrs: Vec<Cidr>,
+    /// Allocated by an ADD that has not confirmed it yet (an ADD under way).
+    pub tentative: bool,
 }
 
 /// Parses the body of `GET /ip`; addresses that are not IPv4 CIDRs are left out.
@@ -275,6 +277,8 @@ pub fn parse_held(body: &str) -> Option<Vec<Held>> {
         containerid: String,
         #[serde(default)]
         addrs: Option<Vec<String>>,
+        #[serde(default)]
+        tentative: bool,
     }
     #[derive(Deserialize)]
     struct All {
@@ -294,6 +298,7 @@ pub fn parse_held(body: &str) -> Option<Vec<Held>> {
                     .iter()
                     .filter_map(|a| Cidr::parse(a))
                     .collect(),
+                tentative: o.tentative,
             })
             .collect(),
     )
@@ -550,10 +555,11 @@ mod tests {
     #[test]
     fn held_parses_weaves_json() {
         let h = parse_held(
-            r#"{"owned":[{"containerid":"weave:expose","addrs":["10.32.0.1/12"]},{"containerid":"abc","addrs":["10.32.0.2/12","junk"]}]}"#,
+            r#"{"owned":[{"containerid":"weave:expose","addrs":["10.32.0.1/12"]},{"containerid":"abc","addrs":["10.32.0.2/12","junk"]},{"containerid":"adding","addrs":["10.32.0.3/12"],"tentative":true}]}"#,
         )
         .unwrap();
-        assert_eq!(h.len(), 2);
+        assert_eq!(h.len(), 3);
+        assert!(!h[1].tentative && h[2].tentative);
         assert_eq!(h[0].container_id, "weave:expose");
         assert_eq!(h[1].addrs, vec![Cidr::parse("10.32.0.2/12").unwrap()]);
         assert_eq!(parse_held(r#"{"owned":null}"#), Some(vec![]));

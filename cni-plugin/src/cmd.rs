@@ -519,7 +519,8 @@ fn needs_1_1(conf: &NetConf, command: &str) -> Result<(), CniError> {
 /// kept if it is listed under any interface name (weft gives a container one address).
 /// Host veths (`vethwepl...` tagged with a container id) of freed containers go, and so
 /// do those of unlisted containers that hold no address at all (leftovers of a DEL that
-/// never came). Errors do not stop the sweep; the first one is answered at the end.
+/// never came). Allocations the daemon marks tentative (an ADD under way) are left
+/// alone. Errors do not stop the sweep; the first one is answered at the end.
 pub fn gc(conf: &NetConf) -> Result<(), CniError> {
     needs_1_1(conf, "GC")?;
     let valid = conf.valid_attachments.as_ref().ok_or_else(|| {
@@ -557,7 +558,9 @@ pub fn gc(conf: &NetConf) -> Result<(), CniError> {
     };
     for h in &held {
         let id = h.container_id.as_str();
-        if !is_plugin_container_id(id) || keep.contains(id) {
+        // A tentative address belongs to an ADD under way, which the runtime may not
+        // list yet: its veth and address are that ADD's to keep or give back.
+        if !is_plugin_container_id(id) || keep.contains(id) || h.tentative {
             continue;
         }
         if let Some(subnet) = conf.subnet {

@@ -256,6 +256,7 @@ pub fn report(s: Sources) -> Report {
             .map(|(id, a)| OwnedReport {
                 containerid: id.clone(),
                 addrs: vec![format!("{a}/{prefix}")],
+                tentative: s.ipam.tentative.contains(id),
             })
             .collect(),
         // Weave's `null` for none: `{{len .IPAM.PendingAllocates}}` behaves the same.
@@ -480,6 +481,7 @@ mod tests {
                     free: 32767,
                 }],
                 owned: vec![("weave:expose".into(), "192.168.0.1".parse().unwrap())],
+                tentative: vec![],
                 pending_claims: vec![("c9".into(), "192.168.7.7".parse().unwrap())],
                 bad_gossip: 2,
             },

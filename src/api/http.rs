@@ -184,9 +184,13 @@ async fn report<C: Control>(State(api): St<C>, RawQuery(query): RawQuery) -> Res
         .and_then(|q| form_values(q.as_bytes(), "format").pop());
     if let Some(template) = format {
         // Weave's `/report?format=TEMPLATE`: the report through a Go text/template.
-        return match super::template::render(&template, &api.ctl.report()) {
-            Ok(text) => text.into_response(),
-            Err(e) => bad_request(&api, e.to_string()),
+        let report = api.ctl.report();
+        let rendered =
+            tokio::task::spawn_blocking(move || super::template::render(&template, &report)).await;
+        return match rendered {
+            Ok(Ok(text)) => text.into_response(),
+            Ok(Err(e)) => bad_request(&api, e.to_string()),
+            Err(e) => text_error(StatusCode::INTERNAL_SERVER_ERROR, e),
         };
     }
     // Weave indented its report with four spaces; scripts diffing reports keep working.
@@ -327,7 +331,11 @@ async fn ip_allocate_in<C: Control>(
             ),
         );
     }
-    allocated(api.ctl.allocate_in(id, subnet, tentative, api.wait).await)
+    allocated(counted(
+        &api,
+        "allocate",
+        api.ctl.allocate_in(id, subnet, tentative, api.wait).await,
+    ))
 }
 
 async fn ip_claim<C: Control>(
@@ -712,6 +720,7 @@ pub(crate) mod fake {
                 .map(|(id, net)| OwnedReport {
                     containerid: id.clone(),
                     addrs: vec![net.to_string()],
+                    tentative: self.tentative.lock().unwrap().contains(id),
                 })
                 .collect();
             r
@@ -1246,9 +1255,18 @@ mod tests {
         let a = call(&router, Method::POST, "/ip/pod-a/10.1.2.0/24?tentative").await;
         assert_eq!((a.code, a.body.as_str()), (StatusCode::OK, "10.1.2.1/24"));
         assert!(ctl.tentative.lock().unwrap().contains("pod-a"));
+        // GET /ip marks it, so that CNI GC leaves an ADD under way alone.
+        let all = get_(&router, "/ip").await;
+        assert!(
+            all.body
+                .contains(r#"{"containerid":"pod-a","addrs":["10.1.2.1/24"],"tentative":true}"#),
+            "{}",
+            all.body
+        );
         let a = call(&router, Method::POST, "/ip/pod-a?confirm").await;
         assert_eq!(a.code, StatusCode::OK);
         assert!(ctl.tentative.lock().unwrap().is_empty());
+        assert!(!get_(&router, "/ip").await.body.contains("tentative"));
         let a = call(&router, Method::POST, "/ip/pod-b/10.1.2.0/24?confirm").await;
         assert_eq!(a.code, StatusCode::BAD_REQUEST);
         assert!(a.body.contains("unknown query"), "{}", a.body);

@@ -284,6 +284,9 @@ pub struct RingEntryReport {
 pub struct OwnedReport {
     pub containerid: String,
     pub addrs: Vec<String>,
+    /// weft's: allocated by an ADD that has not confirmed it yet (CNI GC leaves it be).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tentative: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

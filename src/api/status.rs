@@ -459,10 +459,12 @@ pub(crate) mod tests {
                     OwnedReport {
                         containerid: "weave:expose".into(),
                         addrs: vec!["192.168.0.1/16".into()],
+                        tentative: false,
                     },
                     OwnedReport {
                         containerid: "pod-a".into(),
                         addrs: vec!["192.168.0.2/16".into()],
+                        tentative: false,
                     },
                 ],
                 pending_allocates: Some(vec!["pod-b".into()]),

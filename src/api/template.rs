@@ -2,9 +2,11 @@
 //! text/template, as `weave report -f` did, so that operators' scripts
 //! (`{{.Router.Name}}`, `{{range .IPAM.Entries}}...{{end}}`, `{{len .Router.Peers}}`,
 //! `{{json .IPAM}}`) keep working. The template engine is gtmpl (Go's syntax and builtins:
-//! `range`, `if`, `printf`, `len`, `index`, comparisons); weft adds Weave's `json`. Named
-//! templates (`define`, `template`, `block`) are refused, and nesting is bounded: gtmpl
-//! recurses, and a stack overflow would abort the daemon.
+//! `range`, `if`, `printf`, `len`, `index`, comparisons); weft adds Weave's `json`. The
+//! API is local, but a template must still not take the daemon down: named templates
+//! (`define`, `template`, `block`) are refused, nesting and nested `range`s are bounded
+//! (gtmpl recurses; a stack overflow aborts the process), `printf` widths are bounded,
+//! the output is capped, and it runs on a thread with a stack of its own.
 
 use super::report::Report;
 use gtmpl::{Context, FuncError, Template, Value};
@@ -80,78 +82,226 @@ fn json(args: &[Value]) -> Result<Value, FuncError> {
 
 /// Longest template accepted: scripts' templates are a line or two.
 pub const MAX_TEMPLATE: usize = 8 * 1024;
-/// Deepest nesting of parentheses and blocks accepted. gtmpl parses and executes by
-/// recursion, and a stack overflow aborts the whole daemon (it cannot be caught), so a
-/// template nested past what any script needs is refused before it is parsed.
+/// Deepest nesting of parentheses and of blocks (an `else if` or `else with` adds a level:
+/// gtmpl parses it as a nested block). gtmpl parses and executes by recursion, and a stack
+/// overflow aborts the whole daemon (it cannot be caught), so a template nested past what
+/// any script needs is refused before it is parsed.
 pub const MAX_NESTING: usize = 32;
+/// Most `range` blocks inside one another: each multiplies the work by the length of
+/// what it ranges over (thousands of ring entries), so three could run for hours.
+pub const MAX_RANGE_NESTING: usize = 2;
+/// Largest answer: a whole report is tens of KiB.
+pub const MAX_OUTPUT: usize = 1024 * 1024;
+/// Largest width or precision in a `printf` verb (Rust's formatter panics above 65535).
+const MAX_WIDTH: usize = 256;
+/// Stack of the thread a template runs on: room for [`MAX_NESTING`] levels many times
+/// over, as a second line of defence behind the scan.
+const STACK: usize = 64 * 1024 * 1024;
 
-/// The deepest nesting of `(` and of `{{if|range|with ...}}...{{end}}` in `t`, counted
-/// conservatively (parentheses in literal text count too); `Err` with the action's name
-/// for `define`, `template` and `block`, whose calls can recurse without bound.
-fn nesting(t: &str) -> Result<usize, &str> {
-    const OPENERS: [&str; 3] = ["if", "range", "with"];
-    const NAMED: [&str; 3] = ["define", "template", "block"];
-    let (mut depth, mut max) = (0usize, 0usize);
+/// What [`shape`] finds out about a template before gtmpl sees it.
+#[derive(Debug, Default, PartialEq)]
+struct Shape {
+    depth: usize,
+    ranges: usize,
+}
+
+/// Scans the actions (`{{...}}`) of `t` the way Go's lexer does — quoted, raw and
+/// character literals and comments skipped — for the deepest nesting of parentheses and
+/// blocks and of `range` blocks. `Err` names what is refused outright: `define`,
+/// `template` and `block`, whose calls can recurse without end.
+fn shape(t: &str) -> Result<Shape, String> {
+    // Blocks open: (is a range, levels it added: 1, plus one per `else if`/`else with`).
+    let mut blocks: Vec<(bool, usize)> = Vec::new();
+    let mut max = Shape::default();
     let mut rest = t;
-    while let Some(c) = rest.chars().next() {
-        if let Some(action) = rest.strip_prefix("{{") {
-            let word = action
-                .trim_start_matches('-')
-                .trim_start()
-                .split(|c: char| !c.is_ascii_alphabetic())
-                .next()
-                .unwrap_or("");
-            if NAMED.contains(&word) {
-                return Err(word);
+    while let Some(at) = rest.find("{{") {
+        let mut action = &rest[at + 2..];
+        // The action's words, literals and comments left out, and its parentheses.
+        let mut words = String::new();
+        let mut parens = 0usize;
+        let mut max_parens = 0usize;
+        loop {
+            if action.starts_with("}}") {
+                action = &action[2..];
+                break;
             }
-            if OPENERS.contains(&word) {
-                depth += 1;
-            } else if word == "end" {
-                depth = depth.saturating_sub(1);
+            if let Some(c) = action.strip_prefix("/*") {
+                action = c.find("*/").map_or("", |e| &c[e + 2..]);
+                continue;
             }
-            max = max.max(depth);
-            rest = action;
-            continue;
+            let Some(c) = action.chars().next() else {
+                break;
+            };
+            action = &action[c.len_utf8()..];
+            match c {
+                '"' | '\'' | '`' => {
+                    // To the closing quote; backslash escapes in all but raw strings.
+                    let mut chars = action.char_indices();
+                    let mut end = action.len();
+                    while let Some((i, d)) = chars.next() {
+                        if d == '\\' && c != '`' {
+                            chars.next();
+                        } else if d == c {
+                            end = i + d.len_utf8();
+                            break;
+                        }
+                    }
+                    action = &action[end..];
+                    words.push(' ');
+                }
+                '(' => {
+                    parens += 1;
+                    max_parens = max_parens.max(parens);
+                    words.push(' ');
+                }
+                ')' => {
+                    parens = parens.saturating_sub(1);
+                    words.push(' ');
+                }
+                c => words.push(c),
+            }
         }
-        match c {
-            '(' => depth += 1,
-            ')' => depth = depth.saturating_sub(1),
+        rest = action;
+        let mut w = words
+            .trim_start_matches('-')
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| !w.is_empty());
+        let depth_now: usize = blocks.iter().map(|b| b.1).sum();
+        max.depth = max.depth.max(depth_now + max_parens);
+        match w.next() {
+            Some(named @ ("define" | "template" | "block")) => {
+                return Err(format!(
+                    "{named:?} is not supported: named templates may call themselves without end"
+                ))
+            }
+            Some(opener @ ("if" | "range" | "with")) => {
+                blocks.push((opener == "range", 1));
+                let ranges = blocks.iter().filter(|b| b.0).count();
+                max.ranges = max.ranges.max(ranges);
+                max.depth = max.depth.max(depth_now + 1 + max_parens);
+            }
+            Some("else") => {
+                if matches!(w.next(), Some("if" | "with")) {
+                    if let Some(b) = blocks.last_mut() {
+                        b.1 += 1;
+                    }
+                    max.depth = max.depth.max(depth_now + 1 + max_parens);
+                }
+            }
+            Some("end") => {
+                blocks.pop();
+            }
             _ => {}
         }
-        max = max.max(depth);
-        rest = &rest[c.len_utf8()..];
     }
     Ok(max)
 }
 
-/// Renders `template` over the report.
-pub fn render(template: &str, report: &Report) -> Result<String, TemplateError> {
+/// Refuses what gtmpl could not run safely, before it parses anything.
+fn check(template: &str) -> Result<(), TemplateError> {
     if template.len() > MAX_TEMPLATE {
         return Err(TemplateError::Parse(format!(
             "template of {} bytes, over the limit of {MAX_TEMPLATE}",
             template.len()
         )));
     }
-    match nesting(template) {
-        Err(action) => {
-            return Err(TemplateError::Parse(format!(
-                "{action:?} is not supported: named templates may call themselves without end"
-            )))
-        }
-        Ok(depth) if depth > MAX_NESTING => {
-            return Err(TemplateError::Parse(format!(
-                "template nested deeper than {MAX_NESTING} levels"
-            )))
-        }
-        Ok(_) => {}
+    let shape = shape(template).map_err(TemplateError::Parse)?;
+    if shape.depth > MAX_NESTING {
+        return Err(TemplateError::Parse(format!(
+            "template nested deeper than {MAX_NESTING} levels"
+        )));
     }
-    let data = serde_json::to_value(report).map_err(|e| TemplateError::Execute(e.to_string()))?;
+    if shape.ranges > MAX_RANGE_NESTING {
+        return Err(TemplateError::Parse(format!(
+            "more than {MAX_RANGE_NESTING} range blocks inside one another"
+        )));
+    }
+    Ok(())
+}
+
+/// gtmpl's `printf`, with widths and precisions bounded and none taken from an argument
+/// (`%*d`): a huge width is a huge allocation, and above 65535 a panic.
+fn bounded_printf(args: &[Value]) -> Result<Value, FuncError> {
+    if let Some(Value::String(format)) = args.first() {
+        let mut chars = format.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c != '%' {
+                continue;
+            }
+            let mut number = String::new();
+            while let Some(&d) = chars.peek() {
+                match d {
+                    '*' => {
+                        return Err(FuncError::Generic(
+                            "printf: widths and precisions from arguments (*) are not supported"
+                                .into(),
+                        ))
+                    }
+                    '0'..='9' => number.push(d),
+                    '+' | '-' | '#' | ' ' | '.' | '[' | ']' => {
+                        if number.parse::<usize>().is_ok_and(|n| n > MAX_WIDTH) {
+                            break;
+                        }
+                        number.clear();
+                    }
+                    _ => break,
+                }
+                chars.next();
+            }
+            if number.len() > 3 || number.parse::<usize>().is_ok_and(|n| n > MAX_WIDTH) {
+                return Err(FuncError::Generic(format!(
+                    "printf: width or precision over {MAX_WIDTH}"
+                )));
+            }
+        }
+    }
+    gtmpl::funcs::printf(args)
+}
+
+/// Collects a template's output, failing past [`MAX_OUTPUT`].
+struct Bounded(Vec<u8>);
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_OUTPUT {
+            return Err(std::io::Error::other(format!(
+                "output over {MAX_OUTPUT} bytes"
+            )));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn render_here(template: &str, data: serde_json::Value) -> Result<String, TemplateError> {
     let mut t = Template::default();
     t.add_func("json", json);
+    t.add_func("printf", bounded_printf);
     t.parse(template)
         .map_err(|e| TemplateError::Parse(e.to_string()))?;
-    t.render(&Context::from(to_value(&data)))
-        .map_err(|e| TemplateError::Execute(e.to_string()))
+    let mut out = Bounded(Vec::new());
+    t.execute(&mut out, &Context::from(to_value(&data)))
+        .map_err(|e| TemplateError::Execute(e.to_string()))?;
+    String::from_utf8(out.0).map_err(|e| TemplateError::Execute(e.to_string()))
+}
+
+/// Renders `template` over the report, on a thread of its own with a large stack (a
+/// blocking call: from async code, run it with `spawn_blocking`).
+pub fn render(template: &str, report: &Report) -> Result<String, TemplateError> {
+    check(template)?;
+    let data = serde_json::to_value(report).map_err(|e| TemplateError::Execute(e.to_string()))?;
+    let template = template.to_string();
+    std::thread::Builder::new()
+        .name("report-template".into())
+        .stack_size(STACK)
+        .spawn(move || render_here(&template, data))
+        .map_err(|e| TemplateError::Execute(format!("cannot start the template thread: {e}")))?
+        .join()
+        .unwrap_or_else(|_| Err(TemplateError::Execute("the template engine failed".into())))
 }
 
 #[cfg(test)]
@@ -206,27 +356,72 @@ mod tests {
         let r = sample_report();
         let parens = |d: usize| format!("{{{{{}.Version{}}}}}", "(".repeat(d), ")".repeat(d));
         let ifs = |d: usize| format!("{}x{}", "{{if true}}".repeat(d), "{{- end}}".repeat(d));
-        // The deepest accepted nesting renders (on a test thread's 2 MiB stack).
-        assert_eq!(render(&parens(MAX_NESTING), &r).unwrap(), "0.1.0");
+        // The deepest accepted nesting renders.
+        assert_eq!(render(&parens(MAX_NESTING - 1), &r).unwrap(), "0.1.0");
         assert_eq!(render(&ifs(MAX_NESTING), &r).unwrap(), "x");
+        let refused = |t: &str| matches!(render(t, &r), Err(TemplateError::Parse(_)));
         for d in [MAX_NESTING + 1, 1000, 3000] {
-            assert!(matches!(
-                render(&parens(d), &r),
-                Err(TemplateError::Parse(_))
-            ));
-            assert!(matches!(render(&ifs(d), &r), Err(TemplateError::Parse(_))));
+            assert!(refused(&parens(d)), "{d}");
+            assert!(refused(&ifs(d)), "{d}");
         }
-        assert!(matches!(
-            render(&"x".repeat(MAX_TEMPLATE + 1), &r),
-            Err(TemplateError::Parse(_))
-        ));
+        assert!(refused(&"x".repeat(MAX_TEMPLATE + 1)));
         // A template that calls itself recurses without bound.
-        let selfcall = r#"{{define "a"}}{{template "a"}}{{end}}{{template "a"}}"#;
-        assert!(matches!(render(selfcall, &r), Err(TemplateError::Parse(_))));
+        assert!(refused(
+            r#"{{define "a"}}{{template "a"}}{{end}}{{template "a"}}"#
+        ));
+        // Closing parentheses in strings or in text do not hide the nesting...
+        let quoted = format!(
+            "{{{{print {}1{}}}}}",
+            "(print \")\" ".repeat(600),
+            ")".repeat(600)
+        );
+        assert!(refused(&quoted));
+        let texty = format!("{}{}", "{{if 1}})".repeat(500), "{{end}}".repeat(500));
+        assert!(refused(&texty));
+        // ...nor does an else-if chain, which gtmpl parses as nested blocks.
+        let chain = format!("{{{{if 0}}}}{}{{{{end}}}}", "{{else if 0}}".repeat(500));
+        assert!(refused(&chain));
         // Siblings are not nesting.
         assert_eq!(
             render(&"{{if true}}y{{end}}".repeat(100), &r).unwrap(),
             "y".repeat(100)
+        );
+        // A long else-if chain within the bound still works.
+        let short_chain = format!("{{{{if 0}}}}{}z{{{{end}}}}", "{{else if 0}}".repeat(5));
+        assert_eq!(render(&short_chain, &r).unwrap(), "");
+    }
+
+    #[test]
+    fn work_and_output_are_bounded() {
+        let mut r = sample_report();
+        let e = r.ipam.entries[0].clone();
+        r.ipam.entries = vec![e; 2000];
+        let refused = |t: &str, r: &Report| matches!(render(t, r), Err(TemplateError::Parse(_)));
+        // Three ranges inside one another would be 8e9 iterations.
+        let three = "{{range .IPAM.Entries}}{{range $.IPAM.Entries}}{{range $.IPAM.Entries}}.{{end}}{{end}}{{end}}";
+        assert!(refused(three, &r));
+        // Two are allowed, but their output stops at the cap.
+        let two =
+            r#"{{range .IPAM.Entries}}{{range $.IPAM.Entries}}{{printf "%200d" 1}}{{end}}{{end}}"#;
+        match render(two, &r) {
+            Err(TemplateError::Execute(e)) => assert!(e.contains("output over"), "{e}"),
+            other => panic!("{:?}", other.map(|s| s.len())),
+        }
+        // Widths: bounded, and never from an argument.
+        for t in [
+            r#"{{printf "%99999999999d" 1}}"#,
+            r#"{{printf "%65536d" 1}}"#,
+            r#"{{printf "%*d" 100000 1}}"#,
+            r#"{{printf "%.9999f" 1.5}}"#,
+        ] {
+            assert!(
+                matches!(render(t, &r), Err(TemplateError::Execute(_))),
+                "{t}"
+            );
+        }
+        assert_eq!(
+            render(r#"{{printf "%5d|%-4s|" 42 "ab"}}"#, &r).unwrap(),
+            "   42|ab  |"
         );
     }
 }

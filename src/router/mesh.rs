@@ -297,7 +297,12 @@ pub(crate) fn connect_targets(shared: &Arc<Shared>, targets: Vec<PeerTarget>, re
         });
     }
     for (key, t) in wanted {
-        if lock(&shared.mesh.dialers).contains_key(&key) {
+        if let Some(d) = lock(&shared.mesh.dialers).get_mut(&key) {
+            // Dialled already: a gossiped target becomes the operator's, so that it is
+            // retried for good rather than given up after a few attempts.
+            if d.origin == Origin::Gossip {
+                d.origin = Origin::Admin;
+            }
             continue;
         }
         info!("connecting to {key} (asked through the API)");

@@ -100,6 +100,8 @@ pub struct IpamView {
     pub entries: Vec<RingEntryView>,
     /// This node's allocations, by container id.
     pub owned: Vec<(String, Ipv4Addr)>,
+    /// The ids among them whose ADD has not confirmed yet.
+    pub tentative: Vec<String>,
     /// Claims (container id, address) kept until a ring exists.
     pub pending_claims: Vec<(String, Ipv4Addr)>,
     /// Received rings refused as malformed or conflicting.
@@ -165,6 +167,7 @@ impl Node {
             seeds,
             entries,
             owned,
+            tentative: self.tentative.keys().cloned().collect(),
             pending_claims: self
                 .ipam
                 .pending_claims()
