@@ -279,7 +279,7 @@ pub fn report_template(data: &[u8]) {
     r.router.name = "02:77:66:00:00:01".into();
     r.router.peers = vec![Default::default(), Default::default()];
     r.ipam.entries = vec![Default::default()];
-    let _ = crate::api::template::render(t, &r);
+    let _ = crate::api::template::render_on_this_thread(t, &r);
 }
 
 #[cfg(test)]

@@ -130,7 +130,9 @@ fn shape(t: &str) -> Result<Shape, String> {
                 continue;
             }
             let Some(c) = action.chars().next() else {
-                break;
+                // gtmpl 0.7's lexer loops for ever on some unclosed actions (found by
+                // fuzzing: `{{(.x)}.`), so none reaches it.
+                return Err("unclosed action: every {{ needs its }}".into());
             };
             action = &action[c.len_utf8()..];
             match c {
@@ -203,6 +205,16 @@ fn check(template: &str) -> Result<(), TemplateError> {
         return Err(TemplateError::Parse(format!(
             "template of {} bytes, over the limit of {MAX_TEMPLATE}",
             template.len()
+        )));
+    }
+    // gtmpl 0.7's lexer panics on some multi-byte characters (it backs up into the
+    // middle of one; found by fuzzing), and no script needs anything but ASCII.
+    if let Some(c) = template
+        .chars()
+        .find(|c| !(c.is_ascii_graphic() || matches!(c, ' ' | '\n' | '\t' | '\r')))
+    {
+        return Err(TemplateError::Parse(format!(
+            "character {c:?} is not supported: templates are printable ASCII"
         )));
     }
     let shape = shape(template).map_err(TemplateError::Parse)?;
@@ -289,19 +301,72 @@ fn render_here(template: &str, data: serde_json::Value) -> Result<String, Templa
     String::from_utf8(out.0).map_err(|e| TemplateError::Execute(e.to_string()))
 }
 
+/// How long a template may run. Within the bounds above one finishes in milliseconds; a
+/// template that does not has met a gtmpl bug (its lexer hangs on inputs the scan does
+/// not know of yet) and is abandoned.
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+/// Templates rendering at once: an abandoned one keeps its thread, so at most this many
+/// threads can ever be lost to templates, and further requests are refused instead.
+const MAX_RUNNING: usize = 2;
+static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One of the [`MAX_RUNNING`] slots, given back on drop.
+struct Slot;
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        RUNNING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The checks and the rendering on the calling thread, with no deadline: for the fuzz
+/// target, whose own timeout must see a hang rather than have it abandoned.
+pub fn render_on_this_thread(template: &str, report: &Report) -> Result<String, TemplateError> {
+    check(template)?;
+    let data = serde_json::to_value(report).map_err(|e| TemplateError::Execute(e.to_string()))?;
+    render_here(template, data)
+}
+
 /// Renders `template` over the report, on a thread of its own with a large stack (a
 /// blocking call: from async code, run it with `spawn_blocking`).
 pub fn render(template: &str, report: &Report) -> Result<String, TemplateError> {
+    use std::sync::atomic::Ordering;
     check(template)?;
     let data = serde_json::to_value(report).map_err(|e| TemplateError::Execute(e.to_string()))?;
+    if RUNNING.fetch_add(1, Ordering::SeqCst) >= MAX_RUNNING {
+        RUNNING.fetch_sub(1, Ordering::SeqCst);
+        return Err(TemplateError::Execute(format!(
+            "{MAX_RUNNING} templates are still running; try again later"
+        )));
+    }
     let template = template.to_string();
-    std::thread::Builder::new()
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
         .name("report-template".into())
         .stack_size(STACK)
-        .spawn(move || render_here(&template, data))
-        .map_err(|e| TemplateError::Execute(format!("cannot start the template thread: {e}")))?
-        .join()
-        .unwrap_or_else(|_| Err(TemplateError::Execute("the template engine failed".into())))
+        .spawn(move || {
+            // The slot is freed when the work ends (or panics), not when the caller stops
+            // waiting.
+            let slot = Slot;
+            let r = render_here(&template, data);
+            drop(slot);
+            let _ = tx.send(r);
+        });
+    if let Err(e) = spawned {
+        RUNNING.fetch_sub(1, Ordering::SeqCst);
+        return Err(TemplateError::Execute(format!(
+            "cannot start the template thread: {e}"
+        )));
+    }
+    match rx.recv_timeout(DEADLINE) {
+        Ok(r) => r,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(TemplateError::Execute(format!(
+            "the template did not finish within {DEADLINE:?}"
+        ))),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            Err(TemplateError::Execute("the template engine failed".into()))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -381,6 +446,13 @@ mod tests {
         // ...nor does an else-if chain, which gtmpl parses as nested blocks.
         let chain = format!("{{{{if 0}}}}{}{{{{end}}}}", "{{else if 0}}".repeat(500));
         assert!(refused(&chain));
+        // Anything but printable ASCII (gtmpl's lexer panics on some: found by fuzzing).
+        assert!(refused("{Rou{{\u{62d}o)\u{0}\u{0}\u{8}Name}}{.}"));
+        assert!(refused("{{.Router.Name}} \u{2192}"));
+        // Unclosed actions (gtmpl's lexer hangs on some: found by fuzzing).
+        for t in ["{{(.eVsirOnA)}.", "{{.Version", "{{.Version}", "x {{ \"}}"] {
+            assert!(refused(t), "{t}");
+        }
         // Siblings are not nesting.
         assert_eq!(
             render(&"{{if true}}y{{end}}".repeat(100), &r).unwrap(),
