@@ -782,9 +782,14 @@ struct RxWorker<T: Transform> {
 
 impl<T: Transform> RxWorker<T> {
     fn new(s: &Shared, transform: T) -> Self {
+        let mut plan = RxPlan::new(RX_PACKETS, s.tun.vnet_hdr(), s.vni);
+        if s.tun.vnet_hdr() {
+            // Without the virtio header nothing can be handed over for segmenting.
+            plan.set_mtu(usize::from(s.tun.mtu()));
+        }
         RxWorker {
             receiver: Receiver::new(RX_MSGS),
-            plan: RxPlan::new(RX_PACKETS, s.tun.vnet_hdr(), s.vni),
+            plan,
             transform,
             io: DropCounts::default(),
             log: RateLimitedLog::new("receiving from the data socket"),

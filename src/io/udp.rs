@@ -19,8 +19,10 @@ use std::os::fd::AsRawFd;
 
 pub const SOCKET_BUFFER_BYTES: usize = 8 << 20;
 pub use crate::core::datapath::{MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
-/// Largest message a GRO receive can return.
-pub const MAX_GRO_BYTES: usize = 65_535;
+/// Largest message a GRO receive can return: 64 KiB of datagrams, or one datagram of a
+/// kernel VXLAN sender's segmentation offload that a veth delivered unsegmented (a
+/// 64 KiB inner packet behind its VXLAN and Ethernet headers).
+pub const MAX_GRO_BYTES: usize = 65_535 + 22;
 
 /// Binds the data socket on `addr` (normally `0.0.0.0:<data port>`), in the calling
 /// thread's network namespace. The socket is blocking; the data plane changes that.

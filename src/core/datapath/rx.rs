@@ -38,6 +38,12 @@ impl RxPlan {
         }
     }
 
+    /// The TUN device's MTU: inner TCP packets longer than it (a kernel VXLAN sender's
+    /// segmentation-offload units) are handed over to be segmented to it.
+    pub fn set_mtu(&mut self, mtu: usize) {
+        self.gro.set_mtu(mtu);
+    }
+
     /// Starts a batch.
     pub fn clear(&mut self) {
         self.gro.clear();

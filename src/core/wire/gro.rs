@@ -13,6 +13,15 @@
 //! last segment) set, segments of equal size with at most a shorter last one. A segment
 //! is only merged if its checksum verifies, so coalescing never hides corruption; one
 //! that fails is written on its own, unflagged, for the kernel to count and drop. A
+//! checksum that is not computed at all is not a failure: a Linux sender whose packets
+//! crossed no NIC (a kernel VXLAN node over veth, or on the same host) leaves
+//! `CHECKSUM_PARTIAL` packets with only the pseudo-header sum in the TCP or UDP checksum
+//! field. Such packets (the field equals that sum) are handed on as `NEEDS_CSUM`, as the
+//! kernel itself would: the outer UDP checksum, which the receiving kernel verified
+//! unless the sender is local, covers the inner bytes. Such a sender also hands over TCP
+//! super-packets larger than the MTU (its VXLAN device's segmentation offload, which a
+//! veth carries unsegmented into this node's socket): they are written with `GSO_TCPV4`
+//! and a segment size that fits the MTU, for the kernel to segment. A
 //! packet of a flow that cannot be merged closes that flow's open super-packet, so
 //! packets of one flow keep their order.
 
@@ -49,6 +58,12 @@ struct Item {
     segments: usize,
     first: u32,
     last: u32,
+    /// The head's checksum is the pseudo-header sum only (a lone segment is then
+    /// written with `NEEDS_CSUM`, not `DATA_VALID`).
+    partial: bool,
+    /// One TCP packet longer than the MTU: written as a super-packet of `gso_size`
+    /// segments.
+    oversize: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +83,8 @@ pub(crate) struct Gro<R: Copy> {
     /// Indexes of items still accepting segments, oldest first.
     open: Vec<u32>,
     merged: u64,
+    /// The largest IPv4 packet the TUN device's side takes unsegmented (its MTU).
+    mtu: usize,
 }
 
 /// Parsed facts about a packet offered for coalescing.
@@ -78,6 +95,8 @@ struct Tcp {
     tcp_hl: usize,
     payload: usize,
     total: usize,
+    /// The checksum field holds the pseudo-header sum, not a checksum.
+    partial: bool,
 }
 
 impl<R: Copy> Gro<R> {
@@ -88,7 +107,14 @@ impl<R: Copy> Gro<R> {
             members: Vec::with_capacity(capacity),
             open: Vec::with_capacity(MAX_OPEN),
             merged: 0,
+            mtu: MAX_IP_LEN,
         }
+    }
+
+    /// Sets the MTU: TCP packets longer than it are written as segmentation-offload
+    /// super-packets with segments that fit it.
+    pub fn set_mtu(&mut self, mtu: usize) {
+        self.mtu = mtu.clamp(68, MAX_IP_LEN);
     }
 
     pub fn clear(&mut self) {
@@ -115,9 +141,22 @@ impl<R: Copy> Gro<R> {
     /// Offers the IPv4 packet `pkt`, which the caller can find again through `at`.
     pub fn push(&mut self, at: R, pkt: &[u8]) {
         let Some(t) = parse_tcp(pkt) else {
-            self.push_single(at, pkt.len(), 0);
+            let vnet = match partial_udp(pkt) {
+                Some(csum_start) => VnetHdr {
+                    flags: virtio::F_NEEDS_CSUM,
+                    csum_start,
+                    csum_offset: 6,
+                    ..VnetHdr::default()
+                },
+                None => VnetHdr::default(),
+            };
+            self.push_single(at, pkt.len(), vnet);
             return;
         };
+        if t.total > self.mtu {
+            self.push_oversize(at, pkt, &t);
+            return;
+        }
         let slot = self
             .open
             .iter()
@@ -140,7 +179,7 @@ impl<R: Copy> Gro<R> {
             self.open.remove(pos);
         }
         if !mergeable {
-            self.push_single(at, pkt.len(), virtio::F_DATA_VALID);
+            self.push_single(at, pkt.len(), lone_tcp(t.partial));
             return;
         }
         // A new coalescing head: its headers become the output's headers.
@@ -164,6 +203,8 @@ impl<R: Copy> Gro<R> {
             segments: 1,
             first: m,
             last: m,
+            partial: t.partial,
+            oversize: false,
         });
         if t.flags & TCP_PSH == 0 {
             if self.open.len() == MAX_OPEN {
@@ -173,8 +214,43 @@ impl<R: Copy> Gro<R> {
         }
     }
 
-    /// A packet written as it is, behind a `virtio_net_hdr` with `flags`.
-    fn push_single(&mut self, at: R, len: usize, flags: u8) {
+    /// A TCP packet longer than the MTU, written as a super-packet of MTU-sized segments
+    /// (it closes its flow's open super-packet, so the flow stays in order).
+    fn push_oversize(&mut self, at: R, pkt: &[u8], t: &Tcp) {
+        if let Some(pos) = self
+            .open
+            .iter()
+            .position(|&i| self.items[i as usize].key == Some(t.key))
+        {
+            self.open.remove(pos);
+        }
+        let hdr_len = virtio::LEN + 20 + t.tcp_hl;
+        let mut hdr = [0u8; ITEM_HDR];
+        hdr[virtio::LEN..hdr_len].copy_from_slice(&pkt[..20 + t.tcp_hl]);
+        let m = self.members.len() as u32;
+        self.members.push(Member {
+            at,
+            range: 20 + t.tcp_hl..t.total,
+            next: NONE,
+        });
+        self.items.push(Item {
+            hdr,
+            hdr_len,
+            key: Some(t.key),
+            next_seq: 0,
+            // At least one byte per segment: an MTU below the headers cannot be met.
+            gso_size: self.mtu.saturating_sub(20 + t.tcp_hl).max(1),
+            ip_len: t.total,
+            segments: 1,
+            first: m,
+            last: m,
+            partial: t.partial,
+            oversize: true,
+        });
+    }
+
+    /// A packet written as it is, behind `vnet`.
+    fn push_single(&mut self, at: R, len: usize, vnet: VnetHdr) {
         let m = self.members.len() as u32;
         self.members.push(Member {
             at,
@@ -182,7 +258,9 @@ impl<R: Copy> Gro<R> {
             next: NONE,
         });
         let mut hdr = [0u8; ITEM_HDR];
-        hdr[0] = flags;
+        let mut v = [0u8; virtio::LEN];
+        vnet.emit(&mut v);
+        hdr[..virtio::LEN].copy_from_slice(&v);
         self.items.push(Item {
             hdr,
             hdr_len: virtio::LEN,
@@ -193,6 +271,8 @@ impl<R: Copy> Gro<R> {
             segments: 1,
             first: m,
             last: m,
+            partial: false,
+            oversize: false,
         });
     }
 
@@ -238,11 +318,8 @@ impl<R: Copy> Gro<R> {
             if item.key.is_none() {
                 continue;
             }
-            let vnet = if item.segments == 1 {
-                VnetHdr {
-                    flags: virtio::F_DATA_VALID,
-                    ..VnetHdr::default()
-                }
+            let vnet = if item.segments == 1 && !item.oversize {
+                lone_tcp(item.partial)
             } else {
                 let ip = &mut item.hdr[virtio::LEN..item.hdr_len];
                 ip[2..4].copy_from_slice(&(item.ip_len as u16).to_be_bytes());
@@ -335,8 +412,13 @@ fn parse_tcp(pkt: &[u8]) -> Option<Tcp> {
     src.copy_from_slice(&pkt[12..16]);
     dst.copy_from_slice(&pkt[16..20]);
     let l4 = &pkt[20..total];
-    if csum::fold(csum::sum(l4, csum::pseudo_v4(src, dst, 6, l4.len() as u16))) != 0xffff {
-        return None;
+    let pseudo = csum::pseudo_v4(src, dst, 6, l4.len() as u16);
+    let mut partial = false;
+    if csum::fold(csum::sum(l4, pseudo)) != 0xffff {
+        if u16::from_be_bytes([l4[16], l4[17]]) != csum::fold(pseudo) {
+            return None;
+        }
+        partial = true;
     }
     let mut addrs = [0u8; 8];
     addrs.copy_from_slice(&pkt[12..20]);
@@ -349,7 +431,57 @@ fn parse_tcp(pkt: &[u8]) -> Option<Tcp> {
         tcp_hl,
         payload: total - 20 - tcp_hl,
         total,
+        partial,
     })
+}
+
+/// The header for a TCP segment written on its own.
+fn lone_tcp(partial: bool) -> VnetHdr {
+    if partial {
+        VnetHdr {
+            flags: virtio::F_NEEDS_CSUM,
+            csum_start: 20,
+            csum_offset: 16,
+            ..VnetHdr::default()
+        }
+    } else {
+        VnetHdr {
+            flags: virtio::F_DATA_VALID,
+            ..VnetHdr::default()
+        }
+    }
+}
+
+/// For an unfragmented UDP/IPv4 packet whose checksum field holds just the
+/// pseudo-header sum (and so does not verify): where the checksummed part starts.
+/// Every other packet goes to the kernel as it is, to be verified there.
+fn partial_udp(pkt: &[u8]) -> Option<u16> {
+    if pkt.len() < 28 || pkt[0] >> 4 != 4 || pkt[9] != 17 {
+        return None;
+    }
+    let ihl = usize::from(pkt[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
+    if ihl < 20
+        || total > pkt.len()
+        || total < ihl + 8
+        || (u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff) != 0
+    {
+        return None;
+    }
+    let udp = &pkt[ihl..total];
+    let field = u16::from_be_bytes([udp[6], udp[7]]);
+    if field == 0 {
+        return None; // no checksum: nothing to complete
+    }
+    let mut src = [0u8; 4];
+    let mut dst = [0u8; 4];
+    src.copy_from_slice(&pkt[12..16]);
+    dst.copy_from_slice(&pkt[16..20]);
+    let pseudo = csum::pseudo_v4(src, dst, 17, udp.len() as u16);
+    if field != csum::fold(pseudo) || csum::fold(csum::sum(udp, pseudo)) == 0xffff {
+        return None;
+    }
+    Some(ihl as u16)
 }
 
 #[cfg(test)]
@@ -392,6 +524,144 @@ mod tests {
 
     fn data(n: usize, salt: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 31 + salt) as u8).collect()
+    }
+
+    /// A segment as a Linux sender leaves it in `CHECKSUM_PARTIAL`: the checksum field
+    /// holds the pseudo-header sum only.
+    fn partial_seg(payload: &[u8], seq: u32, flags: u8) -> Vec<u8> {
+        let mut p = tcp_packet(payload, seq, flags);
+        let l4_len = (p.len() - 20) as u16;
+        let pseudo = csum::pseudo_v4([192, 168, 0, 5], [192, 168, 128, 7], 6, l4_len);
+        p[36..38].copy_from_slice(&csum::fold(pseudo).to_be_bytes());
+        assert!(!l4_checksum_ok(&p));
+        p
+    }
+
+    #[test]
+    fn segments_with_only_the_pseudo_header_sum_are_handed_on_to_be_completed() {
+        let mss = 1398;
+        let mut pkts: Vec<Vec<u8>> = (0..3)
+            .map(|i| partial_seg(&data(mss, i), 1000 + (i * mss) as u32, 0x10))
+            .collect();
+        // A lone SYN (not mergeable), partial too.
+        pkts.push(partial_seg(&[], 7, 0x02));
+        // A corrupted segment: neither a checksum nor the pseudo-header sum.
+        let mut bad = partial_seg(&data(100, 9), 50_000, 0x18);
+        bad[36] ^= 0x40;
+        pkts.push(bad);
+        let mut g = Gro::with_capacity(16);
+        for (i, p) in pkts.iter().enumerate() {
+            g.push(i, p);
+        }
+        g.finish();
+        assert_eq!(g.len(), 3);
+        let (vnet, bytes) = output(&g, &pkts, 0);
+        assert_eq!(
+            (vnet.flags, vnet.gso_type),
+            (virtio::F_NEEDS_CSUM, virtio::GSO_TCPV4)
+        );
+        assert_eq!(g.segments(0), 3);
+        assert!(l4_checksum_ok(&completed(bytes)));
+        let (vnet, bytes) = output(&g, &pkts, 1);
+        assert_eq!(
+            (vnet.flags, vnet.gso_type, vnet.csum_start, vnet.csum_offset),
+            (virtio::F_NEEDS_CSUM, virtio::GSO_NONE, 20, 16)
+        );
+        assert!(l4_checksum_ok(&completed(bytes)));
+        let (vnet, _) = output(&g, &pkts, 2);
+        assert_eq!(
+            vnet,
+            VnetHdr::default(),
+            "left to the kernel to count and drop"
+        );
+    }
+
+    #[test]
+    fn tcp_packets_over_the_mtu_are_handed_on_to_be_segmented_in_order() {
+        let mss = 1398;
+        // Two segments, then a 3-segment offload unit of the same flow, then a segment.
+        let pkts = vec![
+            partial_seg(&data(mss, 0), 1000, 0x10),
+            partial_seg(&data(mss, 1), 1000 + mss as u32, 0x10),
+            partial_seg(&data(3 * mss, 2), 1000 + 2 * mss as u32, 0x10),
+            seg(&data(mss, 3), 1000 + 5 * mss as u32, 0x10),
+        ];
+        let mut g = Gro::with_capacity(16);
+        g.set_mtu(1450);
+        for (i, p) in pkts.iter().enumerate() {
+            g.push(i, p);
+        }
+        g.finish();
+        assert_eq!(g.len(), 3, "the big packet closes the open super-packet");
+        let (vnet, bytes) = output(&g, &pkts, 1);
+        assert_eq!(
+            (vnet.flags, vnet.gso_type, vnet.gso_size, vnet.hdr_len),
+            (virtio::F_NEEDS_CSUM, virtio::GSO_TCPV4, 1450 - 52, 52)
+        );
+        assert_eq!(bytes.len(), 52 + 3 * mss);
+        assert!(l4_checksum_ok(&completed(bytes.clone())));
+        assert_eq!(&bytes[52..], &data(3 * mss, 2)[..]);
+        let (_, first) = output(&g, &pkts, 0);
+        assert_eq!(first.len(), 52 + 2 * mss);
+        let (vnet, _) = output(&g, &pkts, 2);
+        assert_eq!(vnet.flags, virtio::F_DATA_VALID);
+        // Without an MTU (no virtio header to segment with) nothing changes.
+        let mut g = Gro::with_capacity(4);
+        g.push(2, &pkts[2]);
+        g.finish();
+        assert_eq!(output(&g, &pkts, 0).0.gso_type, virtio::GSO_NONE);
+    }
+
+    #[test]
+    fn udp_with_only_the_pseudo_header_sum_is_handed_on_to_be_completed() {
+        let payload = data(300, 3);
+        let mut p = vec![0u8; 28 + payload.len()];
+        let repr = crate::core::wire::ipv4::Repr {
+            src: "192.168.0.5".parse().unwrap(),
+            dst: "192.168.128.7".parse().unwrap(),
+            protocol: 17,
+            ttl: 64,
+            dont_frag: true,
+            payload_len: 8 + payload.len(),
+        };
+        let _ = repr.emit(&mut p);
+        crate::core::wire::ipv4::Packet::new_unchecked(&mut p[..]).fill_checksum();
+        p[20..22].copy_from_slice(&5353u16.to_be_bytes());
+        p[22..24].copy_from_slice(&53u16.to_be_bytes());
+        p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        p[28..].copy_from_slice(&payload);
+        let udp_len = (p.len() - 20) as u16;
+        let mut src = [0u8; 4];
+        let mut dst = [0u8; 4];
+        src.copy_from_slice(&p[12..16]);
+        dst.copy_from_slice(&p[16..20]);
+        let pseudo = csum::pseudo_v4(src, dst, 17, udp_len);
+        p[26..28].copy_from_slice(&csum::fold(pseudo).to_be_bytes());
+        let mut complete = p.clone();
+        complete[26..28].copy_from_slice(&[0, 0]);
+        let c = csum::finish(csum::sum(&complete[20..], pseudo));
+        complete[26..28].copy_from_slice(&c.to_be_bytes());
+        let mut g = Gro::with_capacity(4);
+        g.push(0, &p);
+        g.push(1, &complete);
+        g.finish();
+        let pkts = [p, complete];
+        let (vnet, bytes) = output(&g, &pkts, 0);
+        assert_eq!(
+            (vnet.flags, vnet.csum_start, vnet.csum_offset),
+            (virtio::F_NEEDS_CSUM, 20, 6)
+        );
+        // The kernel adds the sum from csum_start on to the field's pseudo-header sum.
+        let mut done = bytes.clone();
+        let c = csum::finish(csum::sum(&done[20..], 0));
+        done[26..28].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(done, pkts[1]);
+        let (vnet, _) = output(&g, &pkts, 1);
+        assert_eq!(
+            vnet,
+            VnetHdr::default(),
+            "a complete checksum is the kernel's to verify"
+        );
     }
 
     #[test]
