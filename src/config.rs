@@ -83,9 +83,34 @@ pub struct RouterArgs {
     /// before it is freed again (the plugin gave up or was killed mid-ADD).
     #[arg(long, default_value_t = 120, hide = true)]
     pub confirm_wait: u64,
+    /// What forwards the overlay's packets: `userspace`, weft's own path (a TUN device and
+    /// a UDP socket; the only one that can encrypt), or `kernel`, a Linux VXLAN device that
+    /// weft programs (Weave's fastdp). Both speak the same datagrams, so a cluster may mix
+    /// them. Weave's `WEAVE_NO_FASTDP` (set) forbids `kernel`.
+    #[arg(long, env = "WEFT_DATAPATH", value_enum, default_value_t = DatapathKind::Userspace)]
+    pub datapath: DatapathKind,
     /// Other nodes' control addresses: `host` or `host:port`.
     #[arg(value_name = "PEER")]
     pub peers: Vec<String>,
+}
+
+/// Which backend forwards the overlay's packets.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DatapathKind {
+    /// weft's own forwarding: TUN device, VXLAN-format UDP, optional encryption.
+    #[default]
+    Userspace,
+    /// A Linux VXLAN device, programmed over netlink.
+    Kernel,
+}
+
+impl DatapathKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatapathKind::Userspace => "userspace",
+            DatapathKind::Kernel => "kernel",
+        }
+    }
 }
 
 /// Weave's default `CONN_LIMIT`.
@@ -118,6 +143,10 @@ pub enum ConfigError {
     PasswordFile { path: PathBuf, reason: String },
     #[error("give the password once: WEAVE_PASSWORD (--password) or WEAVE_PASSWORD_FILE (--password-file), not both")]
     TwoPasswords,
+    #[error("--datapath kernel cannot encrypt: the kernel's VXLAN device sends datagrams as they are; with WEAVE_PASSWORD use the user-space data path (leave --datapath/WEFT_DATAPATH unset)")]
+    KernelEncrypted,
+    #[error("WEAVE_NO_FASTDP is set, which forbids the kernel data path, and --datapath kernel (WEFT_DATAPATH) asks for it: unset one of them")]
+    NoFastdp,
 }
 
 /// A PEER argument split into host and control port.
@@ -188,6 +217,7 @@ pub struct RouterConfig {
     /// Open, or the pre-shared key from the password.
     pub secure: Mode,
     pub confirm_wait: std::time::Duration,
+    pub datapath: DatapathKind,
 }
 
 /// A switch as Weave's launch script read it: set to anything but a "no" word is on.
@@ -312,6 +342,16 @@ impl RouterArgs {
             }
             (None, None) => None,
         };
+        // Weave's launch script tested WEAVE_NO_FASTDP for being non-empty.
+        let no_fastdp = env.get("WEAVE_NO_FASTDP").is_some();
+        if self.datapath == DatapathKind::Kernel {
+            if no_fastdp {
+                return Err(ConfigError::NoFastdp);
+            }
+            if password.is_some() {
+                return Err(ConfigError::KernelEncrypted);
+            }
+        }
         let in_pod = env.service_account && env.get("KUBERNETES_SERVICE_HOST").is_some();
         let kubeconfig = self.kubeconfig.filter(|p| !p.as_os_str().is_empty());
         let kube = (!self.no_kube && (kubeconfig.is_some() || in_pod)).then(|| KubeSettings {
@@ -338,6 +378,7 @@ impl RouterArgs {
             no_masq_local: self.no_masq_local,
             secure: Mode::from_password(password.as_deref()),
             confirm_wait: std::time::Duration::from_secs(self.confirm_wait),
+            datapath: self.datapath,
         })
     }
 }
@@ -355,10 +396,6 @@ const NOT_IMPLEMENTED: &[(&str, &str)] = &[
     (
         "WEAVE_EXPOSE_IP",
         "the node's overlay address is allocated by IPAM (weave:expose)",
-    ),
-    (
-        "WEAVE_NO_FASTDP",
-        "weft's data path is its own user-space one; there is no kernel fast path yet",
     ),
     (
         "WEAVE_STATUS_ADDR",
@@ -594,5 +631,39 @@ mod tests {
         );
         assert!(lines.iter().any(|l| l.starts_with("WEAVE_NPC_EXTRA_ARGS")));
         assert!(!lines.iter().any(|l| l.contains("IPALLOC_RANGE")));
+    }
+
+    #[test]
+    fn the_kernel_datapath_is_chosen_by_flag_and_refused_with_a_password_or_no_fastdp() {
+        assert_eq!(
+            validate(parse(&[]), &[], false).datapath,
+            DatapathKind::Userspace
+        );
+        let c = validate(parse(&["--datapath", "kernel"]), &[], false);
+        assert_eq!(c.datapath, DatapathKind::Kernel);
+        // Weave's WEAVE_NO_FASTDP alone: the user-space path, which is the default anyway.
+        let c = validate(parse(&[]), &[("WEAVE_NO_FASTDP", "1")], false);
+        assert_eq!(c.datapath, DatapathKind::Userspace);
+        assert!(matches!(
+            try_validate(
+                parse(&["--datapath", "kernel"]),
+                &[("WEAVE_NO_FASTDP", "1")],
+                false
+            ),
+            Err(ConfigError::NoFastdp)
+        ));
+        assert!(matches!(
+            try_validate(
+                parse(&["--datapath", "kernel", "--password", "secret"]),
+                &[],
+                false
+            ),
+            Err(ConfigError::KernelEncrypted)
+        ));
+        let names = vec!["WEAVE_NO_FASTDP".to_string()];
+        assert!(
+            unimplemented_settings(&|_| Some("1".into()), &names).is_empty(),
+            "WEAVE_NO_FASTDP is implemented"
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! device, VXLAN-format UDP, the planners of `core::datapath`); a kernel VXLAN backend can
 //! sit beside it without changes to the router.
 
+pub mod kernel;
 pub mod userspace;
 
 use crate::core::datapath::{BatchStats, DropCounts, DropReason};

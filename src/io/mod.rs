@@ -8,3 +8,4 @@ pub mod store;
 pub mod sysctl;
 pub mod tun;
 pub mod udp;
+pub mod vxlan;

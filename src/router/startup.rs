@@ -8,7 +8,7 @@ use super::kube::KubePeers;
 use super::mesh::{self, Mesh};
 use super::peers::{self, StaticPeers};
 use super::{lock, Shared};
-use crate::config::{RouterConfig, TUN_NAME};
+use crate::config::{DatapathKind, RouterConfig, TUN_NAME};
 use crate::core::cluster::NodeSet;
 use crate::core::datapath::aead;
 use crate::core::ipam::paxos::Acceptor;
@@ -18,9 +18,12 @@ use crate::core::mesh::KeySeed;
 use crate::core::mesh::{Node, NodeConfig, PeerName};
 use crate::core::persist::PersistedState;
 use crate::core::wire::ENCAP_OVERHEAD_IPV4;
+use crate::datapath::kernel::KernelBackend;
 use crate::datapath::userspace::{UserspaceBackend, WorkerConfig};
+use crate::datapath::Backend;
 use crate::io::netlink::Netlink;
 use crate::io::store::{Store, StoreError};
+use crate::io::vxlan::VxlanDevice;
 use ipnet::Ipv4Net;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -264,28 +267,55 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
     // Weave's bridge holds the name weft's TUN device takes, and its pods' addresses.
     let weave_pods = take_over_from_weave(&netlink, cfg.range).await;
     crate::io::sysctl::enable_ip_forward()?;
-    let tun = crate::io::tun::create(TUN_NAME, mtu).map_err(|e| RouterError::Tun(e.to_string()))?;
-    crate::io::sysctl::configure_overlay_link(TUN_NAME)?;
-    netlink.set_link_up_mtu(TUN_NAME, mtu).await?;
-    info!("overlay interface {TUN_NAME} up, mtu {mtu}");
-    install_nat(&cfg)?;
-
-    let data_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.data_port));
-    let socket = crate::io::udp::bind(data_addr).map_err(|source| RouterError::Bind {
-        what: "data port (udp)",
-        addr: data_addr.to_string(),
-        source,
-    })?;
-    let backend = UserspaceBackend::start(
-        tun,
-        socket,
-        name.clone(),
-        crate::core::wire::WEFT_VNI,
-        &WorkerConfig {
-            encrypted,
-            ..WorkerConfig::from_env()
-        },
-    )?;
+    let netlink = Arc::new(netlink);
+    let backend: Arc<dyn Backend> = match cfg.datapath {
+        DatapathKind::Userspace => {
+            if netlink.remove_vxlan(TUN_NAME).await? {
+                info!("removed the kernel data path's VXLAN device {TUN_NAME}: switching to the user-space data path");
+            }
+            let tun = crate::io::tun::create(TUN_NAME, mtu)
+                .map_err(|e| RouterError::Tun(e.to_string()))?;
+            crate::io::sysctl::configure_overlay_link(TUN_NAME)?;
+            netlink.set_link_up_mtu(TUN_NAME, mtu).await?;
+            info!("overlay interface {TUN_NAME} up, mtu {mtu}");
+            install_nat(&cfg)?;
+            let data_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.data_port));
+            let socket = crate::io::udp::bind(data_addr).map_err(|source| RouterError::Bind {
+                what: "data port (udp)",
+                addr: data_addr.to_string(),
+                source,
+            })?;
+            Arc::new(UserspaceBackend::start(
+                tun,
+                socket,
+                name.clone(),
+                crate::core::wire::WEFT_VNI,
+                &WorkerConfig {
+                    encrypted,
+                    ..WorkerConfig::from_env()
+                },
+            )?)
+        }
+        DatapathKind::Kernel => {
+            let index = netlink
+                .create_vxlan(&VxlanDevice {
+                    name: TUN_NAME,
+                    vni: crate::core::wire::WEFT_VNI,
+                    port: cfg.data_port,
+                    mac: name.mac(),
+                    mtu,
+                })
+                .await?;
+            crate::io::sysctl::configure_overlay_link(TUN_NAME)?;
+            info!(
+                "overlay interface {TUN_NAME} up: kernel VXLAN device, vni {:#x}, udp port {}, mtu {mtu}",
+                crate::core::wire::WEFT_VNI,
+                cfg.data_port
+            );
+            install_nat(&cfg)?;
+            Arc::new(KernelBackend::start(netlink.clone(), index, name.clone()))
+        }
+    };
 
     let mut node = Node::new(
         NodeConfig {
@@ -327,7 +357,7 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
         jobs,
         queued_jobs: std::sync::atomic::AtomicUsize::new(0),
         jobs_drained: tokio::sync::Notify::new(),
-        backend: Arc::new(backend),
+        backend,
         mesh: Mesh::default(),
         ready,
         overlay: Mutex::new(None),
@@ -348,7 +378,6 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
     reclaim_pod_addresses(&shared, &netlink, weave_pods).await;
     shared.event(|n| n.start());
 
-    let netlink = Arc::new(netlink);
     tokio::spawn(release_migrated_addresses(shared.clone(), netlink.clone()));
     tokio::spawn(overlay_address_task(shared.clone(), netlink));
     tokio::spawn(mesh::accept_loop(shared.clone(), listener));
@@ -408,8 +437,11 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
         },
     ));
     info!(
-        "listening: control tcp {control_addr}, data udp {data_addr}, http {}, metrics {}",
-        cfg.http_addr, cfg.metrics_addr
+        "listening: control tcp {control_addr}, data udp :{} ({} data path), http {}, metrics {}",
+        cfg.data_port,
+        cfg.datapath.as_str(),
+        cfg.http_addr,
+        cfg.metrics_addr
     );
 
     wait_for_signal().await;

@@ -14,6 +14,7 @@
 //! arrays ([`DropCounts`]) that the worker adds to shared atomics once per batch.
 
 pub mod aead;
+pub mod kernel;
 mod rx;
 mod transform;
 mod tx;
