@@ -146,6 +146,12 @@ fn kernel_and_user_space_nodes_interoperate() {
         .map(|a| a.len())
         .unwrap_or(0);
     assert!(ranges >= 3, "{}", report["Dataplane"]);
+    // Weave printed its data path in connection lines; scripts grep for "fastdp".
+    let conns = report["Router"]["Connections"].to_string();
+    assert!(conns.contains("fastdp 02:77:66"), "{conns}");
+    let conns2 =
+        ok(c.report::<serde_json::Value>(1), "report n2")["Router"]["Connections"].to_string();
+    assert!(conns2.contains("vxlan 02:77:66"), "{conns2}");
 
     // A restart re-creates the device and its entries from scratch; a restart in the
     // other mode replaces the device with the user-space TUN.

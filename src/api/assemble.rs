@@ -31,6 +31,9 @@ pub struct RouterFacts {
     pub password: bool,
     /// The data plane seals every datagram (with the password, always).
     pub encrypted: bool,
+    /// The data path's name in connection lines, as Weave named its own: `vxlan` (weft's
+    /// user-space path) or `fastdp` (the kernel's VXLAN device, `--datapath kernel`).
+    pub datapath: &'static str,
 }
 
 /// A dial target that has no established connection of its own.
@@ -152,13 +155,13 @@ pub fn report(s: Sources) -> Report {
                 address: c.remote.to_string(),
                 outbound: c.outbound,
                 state: "established".into(),
-                info: format!("vxlan {peer}({nickname})"),
+                info: format!("{} {peer}({nickname})", s.router.datapath),
                 peer_name: Some(peer.to_string()),
                 peer_nick_name: Some(nickname.clone()),
                 mtu,
                 attrs: Some(ConnectionAttrs {
                     mtu,
-                    name: "vxlan".into(),
+                    name: s.router.datapath.into(),
                     encrypted: s.router.encrypted,
                 }),
             },
@@ -418,6 +421,7 @@ mod tests {
                 targets: vec!["10.0.0.2:6783".into(), "10.0.0.3:6783".into()],
                 password: false,
                 encrypted: false,
+                datapath: "vxlan",
             },
             peers: vec![
                 PeerView {

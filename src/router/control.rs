@@ -161,6 +161,10 @@ impl Control for RouterControl {
                 targets: s.mesh.source_targets(),
                 password: s.cfg.secure.is_password(),
                 encrypted: s.with_node(|n| n.encrypts()),
+                datapath: match s.cfg.datapath {
+                    crate::config::DatapathKind::Userspace => "vxlan",
+                    crate::config::DatapathKind::Kernel => "fastdp",
+                },
             },
             peers,
             connections,
