@@ -128,7 +128,7 @@ fn args_with_extra(
 
 /// The variables the router's flags read. A manifest lists optional settings with empty
 /// values (`WEAVE_MTU: ""`, as Weave's did): empty means unset, the default applies.
-const ROUTER_ENV: [&str; 11] = [
+const ROUTER_ENV: [&str; 12] = [
     "IPALLOC_RANGE",
     "WEAVE_HTTP_ADDR",
     "WEAVE_METRICS_ADDR",
@@ -140,6 +140,7 @@ const ROUTER_ENV: [&str; 11] = [
     "POD_NAMESPACE",
     "EXTRA_ARGS",
     "NO_MASQ_LOCAL",
+    "WEFT_DATAPATH",
 ];
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`, e.g. `weft=debug,info`), as

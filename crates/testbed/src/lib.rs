@@ -62,6 +62,8 @@ const ROUTER_ENV: &[&str] = &[
     "EXTRA_ARGS",
     "WEAVE_PASSWORD",
     "WEAVE_PASSWORD_FILE",
+    "WEFT_DATAPATH",
+    "WEAVE_NO_FASTDP",
 ];
 
 #[derive(Debug, thiserror::Error)]
