@@ -162,6 +162,10 @@ pub fn datapath_rx(data: &[u8]) {
     for vnet in [false, true] {
         let mut buf = rest.to_vec();
         let mut plan = RxPlan::new(64, vnet, WEFT_VNI);
+        if vnet {
+            // As the workers set it: oversize TCP packets become GSO super-packets.
+            plan.set_mtu(1450);
+        }
         plan.clear();
         let src: SocketAddr = "10.77.0.2:6784".parse().expect("address");
         plan.ingest(&table, &mut Identity, 0, Some(src), stride, &mut buf);
