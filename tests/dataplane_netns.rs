@@ -122,17 +122,7 @@ fn pattern(len: usize) -> Vec<u8> {
 
 /// `InCsumErrors` of TCP and UDP in the calling thread's namespace.
 fn csum_errors() -> (u64, u64) {
-    // thread-self: /proc/self/net would show the namespace of the main thread.
-    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("read snmp");
-    let lines: Vec<&str> = snmp.lines().collect();
-    let field = |proto: &str| -> u64 {
-        let mut rows = lines.iter().filter(|l| l.starts_with(&format!("{proto}:")));
-        let names: Vec<&str> = rows.next().unwrap().split_whitespace().collect();
-        let vals: Vec<&str> = rows.next().unwrap().split_whitespace().collect();
-        let i = names.iter().position(|n| *n == "InCsumErrors").unwrap();
-        vals[i].parse().unwrap()
-    };
-    (field("Tcp"), field("Udp"))
+    weft_testbed::csum_errors_here().expect("read snmp")
 }
 
 /// The path MTU the kernel has learnt for a connected socket (`IP_MTU`).

@@ -15,23 +15,7 @@ fn ok<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
 
 /// `InCsumErrors` of TCP and UDP in namespace `ns`.
 fn csum_errors(ns: &str) -> (u64, u64) {
-    ok(
-        testbed::in_netns(ns, || {
-            // thread-self: /proc/self/net would show the main thread's namespace.
-            let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp")
-                .map_err(|e| testbed::TestbedError::Failed(format!("read snmp: {e}")))?;
-            let lines: Vec<&str> = snmp.lines().collect();
-            let field = |proto: &str| -> u64 {
-                let mut rows = lines.iter().filter(|l| l.starts_with(&format!("{proto}:")));
-                let names: Vec<&str> = rows.next().unwrap().split_whitespace().collect();
-                let vals: Vec<&str> = rows.next().unwrap().split_whitespace().collect();
-                let i = names.iter().position(|n| *n == "InCsumErrors").unwrap();
-                vals[i].parse().unwrap()
-            };
-            Ok((field("Tcp"), field("Udp")))
-        }),
-        &format!("InCsumErrors in {ns}"),
-    )
+    ok(testbed::csum_errors(ns), &format!("InCsumErrors in {ns}"))
 }
 
 /// n1 and n3 run the kernel path, n2 the user-space one: pods on every pair of nodes

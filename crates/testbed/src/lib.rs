@@ -333,6 +333,32 @@ fn join<T>(h: JoinHandle<Result<T>>) -> Result<T> {
         .map_err(|_| failed("a namespace thread panicked"))?
 }
 
+/// `InCsumErrors` of TCP and UDP in the calling thread's network namespace (read through
+/// `/proc/thread-self`: `/proc/self/net` shows the main thread's namespace).
+pub fn csum_errors_here() -> Result<(u64, u64)> {
+    let path = "/proc/thread-self/net/snmp";
+    let snmp = std::fs::read_to_string(path).map_err(io_err(format!("reading {path}")))?;
+    let lines: Vec<&str> = snmp.lines().collect();
+    let field = |proto: &str| -> Result<u64> {
+        let mut rows = lines.iter().filter(|l| l.starts_with(&format!("{proto}:")));
+        let (Some(names), Some(vals)) = (rows.next(), rows.next()) else {
+            return Err(failed(format!("no {proto} rows in {path}")));
+        };
+        names
+            .split_whitespace()
+            .zip(vals.split_whitespace())
+            .find(|(n, _)| *n == "InCsumErrors")
+            .and_then(|(_, v)| v.parse().ok())
+            .ok_or_else(|| failed(format!("no {proto} InCsumErrors in {path}")))
+    };
+    Ok((field("Tcp")?, field("Udp")?))
+}
+
+/// `InCsumErrors` of TCP and UDP in namespace `ns`.
+pub fn csum_errors(ns: &str) -> Result<(u64, u64)> {
+    in_netns(ns, csum_errors_here)
+}
+
 /// Writes a sysctl of the namespace the calling thread is in (`/proc/sys/net` resolves to
 /// the opening thread's network namespace).
 fn write_sysctl(key: &str, value: &str) -> Result<()> {

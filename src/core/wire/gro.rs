@@ -153,14 +153,21 @@ impl<R: Copy> Gro<R> {
             self.push_single(at, pkt.len(), vnet);
             return;
         };
-        if t.total > self.mtu {
-            self.push_oversize(at, pkt, &t);
-            return;
-        }
         let slot = self
             .open
             .iter()
             .position(|&i| self.items[i as usize].key == Some(t.key));
+        if t.total > self.mtu {
+            // One packet longer than the MTU, written as a super-packet of MTU-sized
+            // segments; it closes its flow's open super-packet, so the flow stays in order.
+            if let Some(pos) = slot {
+                self.open.remove(pos);
+            }
+            // At least one byte per segment: an MTU below the headers cannot be met.
+            let mss = self.mtu.saturating_sub(20 + t.tcp_hl).max(1);
+            self.push_head(at, pkt, &t, mss, true);
+            return;
+        }
         let mergeable = t.payload > 0 && t.flags & !TCP_PSH == TCP_ACK;
         if let Some(pos) = slot {
             let idx = self.open[pos] as usize;
@@ -182,7 +189,19 @@ impl<R: Copy> Gro<R> {
             self.push_single(at, pkt.len(), lone_tcp(t.partial));
             return;
         }
-        // A new coalescing head: its headers become the output's headers.
+        // A new coalescing head.
+        let idx = self.push_head(at, pkt, &t, t.payload, false);
+        if t.flags & TCP_PSH == 0 {
+            if self.open.len() == MAX_OPEN {
+                self.open.remove(0);
+            }
+            self.open.push(idx);
+        }
+    }
+
+    /// Adds an output whose headers are `pkt`'s own (rewritten by [`Gro::finish`] if more
+    /// segments join it, or if it is `oversize`), to be segmented at `gso_size`.
+    fn push_head(&mut self, at: R, pkt: &[u8], t: &Tcp, gso_size: usize, oversize: bool) -> u32 {
         let idx = self.items.len() as u32;
         let hdr_len = virtio::LEN + 20 + t.tcp_hl;
         let mut hdr = [0u8; ITEM_HDR];
@@ -198,55 +217,15 @@ impl<R: Copy> Gro<R> {
             hdr_len,
             key: Some(t.key),
             next_seq: t.seq.wrapping_add(t.payload as u32),
-            gso_size: t.payload,
+            gso_size,
             ip_len: t.total,
             segments: 1,
             first: m,
             last: m,
             partial: t.partial,
-            oversize: false,
+            oversize,
         });
-        if t.flags & TCP_PSH == 0 {
-            if self.open.len() == MAX_OPEN {
-                self.open.remove(0);
-            }
-            self.open.push(idx);
-        }
-    }
-
-    /// A TCP packet longer than the MTU, written as a super-packet of MTU-sized segments
-    /// (it closes its flow's open super-packet, so the flow stays in order).
-    fn push_oversize(&mut self, at: R, pkt: &[u8], t: &Tcp) {
-        if let Some(pos) = self
-            .open
-            .iter()
-            .position(|&i| self.items[i as usize].key == Some(t.key))
-        {
-            self.open.remove(pos);
-        }
-        let hdr_len = virtio::LEN + 20 + t.tcp_hl;
-        let mut hdr = [0u8; ITEM_HDR];
-        hdr[virtio::LEN..hdr_len].copy_from_slice(&pkt[..20 + t.tcp_hl]);
-        let m = self.members.len() as u32;
-        self.members.push(Member {
-            at,
-            range: 20 + t.tcp_hl..t.total,
-            next: NONE,
-        });
-        self.items.push(Item {
-            hdr,
-            hdr_len,
-            key: Some(t.key),
-            next_seq: 0,
-            // At least one byte per segment: an MTU below the headers cannot be met.
-            gso_size: self.mtu.saturating_sub(20 + t.tcp_hl).max(1),
-            ip_len: t.total,
-            segments: 1,
-            first: m,
-            last: m,
-            partial: t.partial,
-            oversize: true,
-        });
+        idx
     }
 
     /// A packet written as it is, behind `vnet`.
