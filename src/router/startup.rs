@@ -275,10 +275,8 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
             }
             let tun = crate::io::tun::create(TUN_NAME, mtu)
                 .map_err(|e| RouterError::Tun(e.to_string()))?;
-            crate::io::sysctl::configure_overlay_link(TUN_NAME)?;
             netlink.set_link_up_mtu(TUN_NAME, mtu).await?;
             info!("overlay interface {TUN_NAME} up, mtu {mtu}");
-            install_nat(&cfg)?;
             let data_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.data_port));
             let socket = crate::io::udp::bind(data_addr).map_err(|source| RouterError::Bind {
                 what: "data port (udp)",
@@ -306,16 +304,16 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
                     mtu,
                 })
                 .await?;
-            crate::io::sysctl::configure_overlay_link(TUN_NAME)?;
             info!(
                 "overlay interface {TUN_NAME} up: kernel VXLAN device, vni {:#x}, udp port {}, mtu {mtu}",
                 crate::core::wire::WEFT_VNI,
                 cfg.data_port
             );
-            install_nat(&cfg)?;
             Arc::new(KernelBackend::start(netlink.clone(), index, name.clone()))
         }
     };
+    crate::io::sysctl::configure_overlay_link(TUN_NAME)?;
+    install_nat(&cfg)?;
 
     let mut node = Node::new(
         NodeConfig {
