@@ -6,6 +6,10 @@
 #                              [--underlay-mtu BYTES] [--name NAME]
 #   deploy/local/cluster.sh kubectl ARGS...      kubectl as cluster admin
 #   deploy/local/cluster.sh add-node             one more worker node (joins, runs pods)
+#   deploy/local/cluster.sh stop-node N          node N fails: every process on it killed,
+#                                                its link to the underlay down
+#   deploy/local/cluster.sh apiserver stop|start|freeze|thaw
+#                                                the API server gone or hung for a while
 #   deploy/local/cluster.sh import ARCHIVE...    an OCI image archive into every node
 #   deploy/local/cluster.sh node N CMD...        CMD in node N's network and mount namespace
 #   deploy/local/cluster.sh outside CMD...       CMD on the host outside the cluster
@@ -76,7 +80,7 @@ parse_opts() {
 passthrough=()
 case $cmd in
 up | down | add-node | info) parse_opts "$@" ;;
-kubectl | node | outside | import)
+kubectl | node | outside | import | stop-node | apiserver)
     if [ "${1:-}" = --name ]; then
         name=$2
         shift 2
@@ -87,7 +91,7 @@ kubectl | node | outside | import)
     sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
-*) die "unknown command $cmd (up, down, kubectl, add-node, import, node, outside, info)" ;;
+*) die "unknown command $cmd (up, down, kubectl, add-node, stop-node, apiserver, import, node, outside, info)" ;;
 esac
 
 [[ $name =~ ^[a-z0-9]{1,8}$ ]] || die "--name must be 1-8 lowercase letters or digits"
@@ -296,16 +300,8 @@ wait_for() { # wait_for SECONDS WHAT CMD...: until CMD succeeds
 
 kc() { ip netns exec "$ns_cp" kubectl --kubeconfig "$state/admin.kubeconfig" "$@"; }
 
-start_control_plane() {
-    local d=$state/cp
-    mkdir -p "$d/etcd"
-    launch etcd "$cg/cp" "$d/etcd.log" ip netns exec "$ns_cp" etcd \
-        --name cp --data-dir "$d/etcd" \
-        --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
-        --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
-        --initial-cluster cp=http://127.0.0.1:2380 --auto-compaction-retention 1h \
-        --quota-backend-bytes 2147483648
-    launch kube-apiserver "$cg/cp" "$d/kube-apiserver.log" ip netns exec "$ns_cp" \
+start_apiserver() {
+    launch kube-apiserver "$cg/cp/apiserver" "$state/cp/kube-apiserver.log" ip netns exec "$ns_cp" \
         "$k8s_bin/kube-apiserver" \
         --etcd-servers http://127.0.0.1:2379 \
         --advertise-address "$cp_ip" --bind-address 0.0.0.0 --secure-port 6443 --insecure-port 0 \
@@ -320,6 +316,18 @@ start_control_plane() {
         --service-account-issuer https://kubernetes.default.svc.cluster.local \
         --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
         --allow-privileged=true --profiling=false --v=1
+}
+
+start_control_plane() {
+    local d=$state/cp
+    mkdir -p "$d/etcd"
+    launch etcd "$cg/cp" "$d/etcd.log" ip netns exec "$ns_cp" etcd \
+        --name cp --data-dir "$d/etcd" \
+        --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
+        --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+        --initial-cluster cp=http://127.0.0.1:2380 --auto-compaction-retention 1h \
+        --quota-backend-bytes 2147483648
+    start_apiserver
     wait_for 120 "kube-apiserver /readyz" kc get --raw /readyz
     launch kube-controller-manager "$cg/cp" "$d/kube-controller-manager.log" \
         ip netns exec "$ns_cp" "$k8s_bin/kube-controller-manager" \
@@ -539,26 +547,22 @@ apply_weft() {
     fi
 }
 
-nodes_ready() { # every Node Ready with NetworkUnavailable=False, and as many as expected
-    local want=$1 out
-    out=$(kc get nodes -o json | jq -r '.items[] | [.metadata.name,
-        ((.status.conditions // []) | map(select(.type == "Ready"))[0].status // "-"),
-        ((.status.conditions // []) | map(select(.type == "NetworkUnavailable"))[0].status // "-")]
-        | @tsv')
-    [ "$(echo "$out" | grep -c .)" -ge "$want" ] || return 1
-    ! echo "$out" | awk '$2 != "True" || $3 != "False"' | grep -q .
+# node_ready NODE: Ready, NetworkUnavailable=False (weft sets it), and weft's pod on it Ready.
+node_ready() {
+    local node=$1
+    kc get node "$node" -o json | jq -e '(.status.conditions // []) as $c
+        | ($c | any(.type == "Ready" and .status == "True"))
+          and ($c | any(.type == "NetworkUnavailable" and .status == "False"))' >/dev/null &&
+        kc -n kube-system get pods -l app.kubernetes.io/name=weft \
+            --field-selector "spec.nodeName=$node" -o json |
+        jq -e '[.items[] | select(.status.conditions // [] | any(.type == "Ready" and .status == "True"))] | length == 1' >/dev/null
 }
 
-weft_ready() { # the DaemonSet's pods Ready on as many nodes as expected
-    local want=$1
-    [ "$(kc -n kube-system get pods -l app.kubernetes.io/name=weft -o json |
-        jq '[.items[] | select(.status.conditions // [] | any(.type == "Ready" and .status == "True"))] | length')" -ge "$want" ]
-}
-
-wait_cluster() {
-    local want=$1
-    wait_for 300 "$want Nodes Ready with NetworkUnavailable=False" nodes_ready "$want"
-    wait_for 120 "weft Ready on $want nodes" weft_ready "$want"
+wait_nodes() { # wait_nodes NODE...
+    local n
+    for n in "$@"; do
+        wait_for 300 "$n Ready with NetworkUnavailable=False and weft Ready on it" node_ready "$n"
+    done
 }
 
 # ---------------------------------------------------------------------------------------
@@ -643,7 +647,7 @@ EOF
     done
     log "applying deploy/weft.yaml (datapath $datapath$([ "$password" = 1 ] && echo ", WEAVE_PASSWORD from Secret weft-passwd"))"
     apply_weft
-    wait_cluster "$nodes"
+    wait_nodes $(seq -f 'node%g' 1 "$nodes")
     trap - ERR
     kc get nodes -o wide >&2
     log "up: $nodes nodes; kubectl: $0 kubectl --name $name ARGS"
@@ -655,8 +659,45 @@ add_node() {
     trap 'log "add-node failed"; exit 1' ERR
     start_node "$i"
     sed -i "s/^nodes=.*/nodes=$i/" "$state/env"
-    wait_cluster "$i"
+    wait_nodes "node$i"
     echo "node$i"
+}
+
+stop_node() { # stop_node I: the machine fails
+    local i=$1 pids h
+    [ -e "$state/mnt/node$i" ] || die "no node $i"
+    # A machine that fails answers nothing more: no FIN, no RST, no ICMP, no ARP. Its link
+    # goes first, so the kill below tells its peers nothing.
+    ip -n "$ns_router" link set "n$i" down
+    for _ in $(seq 100); do
+        pids=$(for h in /sys/fs/cgroup/pids /sys/fs/cgroup/memory; do
+            [ -d "$h/$cg/node$i" ] && find "$h/$cg/node$i" -name cgroup.procs -exec cat {} +
+        done | sort -un)
+        [ -n "$pids" ] || break
+        # shellcheck disable=SC2086
+        kill -9 $pids 2>/dev/null || true
+        sleep 0.1
+    done
+    log "node$i stopped"
+}
+
+apiserver() { # apiserver stop|start|freeze|thaw
+    local pids
+    pids=$(cat /sys/fs/cgroup/pids/"$cg"/cp/apiserver/cgroup.procs 2>/dev/null || true)
+    case $1 in
+    stop)
+        # shellcheck disable=SC2086
+        [ -z "$pids" ] || kill -9 $pids
+        ;;
+    start)
+        [ -z "$pids" ] || die "the API server runs"
+        start_apiserver
+        wait_for 120 "kube-apiserver /readyz" kc get --raw /readyz
+        ;;
+    freeze) echo FROZEN >/sys/fs/cgroup/freezer/"$cg"/cp/apiserver/freezer.state ;;
+    thaw) echo THAWED >/sys/fs/cgroup/freezer/"$cg"/cp/apiserver/freezer.state ;;
+    *) die "usage: cluster.sh apiserver stop|start|freeze|thaw" ;;
+    esac
 }
 
 info() {
@@ -691,6 +732,14 @@ node)
 outside)
     load_env
     ip netns exec "$ns_out" "${passthrough[@]}"
+    ;;
+stop-node)
+    load_env
+    stop_node "${passthrough[0]:?usage: cluster.sh stop-node N}"
+    ;;
+apiserver)
+    load_env
+    apiserver "${passthrough[0]:-}"
     ;;
 import)
     load_env

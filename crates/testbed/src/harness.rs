@@ -80,6 +80,19 @@ pub fn plain(name: &str, f: fn()) -> Trial {
     Trial::test(name, move || guarded(f))
 }
 
+/// As [`run`], for tests that share state built once (a cluster): they run one after
+/// another in the order given, and `teardown` runs after the last, before the exit.
+pub fn run_in_order(tests: Vec<Trial>, teardown: impl FnOnce()) -> ! {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    if !is_root() && !under_ci() && tests.iter().any(|t| t.has_ignored_flag()) {
+        eprintln!("skipped: tests marked \"needs root\" (run as root to include them)");
+    }
+    let conclusion = libtest_mimic::run(&args, tests);
+    teardown();
+    conclusion.exit()
+}
+
 /// Parses the test binary's arguments (filters, `--test-threads`, ...) like the
 /// built-in harness, runs `tests` and exits with the harness's status.
 pub fn run(tests: Vec<Trial>) -> ! {

@@ -32,6 +32,7 @@ use weft_contract::{Client, Method};
 
 pub mod harness;
 pub mod kube_api;
+pub mod local;
 pub use harness::is_root;
 
 /// HTTP API address of a router, inside its node namespace.
@@ -105,11 +106,14 @@ struct Registry {
     pids: BTreeSet<i32>,
     /// In creation order; deleted in reverse.
     namespaces: Vec<String>,
+    /// Local Kubernetes clusters (`deploy/local/cluster.sh` and the name to take down).
+    local_clusters: Vec<(PathBuf, String)>,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     pids: BTreeSet::new(),
     namespaces: Vec::new(),
+    local_clusters: Vec::new(),
 });
 
 fn registry() -> std::sync::MutexGuard<'static, Registry> {
@@ -126,6 +130,16 @@ pub fn unregister_pid(pid: i32) {
     registry().pids.remove(&pid);
 }
 
+fn register_local_cluster(script: &Path, name: &str) {
+    registry()
+        .local_clusters
+        .push((script.to_path_buf(), name.to_string()));
+}
+
+fn unregister_local_cluster(name: &str) {
+    registry().local_clusters.retain(|(_, n)| n != name);
+}
+
 fn register_ns(ns: &str) {
     registry().namespaces.push(ns.to_string());
 }
@@ -136,13 +150,20 @@ fn unregister_ns(ns: &str) {
 
 /// Kills every registered process and deletes every registered namespace.
 fn cleanup_registry() {
-    let (pids, namespaces) = {
+    let (pids, namespaces, local_clusters) = {
         let mut r = registry();
         (
             std::mem::take(&mut r.pids),
             std::mem::take(&mut r.namespaces),
+            std::mem::take(&mut r.local_clusters),
         )
     };
+    for (script, name) in local_clusters {
+        let _ = Command::new(script)
+            .args(["down", "--name", &name])
+            .stdin(Stdio::null())
+            .status();
+    }
     for pid in pids {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }

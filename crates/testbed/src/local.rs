@@ -1,0 +1,294 @@
+//! A handle on a cluster of real Kubernetes parts made by `deploy/local/cluster.sh`, the
+//! entry point users have too: the tests bring it up, drive it with kubectl (inside the
+//! control plane's namespace, as `cluster.sh kubectl` does), look into nodes, and take it
+//! down on drop (also while unwinding from a failed assertion, and on SIGINT/SIGTERM
+//! through the same registry as [`crate::Cluster`]).
+
+use crate::{failed, io_err, netns_path, Result, TestbedError};
+use serde_json::Value;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// One local cluster, known by its `--name`.
+pub struct LocalCluster {
+    pub name: String,
+    script: PathBuf,
+    /// Nodes brought up so far (1-based names `node1`...).
+    pub nodes: usize,
+    keep: bool,
+}
+
+fn render(args: &[&str]) -> String {
+    args.join(" ")
+}
+
+fn checked(what: String, out: Output) -> Result<String> {
+    if !out.status.success() {
+        return Err(TestbedError::Command {
+            cmd: what,
+            status: out.status.to_string(),
+            stderr: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl LocalCluster {
+    /// `cluster.sh up --name NAME ARGS...`; returns when every node is Ready with weft's
+    /// pod Ready on it. A failed `up` has removed what it built.
+    pub fn up(repo: &Path, name: &str, nodes: usize, args: &[&str]) -> Result<LocalCluster> {
+        let script = repo.join("deploy/local/cluster.sh");
+        crate::register_local_cluster(&script, name);
+        let mut cluster = LocalCluster {
+            name: name.to_string(),
+            script,
+            nodes,
+            keep: std::env::var_os("WEFT_LOCAL_KEEP").is_some(),
+        };
+        let n = nodes.to_string();
+        let mut all = vec!["--nodes", &n];
+        all.extend_from_slice(args);
+        let started = Instant::now();
+        // Leftovers of an interrupted earlier run under the same name go first.
+        let _ = cluster.script(&["down"]);
+        match cluster.script(&["up"].iter().chain(all.iter()).copied().collect::<Vec<_>>()) {
+            Ok(_) => {
+                eprintln!(
+                    "local cluster {name}: up in {:.0} s ({nodes} nodes {})",
+                    started.elapsed().as_secs_f64(),
+                    render(args)
+                );
+                Ok(cluster)
+            }
+            Err(e) => {
+                cluster.keep = false;
+                Err(e)
+            }
+        }
+    }
+
+    fn command(&self, sub: &str) -> Command {
+        let mut cmd = Command::new(&self.script);
+        cmd.arg(sub).args(["--name", &self.name]);
+        cmd
+    }
+
+    /// `cluster.sh SUB --name NAME REST...` for up/down/add-node/info.
+    fn script(&self, args: &[&str]) -> Result<String> {
+        let (sub, rest) = args.split_first().ok_or_else(|| failed("no subcommand"))?;
+        let mut cmd = Command::new(&self.script);
+        cmd.arg(sub).args(rest).args(["--name", &self.name]);
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io_err(format!("running cluster.sh {}", render(args))))?;
+        checked(format!("cluster.sh {}", render(args)), out)
+    }
+
+    /// `cluster.sh SUB --name NAME ARGS...` for the pass-through subcommands.
+    fn passthrough(&self, sub: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        let mut cmd = self.command(sub);
+        cmd.args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(io_err(format!("running cluster.sh {sub}")))?;
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().expect("piped stdin");
+            pipe.write_all(input.as_bytes())
+                .map_err(io_err("writing to cluster.sh's stdin"))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(io_err(format!("waiting for cluster.sh {sub}")))?;
+        checked(format!("cluster.sh {sub} {}", render(args)), out)
+    }
+
+    /// kubectl as cluster admin; stdout.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        self.passthrough("kubectl", args, None)
+    }
+
+    /// kubectl with `-o json`, parsed.
+    pub fn kubectl_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["-o", "json"]);
+        let text = self.kubectl(&all)?;
+        serde_json::from_str(&text).map_err(|e| failed(format!("kubectl {args:?}: {e}")))
+    }
+
+    /// `kubectl apply -f -` with these manifests.
+    pub fn apply(&self, yaml: &str) -> Result<String> {
+        self.passthrough("kubectl", &["apply", "-f", "-"], Some(yaml))
+    }
+
+    /// `kubectl exec POD -- CMD...` in the default namespace (`ns/pod` for another).
+    pub fn exec(&self, pod: &str, cmd: &[&str]) -> Result<String> {
+        let (ns, pod) = pod.split_once('/').unwrap_or(("default", pod));
+        let mut args = vec!["-n", ns, "exec", pod, "--"];
+        args.extend_from_slice(cmd);
+        self.kubectl(&args)
+    }
+
+    /// A command in node `i`'s network and mount namespaces (what a shell on it sees).
+    pub fn on_node(&self, i: usize, cmd: &[&str]) -> Result<String> {
+        let n = i.to_string();
+        let mut args = vec![n.as_str()];
+        args.extend_from_slice(cmd);
+        self.passthrough("node", &args, None)
+    }
+
+    pub fn add_node(&mut self) -> Result<String> {
+        let out = self.script(&["add-node"])?;
+        self.nodes += 1;
+        Ok(out.trim().to_string())
+    }
+
+    pub fn stop_node(&self, i: usize) -> Result<()> {
+        self.passthrough("stop-node", &[&i.to_string()], None)
+            .map(|_| ())
+    }
+
+    /// `cluster.sh apiserver stop|start|freeze|thaw`
+    pub fn apiserver(&self, what: &str) -> Result<()> {
+        self.passthrough("apiserver", &[what], None).map(|_| ())
+    }
+
+    /// `cluster.sh import ARCHIVE`: an OCI archive into every node's containerd.
+    pub fn import(&self, archive: &Path) -> Result<()> {
+        let a = archive.display().to_string();
+        self.passthrough("import", &[&a], None).map(|_| ())
+    }
+
+    /// The network namespace of node `i` (a `weft` router's HTTP API is on its loopback).
+    pub fn node_netns(&self, i: usize) -> String {
+        format!("wl{}-node{i}", self.name)
+    }
+
+    /// The host outside the cluster: its namespace and address.
+    pub fn outside(&self) -> (String, Ipv4Addr) {
+        (
+            format!("wl{}-out", self.name),
+            Ipv4Addr::new(172, 31, 250, 2),
+        )
+    }
+
+    /// Node `i`'s address on the underlay (its InternalIP).
+    pub fn node_ip(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(172, 31, i as u8, 2)
+    }
+
+    /// Where node `i`'s daemons log (containerd.log, kubelet.log, kube-proxy.log).
+    pub fn node_dir(&self, i: usize) -> PathBuf {
+        PathBuf::from(format!("/var/lib/weft-local/{}/node{i}", self.name))
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/var/lib/weft-local/{}", self.name))
+    }
+
+    /// Whether the cluster's namespaces still exist (for checks after `down`).
+    pub fn exists(&self) -> bool {
+        netns_path(&format!("wl{}-cp", self.name)).exists()
+    }
+
+    /// Polls `cond` every 500 ms until it returns `Ok(Some(_))`, failing with the last
+    /// reason after `timeout`.
+    pub fn wait<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut() -> Result<Option<T>>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::from("no answer yet");
+        loop {
+            match cond() {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => {}
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() > deadline {
+                return Err(TestbedError::Timeout {
+                    what: format!("{what} (last: {last})"),
+                    after: timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// What a failed test should show: pods, nodes, events and weft's logs.
+    pub fn diagnostics(&self) -> String {
+        let mut s = String::new();
+        for args in [
+            &["get", "nodes", "-o", "wide"][..],
+            &["get", "pods", "-A", "-o", "wide"],
+            &["get", "events", "-A", "--sort-by=.lastTimestamp"],
+        ] {
+            s.push_str(&format!("----- kubectl {} -----\n", args.join(" ")));
+            s.push_str(&self.kubectl(args).unwrap_or_else(|e| e.to_string()));
+        }
+        if let Ok(pods) = self.kubectl(&[
+            "-n",
+            "kube-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=weft",
+            "-o",
+            "name",
+        ]) {
+            for pod in pods.lines() {
+                s.push_str(&format!("----- logs {pod} (last 30) -----\n"));
+                s.push_str(
+                    &self
+                        .kubectl(&["-n", "kube-system", "logs", "--tail=30", pod])
+                        .unwrap_or_else(|e| e.to_string()),
+                );
+            }
+        }
+        s
+    }
+
+    /// Takes the cluster down now (drop does the same).
+    pub fn down(mut self) -> Result<()> {
+        self.keep = false;
+        let r = self.script(&["down"]).map(|_| ());
+        crate::unregister_local_cluster(&self.name);
+        std::mem::forget(self);
+        r
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("local cluster {}:\n{}", self.name, self.diagnostics());
+        }
+        if self.keep {
+            eprintln!(
+                "local cluster {} kept (WEFT_LOCAL_KEEP): deploy/local/cluster.sh down --name {}",
+                self.name, self.name
+            );
+            return;
+        }
+        if let Err(e) = self.script(&["down"]) {
+            eprintln!("local cluster {}: down failed: {e}", self.name);
+        }
+        crate::unregister_local_cluster(&self.name);
+    }
+}
