@@ -1,7 +1,17 @@
-//! Kubernetes mode against a stand-in API server (`weft_testbed::kube_api`: the real JSON of
-//! the list/watch, status patch and Lease calls weft makes; no real API server runs on
-//! these machines). Routers run in node namespaces with `KUBECONFIG` and `NODE_NAME`, no
-//! PEER arguments: every peer comes from the API.
+//! Kubernetes mode with routers run by hand in node namespaces (`KUBECONFIG`, `NODE_NAME`,
+//! no PEER arguments: every peer comes from the API), where a test controls what a
+//! cluster never lets it: the order and timing of start-ups, Nodes that exist without a
+//! kubelet, a Node deleted while its machine runs on.
+//!
+//! - Against a **real** Kubernetes 1.20.2 API server (`deploy/local/cluster.sh
+//!   control-plane`: etcd, kube-apiserver with RBAC, controller-manager, scheduler, and
+//!   deploy/weft.yaml applied), each router authenticated as the manifest's
+//!   ServiceAccount with a token from the TokenRequest API: Nodes started in random order
+//!   agree on one ring, a fourth joins, a deleted Node is reclaimed under a Lease.
+//! - Against the stand-in (`weft_testbed::kube_api`), only what a real server does not
+//!   do on demand: answer 503 to every call while its contents change behind it, then come
+//!   back with its watch history compacted (410 Gone), so the routers must relist.
+//!   (An API server stopped or frozen for a while, on a real cluster: tests/local_cluster.rs.)
 //!
 //! Needs root (network namespaces): ignored without it, failed under CI without it.
 
@@ -10,7 +20,8 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 use weft::api::report::Report;
 use weft_testbed::kube_api::FakeKube;
-use weft_testbed::{harness, Binaries, Cluster, ClusterSpec};
+use weft_testbed::local::LocalCluster;
+use weft_testbed::{harness, Binaries, Cluster, ClusterSpec, Underlay};
 
 const READY: Duration = Duration::from_secs(60);
 
@@ -54,37 +65,124 @@ impl Rng {
     }
 }
 
+/// The API server a test runs against.
+enum Api {
+    Real(LocalCluster),
+    StandIn(FakeKube),
+}
+
 struct KubeCluster {
     c: Cluster,
-    api: FakeKube,
+    api: Api,
     kubeconfig: String,
     /// The API server's namespace: a host on the underlay that is not a Node.
     api_ns: String,
 }
 
 impl KubeCluster {
-    fn new(nodes: usize) -> KubeCluster {
+    fn new(nodes: usize, real: bool) -> KubeCluster {
         let weft = std::path::PathBuf::from(env!("CARGO_BIN_EXE_weft"));
         let binaries = ok(Binaries::beside(weft), "binaries");
         let mut spec = ClusterSpec::new(nodes, binaries);
         spec.static_peers = false;
+        spec.underlay = Underlay::Routed;
         let mut c = ok(Cluster::create(spec), "building namespaces");
         let (ns, ip) = ok(c.add_underlay_host("api"), "API host");
-        let api = ok(FakeKube::start(&ns, ip, 6443), "fake API server");
-        let api_ns = ns.clone();
         let kubeconfig = c.workdir().join("kubeconfig");
-        ok(std::fs::write(&kubeconfig, api.kubeconfig()), "kubeconfig");
+        let api = if real {
+            let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+            let name = format!("k{}", std::process::id() % 100_000);
+            let api = ok(
+                LocalCluster::control_plane(&repo, &name, &ns, ip),
+                "the real control plane",
+            );
+            let kc = ok(
+                api.service_account_kubeconfig(ip),
+                "the ServiceAccount's token",
+            );
+            ok(std::fs::write(&kubeconfig, kc), "kubeconfig");
+            Api::Real(api)
+        } else {
+            let api = ok(FakeKube::start(&ns, ip, 6443), "fake API server");
+            ok(std::fs::write(&kubeconfig, api.kubeconfig()), "kubeconfig");
+            Api::StandIn(api)
+        };
         KubeCluster {
             c,
             api,
             kubeconfig: kubeconfig.display().to_string(),
-            api_ns,
+            api_ns: ns,
         }
     }
 
+    fn stand_in(&self) -> &FakeKube {
+        match &self.api {
+            Api::StandIn(f) => f,
+            Api::Real(_) => panic!("this step needs the stand-in API server"),
+        }
+    }
+
+    /// A Node for node `i`, as a kubelet registers it: the object, then its status with
+    /// the InternalIP and a Ready condition.
     fn register(&self, i: usize) {
         let n = &self.c.nodes[i];
-        self.api.add_node(&n.nickname, n.underlay_ip);
+        match &self.api {
+            Api::StandIn(f) => f.add_node(&n.nickname, n.underlay_ip),
+            Api::Real(k) => {
+                let node = format!(
+                    "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  labels: {{kubernetes.io/hostname: {}}}\n",
+                    n.nickname, n.nickname
+                );
+                ok(k.apply(&node), "creating a Node");
+                let ts = k8s_openapi::jiff::Timestamp::now()
+                    .round(k8s_openapi::jiff::Unit::Second)
+                    .map(|t| t.to_string())
+                    .unwrap_or_default();
+                let status = serde_json::json!({"status": {
+                    "addresses": [{"type": "InternalIP", "address": n.underlay_ip.to_string()},
+                                  {"type": "Hostname", "address": n.nickname}],
+                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                    "message": "a test stands in for the kubelet",
+                                    "lastHeartbeatTime": ts, "lastTransitionTime": ts}]}});
+                ok(
+                    k.kubectl(&[
+                        "patch",
+                        "node",
+                        &n.nickname,
+                        "--subresource=status",
+                        "--type=merge",
+                        "-p",
+                        &status.to_string(),
+                    ]),
+                    "the Node's status",
+                );
+            }
+        }
+    }
+
+    fn delete_node(&self, name: &str) {
+        match &self.api {
+            Api::StandIn(f) => f.delete_node(name),
+            Api::Real(k) => {
+                ok(k.kubectl(&["delete", "node", name]), "deleting a Node");
+            }
+        }
+    }
+
+    fn node(&self, name: &str) -> Option<serde_json::Value> {
+        match &self.api {
+            Api::StandIn(f) => f.node(name),
+            Api::Real(k) => k.kubectl_json(&["get", "node", name]).ok(),
+        }
+    }
+
+    fn lease(&self, namespace: &str, name: &str) -> Option<serde_json::Value> {
+        match &self.api {
+            Api::StandIn(f) => f.lease(namespace, name),
+            Api::Real(k) => k
+                .kubectl_json(&["-n", namespace, "get", "lease", name])
+                .ok(),
+        }
     }
 
     fn start(&mut self, i: usize) {
@@ -133,7 +231,7 @@ fn targets(r: &Report) -> Vec<String> {
 
 fn nodes_start_in_random_order_agree_on_one_ring_and_reclaim_deleted_nodes() {
     let mut rng = Rng::new();
-    let mut k = KubeCluster::new(4);
+    let mut k = KubeCluster::new(4, true);
     // The cluster has three Nodes; their routers start in a random order, with random
     // pauses (up to 4 s) between them.
     for i in 0..3 {
@@ -188,7 +286,7 @@ fn nodes_start_in_random_order_agree_on_one_ring_and_reclaim_deleted_nodes() {
         Duration::from_secs(20),
         || {
             for i in 0..3 {
-                let node = k.api.node(&k.c.nodes[i].nickname).ok_or("node gone")?;
+                let node = k.node(&k.c.nodes[i].nickname).ok_or("node gone")?;
                 let conds = node["status"]["conditions"]
                     .as_array()
                     .cloned()
@@ -238,7 +336,7 @@ fn nodes_start_in_random_order_agree_on_one_ring_and_reclaim_deleted_nodes() {
     let before = owned_by(&k.report(0), &n2);
     assert!(before > 0, "n2 owned space");
     ok(k.c.kill_router(1), "kill n2");
-    k.api.delete_node("n2");
+    k.delete_node("n2");
     eventually("n2's ranges taken over", Duration::from_secs(60), || {
         for i in [0usize, 2, 3] {
             let r = k.report(i);
@@ -270,7 +368,6 @@ fn nodes_start_in_random_order_agree_on_one_ring_and_reclaim_deleted_nodes() {
         .to_string();
     eprintln!("reclaim by n{}: {line}", winner + 1);
     let lease = k
-        .api
         .lease("kube-system", "weft-reclaim-n2")
         .expect("the reclaim lease exists");
     let ann = &lease["metadata"]["annotations"];
@@ -297,7 +394,7 @@ fn nodes_start_in_random_order_agree_on_one_ring_and_reclaim_deleted_nodes() {
 }
 
 fn an_unreachable_api_loses_nothing_and_a_relist_catches_up() {
-    let mut k = KubeCluster::new(3);
+    let mut k = KubeCluster::new(3, false);
     for i in 0..3 {
         k.register(i);
     }
@@ -343,8 +440,8 @@ fn an_unreachable_api_loses_nothing_and_a_relist_catches_up() {
 
     // The API goes away for a while (every call 503, watches cut): forwarding and
     // allocation go on with the last known peers, nobody is reclaimed.
-    k.api.set_down(true);
-    k.api.delete_node("n3"); // Not visible while the API is down.
+    k.stand_in().set_down(true);
+    k.stand_in().delete_node("n3"); // Not visible while the API is down.
     std::thread::sleep(Duration::from_secs(5));
     let b = ok(k.c.add_pod(1, "b"), "pod b while the API is down");
     let out = ok(
@@ -369,10 +466,10 @@ fn an_unreachable_api_loses_nothing_and_a_relist_catches_up() {
 
     // Back, with its watch history compacted: the routers get 410 Gone, relist, and only
     // then see n3 gone and n4 new.
-    k.api.compact();
+    k.stand_in().compact();
     let n4: Ipv4Addr = "10.254.254.4".parse().unwrap();
-    k.api.add_node("n4", n4);
-    k.api.set_down(false);
+    k.stand_in().add_node("n4", n4);
+    k.stand_in().set_down(false);
     eventually(
         "targets follow the relisted Nodes",
         Duration::from_secs(60),
@@ -395,7 +492,7 @@ fn an_unreachable_api_loses_nothing_and_a_relist_catches_up() {
         },
     );
     let watched = k
-        .api
+        .stand_in()
         .requests()
         .iter()
         .filter(|r| r.starts_with("GET /api/v1/nodes?") && !r.contains("watch=true"))

@@ -14,6 +14,12 @@
 #   deploy/local/cluster.sh node N CMD...        CMD in node N's network and mount namespace
 #   deploy/local/cluster.sh outside CMD...       CMD on the host outside the cluster
 #   deploy/local/cluster.sh info                 what runs where (addresses, logs, PIDs)
+#   deploy/local/cluster.sh control-plane --netns NS --address IP
+#                                                only the control plane (etcd, API server,
+#                                                controller-manager, scheduler), in an
+#                                                existing namespace where IP is
+#                                                configured, with deploy/weft.yaml applied
+#                                                and no nodes (for routers run by hand)
 #   deploy/local/cluster.sh down                 removes everything
 #
 # `--name` (or WEFT_LOCAL_NAME; default "weft") lets several clusters coexist; every
@@ -73,13 +79,17 @@ parse_opts() {
         --datapath) datapath=$2; shift 2 ;;
         --password) password=1; shift ;;
         --underlay-mtu) underlay_mtu=$2; shift 2 ;;
+        --netns) opt_netns=$2; shift 2 ;;
+        --address) opt_address=$2; shift 2 ;;
         *) die "unknown option $1" ;;
         esac
     done
 }
 passthrough=()
+opt_netns=
+opt_address=
 case $cmd in
-up | down | add-node | info) parse_opts "$@" ;;
+up | down | add-node | info | control-plane) parse_opts "$@" ;;
 kubectl | node | outside | import | stop-node | apiserver)
     if [ "${1:-}" = --name ]; then
         name=$2
@@ -91,7 +101,7 @@ kubectl | node | outside | import | stop-node | apiserver)
     sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
-*) die "unknown command $cmd (up, down, kubectl, add-node, stop-node, apiserver, import, node, outside, info)" ;;
+*) die "unknown command $cmd (up, down, kubectl, add-node, stop-node, apiserver, import, node, outside, info, control-plane)" ;;
 esac
 
 [[ $name =~ ^[a-z0-9]{1,8}$ ]] || die "--name must be 1-8 lowercase letters or digits"
@@ -118,6 +128,7 @@ load_env() {
     [ -f "$state/env" ] || die "no cluster $name (run: cluster.sh up --name $name)"
     # shellcheck disable=SC1091
     . "$state/env"
+    api=https://$cp_ip:6443
 }
 
 # ---------------------------------------------------------------------------------------
@@ -623,6 +634,8 @@ up() {
     trap 'log "up failed: tearing down (logs: cluster.sh info shows where they were)"; down' ERR
     cat >"$state/env" <<EOF
 k8s_bin=$k8s_bin
+ns_cp=$ns_cp
+cp_ip=$cp_ip
 nodes=$nodes
 datapath=$datapath
 password=$password
@@ -651,6 +664,30 @@ EOF
     trap - ERR
     kc get nodes -o wide >&2
     log "up: $nodes nodes; kubectl: $0 kubectl --name $name ARGS"
+}
+
+control_plane() {
+    [ -n "$opt_netns" ] && [ -n "$opt_address" ] ||
+        die "usage: cluster.sh control-plane --netns NS --address IP"
+    [ -d "$state" ] && die "cluster $name exists (cluster.sh down --name $name first)"
+    ns_cp=$opt_netns
+    cp_ip=$opt_address
+    api=https://$cp_ip:6443
+    "$here/deps.sh"
+    k8s_bin=$("$here/build-k8s.sh")
+    mkdir -p "$state"
+    trap 'log "control-plane failed: tearing down"; down' ERR
+    cat >"$state/env" <<EOF
+k8s_bin=$k8s_bin
+ns_cp=$ns_cp
+cp_ip=$cp_ip
+nodes=0
+EOF
+    make_pki
+    start_control_plane
+    kc apply -f "$repo/deploy/weft.yaml" >/dev/null
+    trap - ERR
+    log "control plane up in namespace $ns_cp at $api (CA $pki/ca.crt)"
 }
 
 add_node() {
@@ -715,6 +752,7 @@ info() {
 
 case $cmd in
 up) up ;;
+control-plane) control_plane ;;
 down) down ;;
 add-node) add_node ;;
 info) info ;;

@@ -74,6 +74,48 @@ impl LocalCluster {
         }
     }
 
+    /// `cluster.sh control-plane`: etcd, the API server, controller-manager and scheduler
+    /// in `netns` (an existing namespace where `address` is configured), with
+    /// deploy/weft.yaml applied and no nodes: for routers a test runs itself.
+    pub fn control_plane(
+        repo: &Path,
+        name: &str,
+        netns: &str,
+        address: Ipv4Addr,
+    ) -> Result<LocalCluster> {
+        let script = repo.join("deploy/local/cluster.sh");
+        crate::register_local_cluster(&script, name);
+        let cluster = LocalCluster {
+            name: name.to_string(),
+            script,
+            nodes: 0,
+            keep: std::env::var_os("WEFT_LOCAL_KEEP").is_some(),
+        };
+        let _ = cluster.script(&["down"]);
+        let a = address.to_string();
+        cluster.script(&["control-plane", "--netns", netns, "--address", &a])?;
+        Ok(cluster)
+    }
+
+    /// A kubeconfig for weft's ServiceAccount (a token from the TokenRequest API): what
+    /// the router's pod would authenticate as, with the manifest's roles and nothing else.
+    pub fn service_account_kubeconfig(&self, server: Ipv4Addr) -> Result<String> {
+        let token = self.kubectl(&[
+            "-n",
+            "kube-system",
+            "create",
+            "token",
+            "weft",
+            "--duration=2h",
+        ])?;
+        let ca = self.state_dir().join("pki/ca.crt");
+        Ok(format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: https://{server}:6443\n    certificate-authority: {}\nusers:\n- name: weft\n  user:\n    token: {}\ncontexts:\n- name: weft\n  context: {{cluster: local, user: weft}}\ncurrent-context: weft\n",
+            ca.display(),
+            token.trim()
+        ))
+    }
+
     fn command(&self, sub: &str) -> Command {
         let mut cmd = Command::new(&self.script);
         cmd.arg(sub).args(["--name", &self.name]);
