@@ -151,7 +151,7 @@ run_iperf() {
 run_ping() { # average RTT in ms over 20 pings
     local dp=$1 out
     if [ "$dp" = B ]; then
-        out=$(ip netns exec "wl$name-bp2" ping -c 20 -i 0.2 10.201.1.2)
+        out=$(ip netns exec "wl$name-bp2" busybox ping -c 20 -i 0.2 10.201.1.2)
     else
         out=$(k exec iperf-client -- ping -c 20 -i 0.2 "$server_ip")
     fi

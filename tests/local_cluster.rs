@@ -316,7 +316,11 @@ fn who_from_netns(ns: &str, addr: SocketAddrV4) -> weft_testbed::Result<String> 
         let _ = s.read_to_string(&mut body);
         Ok(body)
     })?;
-    Ok(body.lines().last().unwrap_or("").trim().to_string())
+    let last = body.lines().last().unwrap_or("").trim();
+    Ok(match last.split_once(' ') {
+        Some((name, addr)) => format!("{name} {}", plain_addr(addr)),
+        None => last.to_string(),
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -408,6 +412,18 @@ fn services_work(c: &LocalCluster, what: &str) {
         eprintln!("{what}: NodePort {addr} from the outside host: {answer}");
     }
 
+    // A hostPort on node2 from outside: portmap's DNAT on the node, and the pod sees the
+    // client's own address (nothing masquerades traffic to a pod on the same node).
+    let (_, outside_ip) = c.outside();
+    let addr = SocketAddrV4::new(c.node_ip(2), 30500);
+    let answer = who_from_outside(c, addr);
+    assert_eq!(
+        answer,
+        format!("hp {outside_ip}"),
+        "{what}: hostPort {addr} from outside"
+    );
+    eprintln!("{what}: hostPort {addr} from the outside host: {answer}");
+
     let self_ip = service_ip(c, "self");
     let seen = who_from(c, "svc-a", &[format!("{self_ip}:80")]);
     let answer = seen.into_values().next().flatten();
@@ -457,6 +473,12 @@ fn services_yaml() -> String {
     y.push_str(&web_pod("svc-b", "node2", &[("app", "svc")]));
     y.push_str("---\n");
     y.push_str(&web_pod("client", "node3", &[("app", "client")]));
+    y.push_str("---\n");
+    // A hostPort: containerd hands the mapping to portmap, chained after weft.
+    y.push_str(
+        &web_pod("hp", "node2", &[("app", "hp")])
+            .replace("name: http}", "name: http, hostPort: 30500}"),
+    );
     y.push_str(
         r#"---
 apiVersion: v1
@@ -493,6 +515,7 @@ fn deploy_workloads(c: &LocalCluster) {
     wait_ready(c, "app=web", 6, Duration::from_secs(120));
     wait_ready(c, "app=svc", 2, Duration::from_secs(60));
     wait_ready(c, "app=client", 1, Duration::from_secs(60));
+    wait_ready(c, "app=hp", 1, Duration::from_secs(60));
     // kube-proxy writes a Service's rules once its endpoints exist.
     ok(
         c.wait("Service endpoints", Duration::from_secs(30), || {

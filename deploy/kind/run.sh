@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # weft on a kind cluster, for a machine with Docker (this project's CI machines have no
 # Docker engine, so this script is not run there; the image and the manifest it uses are
-# built and tested there: tests/cri.rs runs them through containerd's CRI).
+# built and tested there: tests/local_cluster.rs runs them on real kubelets made by
+# deploy/local/cluster.sh).
 #
 #   deploy/kind/run.sh            # create cluster "weft", install weft, run iperf3, print
 #   deploy/kind/run.sh --delete   # remove the cluster

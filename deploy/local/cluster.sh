@@ -783,7 +783,8 @@ import)
     load_env
     for i in $(seq 1 "$nodes"); do
         [ -e "$state/mnt/node$i" ] || continue
-        for a in "${passthrough[@]}"; do in_node "$i" ctr -n k8s.io images import "$a" >/dev/null; done
+        # Entering the node's mount namespace starts from its root: absolute paths only.
+        for a in "${passthrough[@]}"; do in_node "$i" ctr -n k8s.io images import "$(realpath "$a")" >/dev/null; done
     done
     ;;
 esac
