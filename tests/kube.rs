@@ -85,7 +85,11 @@ impl KubeCluster {
         let binaries = ok(Binaries::beside(weft), "binaries");
         let mut spec = ClusterSpec::new(nodes, binaries);
         spec.static_peers = false;
-        spec.underlay = Underlay::Routed;
+        // The real control plane sits on a subnet of its own, as it would in a VPC; the
+        // stand-in stays on the nodes' link, where its test was written.
+        if real {
+            spec.underlay = Underlay::Routed;
+        }
         let mut c = ok(Cluster::create(spec), "building namespaces");
         let (ns, ip) = ok(c.add_underlay_host("api"), "API host");
         let kubeconfig = c.workdir().join("kubeconfig");
@@ -310,6 +314,9 @@ fn nodes_start_in_random_order_agree_on_one_ring_and_reclaim_deleted_nodes() {
     k.register(3);
     k.start(3);
     ok(k.c.wait_ready(3, READY), "n4 ready");
+    // Ready answers before the first space arrives; a runtime retries an ADD until the
+    // overlay has its address, the test waits for it.
+    ok(k.c.wait_overlay_address(3, READY), "n4's overlay address");
     let pod = ok(k.c.add_pod(3, "late"), "pod on n4");
     eventually("n4 known everywhere", Duration::from_secs(30), || {
         for i in 0..3 {
@@ -501,15 +508,28 @@ fn an_unreachable_api_loses_nothing_and_a_relist_catches_up() {
         watched >= 6,
         "every router listed again after 410 ({watched} lists)"
     );
-    // n3's router still runs (its Node object was deleted, the machine was not): it is
-    // connected, so nobody removes it.
-    std::thread::sleep(Duration::from_secs(3));
-    let r = k.report(0);
-    assert!(
-        owned_by(&r, &k.c.nodes[2].name) > 0,
-        "a connected peer is never reclaimed"
-    );
+    // n3's router still runs (its Node object was deleted, the machine was not). Whether
+    // its connections outlive the deletion depends on who dialled whom (a deleted Node's
+    // dialer is cancelled, and it may not connect anew), but while n1 sees it connected,
+    // n3 keeps its ranges: a connected peer is never reclaimed.
     assert!(k.logs(0).contains("Node n3 was deleted"));
+    let n3 = k.c.nodes[2].name.clone();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        let r = k.report(0);
+        let connected = r
+            .router
+            .connections
+            .iter()
+            .any(|c| c.peer_name.as_deref() == Some(n3.as_str()) && c.state == "established");
+        if connected {
+            assert!(
+                owned_by(&r, &n3) > 0,
+                "n3 is connected to n1 and yet reclaimed"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn main() {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How long a reclaim Lease is held: another node may take over a reclaim that did not
 /// finish within it.
@@ -236,13 +236,15 @@ async fn reclaim_one(shared: &Arc<Shared>, leases: &Leases, node: &str, me: &str
     if members.is_empty() {
         if live.is_empty() {
             info!("Node {node}: no ring member of that name left (never joined, or reclaimed already)");
-        } else {
-            info!(
-                "Node {node}: its peer {} is connected again; nothing to reclaim",
-                live[0]
-            );
+            return Outcome::Done;
         }
-        return Outcome::Done;
+        // A connected peer is never reclaimed; a machine that died stays "connected" until
+        // its heartbeats time out, so look again rather than give up.
+        debug!(
+            "Node {node}: its peer {} is connected; reclaimed only once it is not",
+            live[0]
+        );
+        return Outcome::Later(RECLAIM_POLL);
     }
     let lease = cluster::reclaim_lease_name(node);
     match leases.try_acquire(&lease).await {
