@@ -11,6 +11,7 @@ pub mod mesh;
 pub mod migrate;
 pub mod nat;
 pub mod persist;
+pub mod policy;
 pub mod rng;
 pub mod route;
 pub mod wire;

@@ -4,6 +4,7 @@ pub mod control;
 pub mod migrate;
 pub mod netlink;
 pub mod nft;
+pub mod nft_policy;
 pub mod store;
 pub mod sysctl;
 pub mod tun;

@@ -36,14 +36,14 @@ pub enum NftError {
 }
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NF_ACCEPT: u32 = 1;
+pub(crate) const NF_ACCEPT: u32 = 1;
 /// NFT_PAYLOAD_NETWORK_HEADER
-const NETWORK_HEADER: u32 = 1;
-const IFNAMSIZ: usize = 16;
+pub(crate) const NETWORK_HEADER: u32 = 1;
+pub(crate) const IFNAMSIZ: usize = 16;
 /// NFTNL_UDATA_RULE_COMMENT, as nft stores a rule's comment in its user data.
 const UDATA_RULE_COMMENT: u8 = 0;
 
-fn message(
+pub(crate) fn message(
     family: NetfilterProtoFamily,
     inner: impl Into<NetfilterMessageInner>,
     flags: u16,
@@ -60,7 +60,7 @@ fn message(
     m
 }
 
-fn batch_control(control: ControlMessage) -> NetlinkMessage<NetfilterMessage> {
+pub(crate) fn batch_control(control: ControlMessage) -> NetlinkMessage<NetfilterMessage> {
     let mut m = NetlinkMessage::new(
         NetlinkHeader::default(),
         NetlinkPayload::InnerMessage(NetfilterMessage::new(
@@ -251,7 +251,9 @@ fn replace_batch(rules: Option<&[NatRule]>) -> Vec<(String, NetlinkMessage<Netfi
 }
 
 /// Sends one transaction and waits for the kernel's answer to each of its messages.
-fn transact(msgs: Vec<(String, NetlinkMessage<NetfilterMessage>)>) -> Result<(), NftError> {
+pub(crate) fn transact(
+    msgs: Vec<(String, NetlinkMessage<NetfilterMessage>)>,
+) -> Result<(), NftError> {
     let mut socket = Socket::new(NETLINK_NETFILTER).map_err(NftError::Socket)?;
     socket.bind_auto().map_err(NftError::Socket)?;
     let mut all = Vec::with_capacity(msgs.len() + 2);
@@ -270,6 +272,10 @@ fn transact(msgs: Vec<(String, NetlinkMessage<NetfilterMessage>)>) -> Result<(),
             expecting.insert(m.header.sequence_number, what.clone());
         }
     }
+    // A policy table with thousands of elements is a batch of megabytes, answered by an
+    // acknowledgement per message: the default socket buffers hold neither (root may
+    // force larger ones, as nft does).
+    size_buffers(&socket, buf.len() * 2, expecting.len() * 128);
     socket.send(&buf, 0).map_err(NftError::Socket)?;
     let mut rx = Vec::with_capacity(1 << 16);
     while !expecting.is_empty() {
@@ -299,6 +305,25 @@ fn transact(msgs: Vec<(String, NetlinkMessage<NetfilterMessage>)>) -> Result<(),
         }
     }
     Ok(())
+}
+
+fn size_buffers(socket: &Socket, send: usize, recv: usize) {
+    use std::os::fd::AsRawFd;
+    let set = |opt: libc::c_int, size: usize| {
+        let size = size.clamp(1 << 18, 1 << 28) as libc::c_int;
+        // SAFETY: a valid socket and a pointer to a live c_int of the size given.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &size as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    };
+    set(libc::SO_SNDBUFFORCE, send);
+    set(libc::SO_RCVBUFFORCE, recv);
 }
 
 /// Puts weft's table in place with `rules`, replacing whatever version of it was there.
