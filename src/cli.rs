@@ -31,6 +31,8 @@ pub enum CliError {
     UnknownPage(String),
     #[error("invalid peer name {0:?}")]
     BadPeerName(String),
+    #[error("{0}")]
+    BadArgument(String),
     #[error("request to router at {addr} failed: {reason}")]
     Transport { addr: String, reason: String },
 }
@@ -127,6 +129,41 @@ pub fn connect(addr: &str, peers: &[String], replace: bool) -> Result<String, Cl
 /// `weft forget PEER...`: the router stops dialling these peers.
 pub fn forget(addr: &str, peers: &[String]) -> Result<String, CliError> {
     post_form(addr, "/forget", &peer_form(peers, false))
+}
+
+/// `weft policy explain SRC DST PORT/PROTO`.
+pub fn policy_explain(addr: &str, src: &str, dst: &str, port: &str) -> Result<String, CliError> {
+    let (port, proto) = match port.split_once('/') {
+        Some((p, proto)) => (p, proto),
+        None if port.eq_ignore_ascii_case("icmp") => ("0", "ICMP"),
+        None => (port, "TCP"),
+    };
+    let port: u16 = port.parse().map_err(|_| {
+        CliError::BadArgument(format!("{port:?}: expected PORT/PROTO, e.g. 80/TCP"))
+    })?;
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("src", src)
+        .append_pair("dst", dst)
+        .append_pair("port", &port.to_string())
+        .append_pair("proto", proto)
+        .finish();
+    match request(
+        addr,
+        Method::Get,
+        &format!("/policy/explain?{query}"),
+        QUERY_TIMEOUT,
+    )? {
+        (200, body) => Ok(body),
+        (code, body) => Err(server_error(addr, code, body)),
+    }
+}
+
+/// `weft policy table`: the policy table the router wrote.
+pub fn policy_table(addr: &str) -> Result<String, CliError> {
+    match request(addr, Method::Get, "/policy/table", QUERY_TIMEOUT)? {
+        (200, body) => Ok(body),
+        (code, body) => Err(server_error(addr, code, body)),
+    }
 }
 
 /// `weft expose`: this node's own overlay address (allocated if it has none yet).

@@ -89,9 +89,75 @@ pub struct RouterArgs {
     /// them. Weave's `WEAVE_NO_FASTDP` (set) forbids `kernel`.
     #[arg(long, env = "WEFT_DATAPATH", value_enum, default_value_t = DatapathKind::Userspace)]
     pub datapath: DatapathKind,
+    /// Weave's EXPECT_NPC: enforce Kubernetes NetworkPolicy on this node's pods (as
+    /// weave-npc did; Kubernetes mode only). `0` turns enforcement off and removes weft's
+    /// policy table.
+    #[arg(long, env = "EXPECT_NPC", default_value = "1", value_parser = parse_switch, action = clap::ArgAction::Set)]
+    pub expect_npc: bool,
+    /// weave-npc's --allow-mcast: multicast (224.0.0.0/4) passes whatever the policies.
+    #[arg(long, default_value = "true", value_parser = parse_switch, action = clap::ArgAction::Set)]
+    pub allow_mcast: bool,
+    /// weave-npc's metrics address (`weavenpc_*` metrics; weave-npc's --metrics-addr).
+    #[arg(long, default_value = ":6781")]
+    pub npc_metrics_addr: String,
     /// Other nodes' control addresses: `host` or `host:port`.
     #[arg(value_name = "PEER")]
     pub peers: Vec<String>,
+}
+
+/// NetworkPolicy enforcement (weave-npc's job, done by the router).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyConfig {
+    pub allow_mcast: bool,
+    pub metrics_addr: SocketAddr,
+}
+
+/// weave-npc's flags, as its `EXTRA_ARGS` held them (weft reads them from
+/// `WEAVE_NPC_EXTRA_ARGS`), applied over `cfg`; the flags weft has no use for are named.
+pub fn apply_npc_args(args: &str, cfg: &mut PolicyConfig) -> Result<Vec<String>, ConfigError> {
+    let mut notes = Vec::new();
+    let mut words = args.split_whitespace();
+    let bad = |w: &str| ConfigError::NpcArgs(w.to_string());
+    while let Some(w) = words.next() {
+        let (flag, inline) = match w.split_once('=') {
+            Some((f, v)) => (f, Some(v.to_string())),
+            None => (w, None),
+        };
+        let flag = flag.trim_start_matches('-');
+        match flag {
+            "allow-mcast" => {
+                cfg.allow_mcast = match inline.as_deref() {
+                    Some(v) => parse_switch(v).map_err(|_| bad(w))?,
+                    None => true,
+                };
+            }
+            "metrics-addr" | "log-level" | "node-name" | "max-list-size" | "bridge-port-name" => {
+                let value = match inline {
+                    Some(v) => v,
+                    None => words.next().ok_or_else(|| bad(w))?.to_string(),
+                };
+                match flag {
+                    "metrics-addr" => {
+                        cfg.metrics_addr = parse_listen("weave-npc metrics", &value)?;
+                    }
+                    "log-level" => notes.push(format!(
+                        "weave-npc's --log-level {value}: weft's logging follows RUST_LOG"
+                    )),
+                    "node-name" => notes.push(format!(
+                        "weave-npc's --node-name {value}: weft uses the node's name it runs under"
+                    )),
+                    "max-list-size" => notes.push(format!(
+                        "weave-npc's --max-list-size {value}: weft's sets have no such limit"
+                    )),
+                    _ => notes.push(format!(
+                        "weave-npc's --bridge-port-name {value}: weft has no bridge"
+                    )),
+                }
+            }
+            _ => return Err(bad(w)),
+        }
+    }
+    Ok(notes)
 }
 
 /// Which backend forwards the overlay's packets.
@@ -147,6 +213,8 @@ pub enum ConfigError {
     KernelEncrypted,
     #[error("WEAVE_NO_FASTDP is set, which forbids the kernel data path, and --datapath kernel (WEFT_DATAPATH) asks for it: unset one of them")]
     NoFastdp,
+    #[error("WEAVE_NPC_EXTRA_ARGS: {0:?} is not a weave-npc flag weft knows (--metrics-addr, --allow-mcast, --log-level, --node-name, --max-list-size, --bridge-port-name)")]
+    NpcArgs(String),
 }
 
 /// A PEER argument split into host and control port.
@@ -218,6 +286,12 @@ pub struct RouterConfig {
     pub secure: Mode,
     pub confirm_wait: std::time::Duration,
     pub datapath: DatapathKind,
+    /// NetworkPolicy enforcement: on in Kubernetes mode unless EXPECT_NPC=0.
+    pub policy: Option<PolicyConfig>,
+    /// EXPECT_NPC is on but there is no Kubernetes API to read policies from.
+    pub policy_without_api: bool,
+    /// What of WEAVE_NPC_EXTRA_ARGS weft does not use, to be logged.
+    pub npc_notes: Vec<String>,
 }
 
 /// A switch as Weave's launch script read it: set to anything but a "no" word is on.
@@ -359,6 +433,16 @@ impl RouterArgs {
             namespace: self.kube_namespace.clone(),
             kubeconfig: kubeconfig.clone(),
         });
+        let mut policy_cfg = PolicyConfig {
+            allow_mcast: self.allow_mcast,
+            metrics_addr: parse_listen("weave-npc metrics", &self.npc_metrics_addr)?,
+        };
+        let npc_notes = match env.get("WEAVE_NPC_EXTRA_ARGS") {
+            Some(args) => apply_npc_args(&args, &mut policy_cfg)?,
+            None => Vec::new(),
+        };
+        let policy = (self.expect_npc && kube.is_some()).then_some(policy_cfg);
+        let policy_without_api = self.expect_npc && kube.is_none();
         Ok(RouterConfig {
             name: self.name,
             nickname,
@@ -379,6 +463,9 @@ impl RouterArgs {
             secure: Mode::from_password(password.as_deref()),
             confirm_wait: std::time::Duration::from_secs(self.confirm_wait),
             datapath: self.datapath,
+            policy,
+            policy_without_api,
+            npc_notes,
         })
     }
 }
@@ -386,8 +473,6 @@ impl RouterArgs {
 /// Weave's variables weft does not implement, each with what to know about it; the router
 /// logs one line for every one that is set, so nothing is silently ignored.
 const NOT_IMPLEMENTED: &[(&str, &str)] = &[
-    ("EXPECT_NPC", "weft has no network policy controller"),
-    ("WEAVE_NPC_", "weft has no network policy controller"),
     ("CHECKPOINT_DISABLE", "weft never checks for updates"),
     (
         "HAIRPIN_MODE",
@@ -617,6 +702,7 @@ mod tests {
         let vars: BTreeMap<&str, &str> = [
             ("WEAVE_PASSWORD", "secret"),
             ("WEAVE_NPC_EXTRA_ARGS", "--log-level=debug"),
+            ("WEAVE_STATUS_ADDR", "127.0.0.1:6782"),
             ("CHECKPOINT_DISABLE", "1"),
             ("IPALLOC_RANGE", "10.32.0.0/12"),
         ]
@@ -629,8 +715,50 @@ mod tests {
             !lines.iter().any(|l| l.contains("WEAVE_PASSWORD")),
             "implemented"
         );
-        assert!(lines.iter().any(|l| l.starts_with("WEAVE_NPC_EXTRA_ARGS")));
+        assert!(lines.iter().any(|l| l.starts_with("WEAVE_STATUS_ADDR")));
+        assert!(
+            !lines.iter().any(|l| l.contains("WEAVE_NPC")),
+            "weft enforces policy"
+        );
         assert!(!lines.iter().any(|l| l.contains("IPALLOC_RANGE")));
+    }
+
+    #[test]
+    fn policy_is_on_in_kubernetes_mode_and_takes_weave_npc_s_flags() {
+        let kube = [("KUBECONFIG", "/kc")];
+        let c = validate(parse(&["--kubeconfig", "/kc"]), &kube, false);
+        let p = c.policy.expect("on by default in Kubernetes mode");
+        assert!(p.allow_mcast);
+        assert_eq!(p.metrics_addr, "0.0.0.0:6781".parse().unwrap());
+        assert!(validate(parse(&[]), &[], false).policy.is_none());
+        assert!(validate(parse(&[]), &[], false).policy_without_api);
+        // clap reads EXPECT_NPC itself; the flag is the same switch.
+        let off = validate(
+            parse(&["--kubeconfig", "/kc", "--expect-npc", "0"]),
+            &[],
+            false,
+        );
+        assert!(off.policy.is_none() && !off.policy_without_api);
+        let c = validate(
+            parse(&["--kubeconfig", "/kc"]),
+            &[(
+                "WEAVE_NPC_EXTRA_ARGS",
+                "--allow-mcast=false --metrics-addr 127.0.0.1:9781 --log-level=debug",
+            )],
+            false,
+        );
+        let p = c.policy.unwrap();
+        assert!(!p.allow_mcast);
+        assert_eq!(p.metrics_addr, "127.0.0.1:9781".parse().unwrap());
+        assert_eq!(c.npc_notes.len(), 1, "{:?}", c.npc_notes);
+        assert!(matches!(
+            try_validate(
+                parse(&["--kubeconfig", "/kc"]),
+                &[("WEAVE_NPC_EXTRA_ARGS", "--no-such-flag")],
+                false
+            ),
+            Err(ConfigError::NpcArgs(_))
+        ));
     }
 
     #[test]

@@ -16,4 +16,5 @@ pub mod fuzzing;
 pub mod install;
 pub mod io;
 pub mod k8s;
+pub mod policy;
 pub mod router;

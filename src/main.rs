@@ -14,6 +14,24 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum PolicyCommand {
+    /// The verdict on a new connection from SRC to DST, e.g. `x/b x/a 80/TCP`.
+    Explain {
+        src: String,
+        dst: String,
+        /// PORT/PROTO (`80/TCP`, `53/UDP`, `ICMP`); the protocol defaults to TCP.
+        port: String,
+        #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weft::config::DEFAULT_HTTP_ADDR)]
+        http_addr: String,
+    },
+    /// The nftables table weft wrote on this node, in nft's syntax.
+    Table {
+        #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weft::config::DEFAULT_HTTP_ADDR)]
+        http_addr: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the per-node daemon.
     #[command(args_override_self = true)]
@@ -49,6 +67,13 @@ enum Command {
         peers: Vec<String>,
         #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weft::config::DEFAULT_HTTP_ADDR)]
         http_addr: String,
+    },
+    /// NetworkPolicy on this node: `explain SRC DST PORT/PROTO` (pods as namespace/name
+    /// or addresses) prints the policies that select each side and the verdict; `table`
+    /// prints the nftables table weft wrote.
+    Policy {
+        #[command(subcommand)]
+        what: PolicyCommand,
     },
     /// Make the router stop dialling these peers.
     Forget {
@@ -245,6 +270,23 @@ fn main() -> anyhow::Result<()> {
             http_addr,
         } => {
             print!("{}", weft::cli::connect(&http_addr, &peers, replace)?);
+            Ok(())
+        }
+        Command::Policy { what } => {
+            match what {
+                PolicyCommand::Explain {
+                    src,
+                    dst,
+                    port,
+                    http_addr,
+                } => print!(
+                    "{}",
+                    weft::cli::policy_explain(&http_addr, &src, &dst, &port)?
+                ),
+                PolicyCommand::Table { http_addr } => {
+                    print!("{}", weft::cli::policy_table(&http_addr)?)
+                }
+            }
             Ok(())
         }
         Command::Forget { peers, http_addr } => {

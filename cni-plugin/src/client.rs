@@ -1,6 +1,6 @@
 //! The weft router's IPAM HTTP API, as the plugin uses it.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -233,6 +233,24 @@ impl Daemon {
         let (status, body) = self.exchange(Method::Post, &path)?;
         match IpStatus::from_code(status) {
             Some(IpStatus::Granted) => self.parse_cidr(&what, &body),
+            _ => Err(self.unexpected(&what, status, &body)),
+        }
+    }
+
+    /// `POST /policy/admit/{namespace}/{name}/{ip}`: waits until the pod's NetworkPolicy
+    /// rules are in place (before its containers start). A daemon that enforces no policy
+    /// (404) is fine.
+    pub fn admit_policy(
+        &self,
+        namespace: &str,
+        name: &str,
+        ip: Ipv4Addr,
+    ) -> Result<(), DaemonError> {
+        let path = format!("/policy/admit/{namespace}/{name}/{ip}");
+        let what = format!("POST {path}");
+        let (status, body) = self.exchange(Method::Post, &path)?;
+        match status {
+            200 | 404 => Ok(()),
             _ => Err(self.unexpected(&what, status, &body)),
         }
     }

@@ -172,7 +172,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
         None => daemon.allocate(&env.container_id)?,
     };
 
-    match plumb(
+    let plumbed = plumb(
         &nl,
         &netns,
         env,
@@ -180,7 +180,19 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
         address,
         overlay.addr.addr,
         mtu,
-    ) {
+    )
+    .and_then(|outcome| {
+        // The pod is isolated before its containers start: the ADD returns only once its
+        // policy rules are in place.
+        match &env.pod {
+            Some((ns, name)) => daemon
+                .admit_policy(ns, name, address.addr)
+                .map(|()| outcome)
+                .map_err(CniError::from),
+            None => Ok(outcome),
+        }
+    });
+    match plumbed {
         Ok(outcome) => match daemon.confirm(&env.container_id) {
             Ok(confirmed) if confirmed.addr == address.addr => {
                 let outcome = AddOutcome {

@@ -384,6 +384,24 @@ pub struct Env {
     /// Empty when the runtime no longer has the sandbox (a second DEL).
     pub netns: String,
     pub ifname: String,
+    /// The pod's namespace and name, from `CNI_ARGS` (`K8S_POD_NAMESPACE`,
+    /// `K8S_POD_NAME`, which Kubernetes runtimes pass): NetworkPolicy is put in place for
+    /// it before the ADD returns.
+    pub pod: Option<(String, String)>,
+}
+
+/// `K8S_POD_NAMESPACE` and `K8S_POD_NAME` from `CNI_ARGS` (`K=V;K=V`).
+pub fn pod_from_args(args: &str) -> Option<(String, String)> {
+    let mut ns = None;
+    let mut name = None;
+    for kv in args.split(';') {
+        match kv.split_once('=') {
+            Some(("K8S_POD_NAMESPACE", v)) if !v.is_empty() => ns = Some(v.to_string()),
+            Some(("K8S_POD_NAME", v)) if !v.is_empty() => name = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    Some((ns?, name?))
 }
 
 fn env_error(msg: impl Into<String>, details: impl Into<String>) -> CniError {
@@ -419,10 +437,12 @@ impl Env {
                 "the runtime must pass the plugin search path",
             ));
         }
+        let pod = lookup("CNI_ARGS").as_deref().and_then(pod_from_args);
         Ok(Env {
             container_id,
             netns,
             ifname,
+            pod,
         })
     }
 
@@ -443,6 +463,7 @@ impl Env {
             container_id,
             netns,
             ifname,
+            pod: None,
         })
     }
 }

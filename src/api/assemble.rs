@@ -392,6 +392,7 @@ pub fn report(s: Sources) -> Report {
         },
         ipam,
         dataplane,
+        network_policy: None,
     }
 }
 

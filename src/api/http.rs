@@ -68,6 +68,12 @@ pub fn api_router_with_wait<C: Control>(ctl: Arc<C>, wait: Duration) -> Router {
         .route("/cni/observation", post(cni_observation::<C>))
         .route("/peer/{name}", delete(peer_remove::<C>))
         .route("/peer/{name}/key", delete(peer_forget_key::<C>))
+        .route(
+            "/policy/admit/{namespace}/{name}/{ip}",
+            post(policy_admit::<C>),
+        )
+        .route("/policy/explain", get(policy_explain::<C>))
+        .route("/policy/table", get(policy_table::<C>))
         .fallback(not_found)
         .with_state(api)
 }
@@ -222,6 +228,78 @@ async fn ip_all<C: Control>(State(api): St<C>) -> Response {
             ([(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
         Err(e) => text_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// The CNI plugin's `POST /policy/admit/{namespace}/{name}/{ip}`: answered once the pod's
+/// NetworkPolicy rules are in place (200), 404 when this node enforces no policy, 503 with
+/// the reason when they cannot be in time (the ADD fails and the runtime retries).
+async fn policy_admit<C: Control>(
+    State(api): St<C>,
+    Path((namespace, name, ip)): Path<(String, String, String)>,
+) -> Response {
+    let Ok(ip) = ip.parse::<Ipv4Addr>() else {
+        return bad_request(&api, format!("{ip:?} is not an IPv4 address"));
+    };
+    if namespace.is_empty() || name.is_empty() || namespace.len() > 253 || name.len() > 253 {
+        return bad_request(
+            &api,
+            "a pod's namespace and name, each 1 to 253 characters".into(),
+        );
+    }
+    let key = crate::core::policy::Key::new(namespace, name);
+    match api.ctl.policy_admit(key.clone(), ip).await {
+        Ok(true) => format!("rules of pod {key} in place\n").into_response(),
+        Ok(false) => text_error(
+            StatusCode::NOT_FOUND,
+            "this node enforces no network policy",
+        ),
+        Err(why) => text_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("network policy for pod {key} is not in place: {why}"),
+        ),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ExplainQuery {
+    src: String,
+    dst: String,
+    #[serde(default)]
+    port: u16,
+    #[serde(default)]
+    proto: String,
+}
+
+/// `GET /policy/explain?src=&dst=&port=&proto=`: `weft policy explain`.
+async fn policy_explain<C: Control>(
+    State(api): St<C>,
+    axum::extract::Query(q): axum::extract::Query<ExplainQuery>,
+) -> Response {
+    let proto = if q.proto.is_empty() {
+        "TCP"
+    } else {
+        q.proto.as_str()
+    };
+    match api.ctl.policy_explain(&q.src, &q.dst, proto, q.port) {
+        None => text_error(
+            StatusCode::NOT_FOUND,
+            "this node enforces no network policy",
+        ),
+        Some(Ok(text)) => text.into_response(),
+        Some(Err(crate::policy::ExplainError::BadRequest(m))) => bad_request(&api, m),
+        Some(Err(crate::policy::ExplainError::NotFound(m))) => text_error(StatusCode::NOT_FOUND, m),
+    }
+}
+
+/// `GET /policy/table`: the policy table this node wrote, in nft's syntax.
+async fn policy_table<C: Control>(State(api): St<C>) -> Response {
+    match api.ctl.policy_table() {
+        Some(t) => t.into_response(),
+        None => text_error(
+            StatusCode::NOT_FOUND,
+            "this node enforces no network policy",
+        ),
     }
 }
 

@@ -20,6 +20,9 @@ pub struct Report {
     #[serde(rename = "IPAM")]
     pub ipam: IpamReport,
     pub dataplane: DataplaneReport,
+    /// weft's NetworkPolicy enforcement on this node (absent when it is off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<crate::policy::PolicyReport>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -30,6 +33,14 @@ pub struct VersionCheckReport {
     pub new_version: String,
     /// Go's zero time, as Weave printed it when the check was disabled.
     pub next_check_at: String,
+}
+
+impl Report {
+    /// With the node's NetworkPolicy section.
+    pub fn with_policy(mut self, p: Option<crate::policy::PolicyReport>) -> Report {
+        self.network_policy = p;
+        self
+    }
 }
 
 impl Default for VersionCheckReport {
@@ -359,6 +370,29 @@ pub enum IpApiError {
 /// tests use a fake.
 pub trait Control: Send + Sync + 'static {
     fn report(&self) -> Report;
+    /// NetworkPolicy: returns once the pod `key` at `ip` (its CNI ADD) is treated as its
+    /// policies say; `Ok(false)` when this node enforces no policy.
+    fn policy_admit(
+        &self,
+        _key: crate::core::policy::Key,
+        _ip: Ipv4Addr,
+    ) -> impl Future<Output = Result<bool, String>> + Send {
+        async { Ok(false) }
+    }
+    /// `weft policy explain`; `None` when this node enforces no policy.
+    fn policy_explain(
+        &self,
+        _src: &str,
+        _dst: &str,
+        _proto: &str,
+        _port: u16,
+    ) -> Option<Result<String, crate::policy::ExplainError>> {
+        None
+    }
+    /// The policy table as planned, in nft's syntax; `None` when policy is off.
+    fn policy_table(&self) -> Option<String> {
+        None
+    }
     /// The daemon's event metrics (heartbeat RTTs, CNI durations, IPAM operations).
     fn telemetry(&self) -> &super::telemetry::Telemetry;
     /// Allocates (or returns the existing) address for `container_id`, waiting up to

@@ -517,6 +517,7 @@ pub(crate) mod tests {
                     },
                 ],
             },
+            network_policy: None,
         }
     }
 

@@ -3,6 +3,7 @@
 pub mod control;
 pub mod migrate;
 pub mod netlink;
+pub mod nflog;
 pub mod nft;
 pub mod nft_policy;
 pub mod store;

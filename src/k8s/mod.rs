@@ -3,6 +3,8 @@
 //! the Leases that make one node reclaim a deleted Node's addresses. What to do with the
 //! answers is decided in `core::cluster` and the router.
 
+pub mod policy;
+
 use crate::config::KubeSettings;
 use crate::core::cluster::{self, LeaseState, NodeSet};
 use futures::TryStreamExt;

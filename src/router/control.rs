@@ -176,6 +176,38 @@ impl Control for RouterControl {
             bad_requests: s.bad_requests.load(Ordering::Relaxed),
             datapath: s.backend.view(),
         })
+        .with_policy(s.policy.as_ref().map(|p| p.report()))
+    }
+
+    async fn policy_admit(
+        &self,
+        key: crate::core::policy::Key,
+        ip: Ipv4Addr,
+    ) -> Result<bool, String> {
+        match &self.0.policy {
+            Some(p) => p.admit(key, ip).await.map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    fn policy_explain(
+        &self,
+        src: &str,
+        dst: &str,
+        proto: &str,
+        port: u16,
+    ) -> Option<Result<String, crate::policy::ExplainError>> {
+        self.0
+            .policy
+            .as_ref()
+            .map(|p| p.explain(src, dst, proto, port))
+    }
+
+    fn policy_table(&self) -> Option<String> {
+        self.0
+            .policy
+            .as_ref()
+            .map(|p| p.applied().table.to_string())
     }
 
     async fn allocate(
@@ -333,6 +365,9 @@ impl Control for RouterControl {
             .wait()
             .await
             .map_err(|e| IpApiError::Internal(format!("freed, but not saved: {e}")))?;
+        if let (Some(ip), Some(p)) = (r, &self.0.policy) {
+            p.forget(ip);
+        }
         Ok(r)
     }
 }

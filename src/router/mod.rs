@@ -70,6 +70,8 @@ pub(crate) struct Shared {
     bad_requests: AtomicU64,
     /// The node's static key (its identity in every control handshake).
     identity: crate::core::mesh::secure::StaticKey,
+    /// NetworkPolicy enforcement, when on.
+    policy: Option<Arc<crate::policy::PolicyEngine>>,
 }
 
 /// Resolves when the save of one event's effects is durable, or failed (then nothing that

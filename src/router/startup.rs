@@ -244,6 +244,45 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
         None => None,
     };
 
+    // NetworkPolicy (weave-npc's job): on in Kubernetes mode unless EXPECT_NPC=0.
+    for note in &cfg.npc_notes {
+        info!("{note}");
+    }
+    let policy = match (&kube, cfg.policy.clone()) {
+        (Some((settings, client, _)), Some(pcfg)) => {
+            let (tx, rx) = watch::channel(crate::k8s::policy::PolicyInput::default());
+            tokio::spawn(crate::k8s::policy::watch_policy_inputs(client.clone(), tx));
+            info!(
+                "network policy: enforced on this node's pods (multicast {}; weave-npc's metrics on {})",
+                if pcfg.allow_mcast { "allowed" } else { "subject to policy" },
+                pcfg.metrics_addr
+            );
+            Some(crate::policy::PolicyEngine::new(
+                &settings.node_name,
+                pcfg,
+                weft_contract::HOST_VETH_PREFIX,
+                rx,
+                Some(client.clone()),
+            ))
+        }
+        _ => {
+            if cfg.policy_without_api {
+                info!("network policy: not enforced (it needs the Kubernetes API; EXPECT_NPC has no effect without it)");
+            } else if cfg.kube.is_some() {
+                info!("network policy: off (EXPECT_NPC=0)");
+            }
+            // A table left by an earlier run with enforcement on would go on dropping.
+            if let Err(e) = tokio::task::spawn_blocking(crate::io::nft_policy::remove)
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            {
+                warn!("cannot remove a policy table left from before: {e}");
+            }
+            None
+        }
+    };
+
     let netlink = Netlink::open()?;
     let mut peer_ips: Vec<Ipv4Addr> = cfg
         .peers
@@ -364,6 +403,7 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
         telemetry: Default::default(),
         bad_requests: AtomicU64::new(0),
         identity,
+        policy: policy.clone(),
     });
     if shared.cfg.kube.is_some() && !shared.cfg.secure.is_password() {
         // Without a password, being a Node of the cluster is the only credential there is.
@@ -418,6 +458,10 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
         }
     }
     tokio::spawn(mesh::tick_loop(shared.clone()));
+    let npc_metrics_task = match &policy {
+        Some(engine) => Some(start_policy(engine.clone()).await?),
+        None => None,
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let api = crate::api::http::api_router(Arc::new(RouterControl(shared.clone())));
@@ -446,12 +490,67 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
     info!("shutting down");
     let _ = stop_tx.send(true);
     shared.mesh.close_all("router shutting down");
+    if let Some(t) = npc_metrics_task {
+        t.abort();
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = api_task.await;
         let _ = metrics_task.await;
     })
     .await;
     Ok(())
+}
+
+/// Starts what enforces NetworkPolicy: the engine, the NFLOG reader of refused
+/// connections, and weave-npc's metrics listener. Returns the listener's task.
+async fn start_policy(
+    engine: Arc<crate::policy::PolicyEngine>,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, RouterError> {
+    tokio::spawn(engine.clone().run());
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::core::policy::denied::Denied>(4096);
+    match crate::io::nflog::open(crate::core::policy::ruleset::NFLOG_GROUP) {
+        Ok(socket) => {
+            let lost = engine.lost_logs.clone();
+            std::thread::Builder::new()
+                .name("weft-nflog".into())
+                .spawn(move || {
+                    crate::io::nflog::read_loop(socket, |d| tx.try_send(d).is_ok(), lost)
+                })
+                .map_err(RouterError::Io)?;
+        }
+        Err(e) => warn!(
+            "cannot read refused connections (NFLOG group {}): {e}; they are dropped and counted by the table, not logged",
+            crate::core::policy::ruleset::NFLOG_GROUP
+        ),
+    }
+    let e2 = engine.clone();
+    tokio::spawn(async move {
+        while let Some(d) = rx.recv().await {
+            e2.denied(&d);
+        }
+    });
+    let addr = engine.config().metrics_addr;
+    let listener = bind("weave-npc metrics", addr).await?;
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let engine = engine.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    engine.metrics_text(),
+                )
+            }
+        }),
+    );
+    Ok(tokio::spawn(crate::api::http::serve(
+        listener,
+        router,
+        std::future::pending(),
+    )))
 }
 
 async fn wait_for_signal() {

@@ -126,6 +126,7 @@ async fn harness_with(init: IpallocInit, peer_init: IpallocInit, args: &[&str]) 
         telemetry: Default::default(),
         bad_requests: AtomicU64::new(0),
         identity: crate::core::mesh::secure::StaticKey::from_private(&[1; 32]).unwrap(),
+        policy: None,
     });
     let store = Arc::new(FlakyStore::default());
     tokio::spawn(interpret(shared.clone(), store.clone(), queue));

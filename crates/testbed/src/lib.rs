@@ -45,6 +45,8 @@ pub const DATA_PORT: u16 = 6784;
 pub const DEFAULT_CNI_CONFIG: &str = r#"{"cniVersion":"1.0.0","name":"weave","type":"weft"}"#;
 
 const NETNS_DIR: &str = "/var/run/netns";
+/// How long [`Cluster::add_pod`] retries an ADD the plugin asks to try again later.
+const ADD_RETRY_FOR: Duration = Duration::from_secs(30);
 /// Environment variables the router and plugin read; cleared for the processes the
 /// harness starts so the caller's environment cannot change what a test exercises.
 const ROUTER_ENV: &[&str] = &[
@@ -1745,16 +1747,30 @@ impl Cluster {
         self.extra_ns.push(ns.clone());
         prepare_netns(&ns, self.spec.rp_filter)?;
         let container_id = random_container_id();
-        let out = self.cni(
-            node,
-            &CniCall {
-                command: "ADD",
-                container_id: &container_id,
-                netns: Some(&ns),
-                pod_name: name,
-                config: DEFAULT_CNI_CONFIG.to_string(),
-            },
-        )?;
+        // As a runtime does: an ADD answered "try again later" (code 11: the router is not
+        // ready, its overlay has no address yet) is retried, for a while.
+        let deadline = Instant::now() + ADD_RETRY_FOR;
+        let out = loop {
+            let out = self.cni(
+                node,
+                &CniCall {
+                    command: "ADD",
+                    container_id: &container_id,
+                    netns: Some(&ns),
+                    pod_name: name,
+                    config: DEFAULT_CNI_CONFIG.to_string(),
+                },
+            )?;
+            let again = !out.success
+                && out
+                    .json()
+                    // The CNI spec's code 11, "try again later".
+                    .is_ok_and(|v| v["code"] == 11);
+            if !again || Instant::now() > deadline {
+                break out;
+            }
+            thread::sleep(Duration::from_millis(250));
+        };
         if !out.success {
             return Err(failed(format!(
                 "weft-cni ADD for {name} on {} failed (exit {:?}): stdout {} stderr {}\nrouter log tail:\n{}",

@@ -4,6 +4,7 @@
 //! it (`ruleset`, data that `io::nft_policy` writes in one netlink batch).
 
 pub mod compile;
+pub mod denied;
 pub mod eval;
 pub mod model;
 pub mod ruleset;
