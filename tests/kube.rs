@@ -20,8 +20,8 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 use weft::api::report::Report;
 use weft_testbed::kube_api::FakeKube;
-use weft_testbed::local::LocalCluster;
-use weft_testbed::{harness, Binaries, Cluster, ClusterSpec, Underlay};
+use weft_testbed::local::{register_node, ApiCluster, LocalCluster};
+use weft_testbed::{harness, Binaries, Cluster, ClusterSpec};
 
 const READY: Duration = Duration::from_secs(60);
 
@@ -85,35 +85,32 @@ impl KubeCluster {
         let binaries = ok(Binaries::beside(weft), "binaries");
         let mut spec = ClusterSpec::new(nodes, binaries);
         spec.static_peers = false;
-        // The real control plane sits on a subnet of its own, as it would in a VPC; the
-        // stand-in stays on the nodes' link, where its test was written.
         if real {
-            spec.underlay = Underlay::Routed;
+            // The real control plane on a subnet of its own, as it would be in a VPC.
+            let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+            let ApiCluster {
+                c,
+                api,
+                kubeconfig,
+                api_ns,
+                ..
+            } = ok(ApiCluster::new(&repo, spec), "the real control plane");
+            return KubeCluster {
+                c,
+                api: Api::Real(api),
+                kubeconfig: kubeconfig.display().to_string(),
+                api_ns,
+            };
         }
+        // The stand-in stays on the nodes' link, where its test was written.
         let mut c = ok(Cluster::create(spec), "building namespaces");
         let (ns, ip) = ok(c.add_underlay_host("api"), "API host");
         let kubeconfig = c.workdir().join("kubeconfig");
-        let api = if real {
-            let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-            let name = format!("k{}", std::process::id() % 100_000);
-            let api = ok(
-                LocalCluster::control_plane(&repo, &name, &ns, ip),
-                "the real control plane",
-            );
-            let kc = ok(
-                api.service_account_kubeconfig(ip),
-                "the ServiceAccount's token",
-            );
-            ok(std::fs::write(&kubeconfig, kc), "kubeconfig");
-            Api::Real(api)
-        } else {
-            let api = ok(FakeKube::start(&ns, ip, 6443), "fake API server");
-            ok(std::fs::write(&kubeconfig, api.kubeconfig()), "kubeconfig");
-            Api::StandIn(api)
-        };
+        let api = ok(FakeKube::start(&ns, ip, 6443), "fake API server");
+        ok(std::fs::write(&kubeconfig, api.kubeconfig()), "kubeconfig");
         KubeCluster {
             c,
-            api,
+            api: Api::StandIn(api),
             kubeconfig: kubeconfig.display().to_string(),
             api_ns: ns,
         }
@@ -126,41 +123,12 @@ impl KubeCluster {
         }
     }
 
-    /// A Node for node `i`, as a kubelet registers it: the object, then its status with
-    /// the InternalIP and a Ready condition.
+    /// A Node for node `i`, as a kubelet registers it.
     fn register(&self, i: usize) {
         let n = &self.c.nodes[i];
         match &self.api {
             Api::StandIn(f) => f.add_node(&n.nickname, n.underlay_ip),
-            Api::Real(k) => {
-                let node = format!(
-                    "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  labels: {{kubernetes.io/hostname: {}}}\n",
-                    n.nickname, n.nickname
-                );
-                ok(k.apply(&node), "creating a Node");
-                let ts = k8s_openapi::jiff::Timestamp::now()
-                    .round(k8s_openapi::jiff::Unit::Second)
-                    .map(|t| t.to_string())
-                    .unwrap_or_default();
-                let status = serde_json::json!({"status": {
-                    "addresses": [{"type": "InternalIP", "address": n.underlay_ip.to_string()},
-                                  {"type": "Hostname", "address": n.nickname}],
-                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                                    "message": "a test stands in for the kubelet",
-                                    "lastHeartbeatTime": ts, "lastTransitionTime": ts}]}});
-                ok(
-                    k.kubectl(&[
-                        "patch",
-                        "node",
-                        &n.nickname,
-                        "--subresource=status",
-                        "--type=merge",
-                        "-p",
-                        &status.to_string(),
-                    ]),
-                    "the Node's status",
-                );
-            }
+            Api::Real(k) => ok(register_node(k, n), "registering a Node"),
         }
     }
 

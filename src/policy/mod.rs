@@ -57,6 +57,8 @@ pub struct Applied {
     pub problems: Vec<Problem>,
     /// How long the last compile-and-write took.
     pub last_pass: Duration,
+    /// NetworkPolicies the installed table was compiled from.
+    pub policies: usize,
 }
 
 /// One refused connection, as the report shows it.
@@ -90,6 +92,7 @@ pub struct PodPolicyReport {
 #[serde(rename_all = "PascalCase")]
 pub struct PolicyReport {
     pub synced: bool,
+    /// NetworkPolicies in the API that the installed table enforces.
     pub policies: usize,
     pub pods: Vec<PodPolicyReport>,
     pub generation: u64,
@@ -367,6 +370,7 @@ impl PolicyEngine {
                 a.error = None;
                 a.problems = warned.iter().cloned().collect();
                 a.last_pass = last_pass;
+                a.policies = cluster.policies.len();
             });
             if first {
                 info!(
@@ -434,10 +438,9 @@ impl PolicyEngine {
     pub fn report(&self) -> PolicyReport {
         let a = self.applied();
         let denies = lock(&self.denies);
-        let input = self.input.borrow();
         PolicyReport {
             synced: a.synced,
-            policies: input.cluster.policies.len(),
+            policies: a.policies,
             pods: a
                 .compiled
                 .pods

@@ -1708,10 +1708,7 @@ impl Cluster {
             .env("CNI_NETNS", netns)
             .env("CNI_IFNAME", "eth0")
             .env("CNI_PATH", cni_path)
-            .env(
-                "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAME={}", call.pod_name),
-            )
+            .env("CNI_ARGS", cni_args(call.pod_name))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -1741,8 +1738,21 @@ impl Cluster {
 
     /// Creates a pod namespace and attaches it through `weft-cni ADD` on node `node`.
     pub fn add_pod(&mut self, node: usize, name: &str) -> Result<Pod> {
+        self.add_pod_named(node, name, name)
+    }
+
+    /// A pod of Kubernetes namespace `namespace` (the runtime passes it in `CNI_ARGS`).
+    pub fn add_k8s_pod(&mut self, node: usize, namespace: &str, name: &str) -> Result<Pod> {
+        self.add_pod_named(
+            node,
+            &format!("{namespace}-{name}"),
+            &format!("{namespace}/{name}"),
+        )
+    }
+
+    fn add_pod_named(&mut self, node: usize, suffix: &str, name: &str) -> Result<Pod> {
         self.node(node)?;
-        let ns = format!("{}-{name}", self.prefix);
+        let ns = format!("{}-{suffix}", self.prefix);
         create_netns(&ns)?;
         self.extra_ns.push(ns.clone());
         prepare_netns(&ns, self.spec.rp_filter)?;
@@ -1929,6 +1939,17 @@ fn random_container_id() -> String {
     (0..32)
         .map(|_| format!("{:02x}", rng.random::<u8>()))
         .collect()
+}
+
+/// `CNI_ARGS` as a CRI runtime passes them; a `namespace/name` pod name adds
+/// `K8S_POD_NAMESPACE`, which is how weft's NetworkPolicy finds the pod.
+fn cni_args(pod_name: &str) -> String {
+    match pod_name.split_once('/') {
+        Some((ns, name)) => {
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}")
+        }
+        None => format!("IgnoreUnknown=1;K8S_POD_NAME={pod_name}"),
+    }
 }
 
 /// The first IPv4 address in a CNI result (`ips[0].address`, CIDR form).

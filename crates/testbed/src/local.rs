@@ -334,3 +334,118 @@ impl Drop for LocalCluster {
         crate::unregister_local_cluster(&self.name);
     }
 }
+
+/// A real control plane (`cluster.sh control-plane`) on a routed testbed cluster, with
+/// deploy/weft.yaml applied, for routers the test starts itself: each authenticates as
+/// the manifest's ServiceAccount (a TokenRequest token), with nothing but its roles.
+pub struct ApiCluster {
+    pub c: crate::Cluster,
+    pub api: LocalCluster,
+    pub kubeconfig: PathBuf,
+    /// The API server's namespace and address: a host on the underlay, not a Node.
+    pub api_ns: String,
+    pub api_ip: Ipv4Addr,
+}
+
+impl ApiCluster {
+    pub fn new(repo: &Path, mut spec: crate::ClusterSpec) -> Result<ApiCluster> {
+        spec.static_peers = false;
+        spec.underlay = crate::Underlay::Routed;
+        let mut c = crate::Cluster::create(spec)?;
+        let (api_ns, api_ip) = c.add_underlay_host("api")?;
+        let name = format!("k{}", std::process::id() % 100_000);
+        let api = LocalCluster::control_plane(repo, &name, &api_ns, api_ip)?;
+        let kubeconfig = c.workdir().join("kubeconfig");
+        std::fs::write(&kubeconfig, api.service_account_kubeconfig(api_ip)?)
+            .map_err(io_err("writing the kubeconfig"))?;
+        Ok(ApiCluster {
+            c,
+            api,
+            kubeconfig,
+            api_ns,
+            api_ip,
+        })
+    }
+
+    /// A Node for node `i`, as a kubelet registers it: the object, then its status with the
+    /// InternalIP and a Ready condition.
+    pub fn register_node(&self, i: usize) -> Result<()> {
+        register_node(&self.api, &self.c.nodes[i])
+    }
+
+    /// Starts node `i`'s router in Kubernetes mode (its Node's name as `NODE_NAME`).
+    pub fn start_router(&mut self, i: usize, env: &[(&str, &str)]) -> Result<()> {
+        let nick = self.c.nodes[i].nickname.clone();
+        let kc = self.kubeconfig.display().to_string();
+        let mut all = vec![("KUBECONFIG", kc.as_str()), ("NODE_NAME", nick.as_str())];
+        all.extend_from_slice(env);
+        self.c.start_router_env(i, &[], &all)
+    }
+
+    /// A pod as the kubelet would make it, bound to node `i`: the object first (so policy
+    /// knows its labels), then the sandbox through weft-cni with the pod's namespace and
+    /// name, then its address reported in the pod's status.
+    pub fn add_pod(
+        &mut self,
+        i: usize,
+        pod_yaml: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<crate::Pod> {
+        self.api.apply(pod_yaml)?;
+        let pod = self.c.add_k8s_pod(i, namespace, name)?;
+        let status = serde_json::json!({"status": {
+            "phase": "Running",
+            "podIP": pod.addr.to_string(),
+            "podIPs": [{"ip": pod.addr.to_string()}]}});
+        self.api.kubectl(&[
+            "-n",
+            namespace,
+            "patch",
+            "pod",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ])?;
+        Ok(pod)
+    }
+}
+
+/// A Node for testbed node `n` in `api`, as a kubelet registers it: the object, then its
+/// status with the InternalIP and a Ready condition.
+pub fn register_node(api: &LocalCluster, n: &crate::Node) -> Result<()> {
+    api.apply(&format!(
+
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  labels: {{kubernetes.io/hostname: {}}}\n",
+        n.nickname, n.nickname
+    ))?;
+    let now = now_rfc3339();
+    let status = serde_json::json!({"status": {
+        "addresses": [{"type": "InternalIP", "address": n.underlay_ip.to_string()},
+                      {"type": "Hostname", "address": n.nickname}],
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                        "message": "a test stands in for the kubelet",
+                        "lastHeartbeatTime": now, "lastTransitionTime": now}]}});
+    api.kubectl(&[
+        "patch",
+        "node",
+        &n.nickname,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status.to_string(),
+    ])?;
+    Ok(())
+}
+
+/// Now, as RFC 3339 in UTC (what Kubernetes' time fields take).
+fn now_rfc3339() -> String {
+    let out = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    out
+}
