@@ -173,6 +173,12 @@ fn policy_cluster(bed: &Bed, allow_port: u16) -> PolicyCluster {
                 ports: vec![
                     port(Proto::Tcp, PortRef::Number(allow_port)),
                     port(Proto::Udp, PortRef::Name("dns".into())),
+                    // endPort: TCP 7000-7010.
+                    PortSpec {
+                        proto: Proto::Tcp,
+                        port: Some(PortRef::Number(7000)),
+                        end_port: Some(7010),
+                    },
                 ],
             }]),
             egress: None,
@@ -302,6 +308,11 @@ fn the_kernel_enforces_the_planned_table() {
         udp(&bed, 1, 0, 5353),
         "p1 -> p0's named port dns (UDP 5353)"
     );
+    assert!(
+        tcp(&bed, 1, 0, 7005),
+        "p1 -> p0 TCP 7005, inside 7000-7010 (endPort)"
+    );
+    assert!(!tcp(&bed, 1, 0, 7011), "p1 -> p0 TCP 7011, past endPort");
     assert!(!udp(&bed, 1, 0, 5354), "p1 -> p0 UDP 5354 is not allowed");
     assert!(
         tcp(&bed, 0, 1, 9000),

@@ -11,3 +11,4 @@ pub mod sysctl;
 pub mod tun;
 pub mod udp;
 pub mod vxlan;
+pub mod weave_npc;

@@ -9,7 +9,7 @@
 use crate::core::nat::{self, Action, Cond, Field, NatRule};
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE,
-    NLM_F_REQUEST,
+    NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_netfilter::nftables::{
     Bitwise, ChainAttribute, ChainMessage, Cmp, DataAttribute, Expressions, Hook, HookNumber,
@@ -277,8 +277,34 @@ pub(crate) fn transact(
     // force larger ones, as nft does).
     size_buffers(&socket, buf.len() * 2, expecting.len() * 128);
     socket.send(&buf, 0).map_err(NftError::Socket)?;
+    if expecting.is_empty() {
+        return Ok(());
+    }
+    replies(&socket, |m| {
+        let seq = m.header.sequence_number;
+        if let NetlinkPayload::Error(e) = m.payload {
+            let what = expecting
+                .remove(&seq)
+                .unwrap_or_else(|| format!("message {seq}"));
+            if let Some(code) = e.code {
+                return Err(NftError::Refused {
+                    what,
+                    source: std::io::Error::from_raw_os_error(-code.get()),
+                });
+            }
+        }
+        Ok(!expecting.is_empty())
+    })
+}
+
+/// Reads the kernel's answers, one message at a time, until `f` says it has all it waits
+/// for (`Ok(false)`), fails, or the kernel sends nothing more.
+fn replies(
+    socket: &Socket,
+    mut f: impl FnMut(NetlinkMessage<NetfilterMessage>) -> Result<bool, NftError>,
+) -> Result<(), NftError> {
     let mut rx = Vec::with_capacity(1 << 16);
-    while !expecting.is_empty() {
+    loop {
         rx.clear();
         let n = socket.recv(&mut rx, 0).map_err(NftError::Socket)?;
         let mut off = 0;
@@ -287,24 +313,14 @@ pub(crate) fn transact(
                 .map_err(|e| NftError::Protocol(e.to_string()))?;
             let len = m.header.length as usize;
             if len == 0 {
-                break;
+                return Ok(());
             }
             off += (len + 3) & !3;
-            let seq = m.header.sequence_number;
-            if let NetlinkPayload::Error(e) = m.payload {
-                let what = expecting
-                    .remove(&seq)
-                    .unwrap_or_else(|| format!("message {seq}"));
-                if let Some(code) = e.code {
-                    return Err(NftError::Refused {
-                        what,
-                        source: std::io::Error::from_raw_os_error(-code.get()),
-                    });
-                }
+            if !f(m)? {
+                return Ok(());
             }
         }
     }
-    Ok(())
 }
 
 fn size_buffers(socket: &Socket, send: usize, recv: usize) {
@@ -334,4 +350,37 @@ pub fn install(rules: &[NatRule]) -> Result<(), NftError> {
 /// Removes weft's table (nothing if it is not there).
 pub fn remove() -> Result<(), NftError> {
     transact(replace_batch(None))
+}
+
+/// A GET dump of the IPv4 family's objects of one kind.
+pub(crate) fn dump(request: NfTablesMessage) -> Result<Vec<NfTablesMessage>, NftError> {
+    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(NftError::Socket)?;
+    socket.bind_auto().map_err(NftError::Socket)?;
+    let mut m = message(NetfilterProtoFamily::IPv4, request, NLM_F_DUMP);
+    m.header.flags |= NLM_F_REQUEST;
+    m.header.sequence_number = 1;
+    m.finalize();
+    let mut buf = vec![0u8; m.buffer_len()];
+    m.serialize(&mut buf);
+    socket.send(&buf, 0).map_err(NftError::Socket)?;
+    let mut out = Vec::new();
+    replies(&socket, |m| match m.payload {
+        NetlinkPayload::Done(_) => Ok(false),
+        NetlinkPayload::Error(e) => match e.code {
+            Some(code) => Err(NftError::Refused {
+                what: "list".into(),
+                source: std::io::Error::from_raw_os_error(-code.get()),
+            }),
+            None => Ok(true),
+        },
+        NetlinkPayload::InnerMessage(NetfilterMessage {
+            inner: NetfilterMessageInner::NfTables(t),
+            ..
+        }) => {
+            out.push(t);
+            Ok(true)
+        }
+        _ => Ok(true),
+    })?;
+    Ok(out)
 }

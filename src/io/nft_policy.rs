@@ -4,15 +4,12 @@
 //! for the new one atomically — no packet sees a half-written table, and a restart of the
 //! router leaves the last one in place until the next is ready. Nothing here decides.
 
-use super::nft::{message, transact, NftError, IFNAMSIZ, NETWORK_HEADER, NF_ACCEPT};
+use super::nft::{dump, message, transact, NftError, IFNAMSIZ, NETWORK_HEADER, NF_ACCEPT};
 use crate::core::policy::ruleset::{
     Action, Chain, Element, Field, Load, Match, Rule, Set, Table, Verdict, FORWARD_CHAIN,
     NFLOG_GROUP, TABLE,
 };
-use netlink_packet_core::{
-    DefaultNla, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP,
-    NLM_F_REQUEST,
-};
+use netlink_packet_core::{DefaultNla, NetlinkMessage, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE};
 use netlink_packet_netfilter::nftables::{
     Bitwise, ChainAttribute, ChainMessage, Cmp, DataAttribute, ExpressionAttribute, Expressions,
     Hook, HookNumber, Immediate, InetHookNumber, ListAttribute, Lookup, Meta, MetaKey,
@@ -20,8 +17,7 @@ use netlink_packet_netfilter::nftables::{
     SetElementAttribute, SetElementFlags, SetElementList, SetElementMessage, SetFlags, SetMessage,
     TableAttribute, TableMessage, VerdictAttribute,
 };
-use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily};
-use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
+use netlink_packet_netfilter::{NetfilterMessage, NetfilterProtoFamily};
 
 type Msg = (String, NetlinkMessage<NetfilterMessage>);
 type Expr = ListAttribute<ExpressionAttribute>;
@@ -556,49 +552,4 @@ pub fn installed() -> Result<Option<(String, usize)>, NftError> {
         })
         .count();
     Ok(Some((tag, n)))
-}
-
-/// A GET dump of the IPv4 family's objects of one kind.
-fn dump(request: NfTablesMessage) -> Result<Vec<NfTablesMessage>, NftError> {
-    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(NftError::Socket)?;
-    socket.bind_auto().map_err(NftError::Socket)?;
-    let mut m = message(ip(), request, NLM_F_DUMP);
-    m.header.flags |= NLM_F_REQUEST;
-    m.header.sequence_number = 1;
-    m.finalize();
-    let mut buf = vec![0u8; m.buffer_len()];
-    m.serialize(&mut buf);
-    socket.send(&buf, 0).map_err(NftError::Socket)?;
-    let mut out = Vec::new();
-    let mut rx = Vec::with_capacity(1 << 16);
-    loop {
-        rx.clear();
-        let n = socket.recv(&mut rx, 0).map_err(NftError::Socket)?;
-        let mut off = 0;
-        while off < n {
-            let m = NetlinkMessage::<NetfilterMessage>::deserialize(&rx[off..n])
-                .map_err(|e| NftError::Protocol(e.to_string()))?;
-            let len = m.header.length as usize;
-            if len == 0 {
-                return Ok(out);
-            }
-            off += (len + 3) & !3;
-            match m.payload {
-                NetlinkPayload::Done(_) => return Ok(out),
-                NetlinkPayload::Error(e) => {
-                    if let Some(code) = e.code {
-                        return Err(NftError::Refused {
-                            what: "list".into(),
-                            source: std::io::Error::from_raw_os_error(-code.get()),
-                        });
-                    }
-                }
-                NetlinkPayload::InnerMessage(NetfilterMessage {
-                    inner: NetfilterMessageInner::NfTables(t),
-                    ..
-                }) => out.push(t),
-                _ => {}
-            }
-        }
-    }
 }

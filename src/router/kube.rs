@@ -190,6 +190,11 @@ pub(crate) async fn reclaim_loop(
                 Outcome::Done => {
                     pending.remove(&name);
                 }
+                Outcome::WhileConnected => {
+                    if let Some(p) = pending.get_mut(&name) {
+                        p.next_try = Instant::now() + RECLAIM_POLL;
+                    }
+                }
                 Outcome::Later(after) => {
                     if let Some(p) = pending.get_mut(&name) {
                         p.next_try = Instant::now() + after.max(p.backoff);
@@ -223,6 +228,9 @@ fn orphans(shared: &Shared, nodes: &NodeSet, me: &str) -> Vec<(PeerName, String)
 enum Outcome {
     Done,
     Later(Duration),
+    /// The peer is still connected: look again at the next poll, without backing off (a
+    /// dead machine is noticed when its heartbeats time out).
+    WhileConnected,
 }
 
 async fn reclaim_one(shared: &Arc<Shared>, leases: &Leases, node: &str, me: &str) -> Outcome {
@@ -244,7 +252,7 @@ async fn reclaim_one(shared: &Arc<Shared>, leases: &Leases, node: &str, me: &str
             "Node {node}: its peer {} is connected; reclaimed only once it is not",
             live[0]
         );
-        return Outcome::Later(RECLAIM_POLL);
+        return Outcome::WhileConnected;
     }
     let lease = cluster::reclaim_lease_name(node);
     match leases.try_acquire(&lease).await {

@@ -305,6 +305,7 @@ async fn run_async(cfg: RouterConfig, store: Store, restored: Restored) -> Resul
     };
     // Weave's bridge holds the name weft's TUN device takes, and its pods' addresses.
     let weave_pods = take_over_from_weave(&netlink, cfg.range).await;
+    remove_weave_firewall().await;
     crate::io::sysctl::enable_ip_forward()?;
     let netlink = Arc::new(netlink);
     let backend: Arc<dyn Backend> = match cfg.datapath {
@@ -691,6 +692,32 @@ async fn take_over_from_weave(netlink: &Netlink, range: Ipv4Net) -> Vec<(String,
         pods.len()
     );
     pods
+}
+
+/// Removes what Weave's router and weave-npc left in the firewall (their FORWARD rules end
+/// in `-o weave -j DROP`, and weft's overlay interface is `weave` too), and weave-npc's
+/// ipsets, so that they neither drop weft's traffic nor enforce stale policy.
+async fn remove_weave_firewall() {
+    match tokio::task::spawn_blocking(crate::io::weave_npc::remove_leftovers).await {
+        Ok(Ok(r)) => {
+            if !r.is_empty() {
+                info!(
+                    "taking over from Weave Net's policy controller: removed {} iptables rules, chains [{}], ipsets [{}]",
+                    r.rules,
+                    r.chains.join(", "),
+                    r.ipsets.join(", ")
+                );
+            }
+            if !r.still_referenced.is_empty() {
+                warn!(
+                    "Weave Net's ipsets [{}] are still used by iptables-legacy rules, which weft cannot reach: remove them (`iptables-legacy -F WEAVE-NPC...`) or replace the node; until then they may drop traffic on the weave interface",
+                    r.still_referenced.join(", ")
+                );
+            }
+        }
+        Ok(Err(e)) => warn!("cannot look for Weave Net's firewall rules: {e}"),
+        Err(e) => warn!("cannot look for Weave Net's firewall rules: {e}"),
+    }
 }
 
 /// Frees the addresses re-claimed for Weave-attached pods once their veth is gone (the
