@@ -412,8 +412,7 @@ fn main() {
         );
     }
     println!(
-        "\npolicy change -> enforcement on node 1 (from the API's answer to the first connection {} as it should be; {CHANGES} changes): p50 {:.0} ms, p99 {:.0} ms",
-        "going",
+        "\npolicy change -> enforcement on node 1 (from the API's answer to the first connection going as it should; {CHANGES} changes): p50 {:.0} ms, p99 {:.0} ms",
         pct(&mut lat.clone(), 0.5),
         pct(&mut lat, 0.99)
     );
