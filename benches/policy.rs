@@ -224,6 +224,7 @@ fn main() {
                 "netns",
                 "exec",
                 &client.ns,
+                "busybox",
                 "ping",
                 "-c",
                 "20",

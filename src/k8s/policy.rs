@@ -193,127 +193,127 @@ pub fn policy(np: &NetworkPolicy) -> Option<m::Policy> {
     })
 }
 
-/// Lists and watches one kind, keeping `apply`'s view of it in `tx` (`clear` empties it
-/// when a list starts over, `synced` marks a complete one).
-async fn follow<K, F>(api: Api<K>, what: &'static str, tx: watch::Sender<PolicyInput>, apply: F)
+/// How one kind of object enters [`PolicyInput`]: its key, its model (only what a
+/// decision needs: the full object is dropped as soon as it is read, so 10,000 pods cost
+/// their labels and addresses, not their specs), and its place.
+struct Kind<K, Q, T> {
+    what: &'static str,
+    key: fn(&K) -> Option<Q>,
+    model: fn(&K) -> Option<T>,
+    slot: fn(&mut PolicyInput) -> &mut BTreeMap<Q, T>,
+    synced: fn(&mut PolicyInput) -> &mut bool,
+}
+
+/// Lists and watches one kind into `tx`, forever. A complete list replaces the kind's
+/// map at once and marks it synced; until then, and while the API cannot be reached, the
+/// last one stays.
+async fn follow<K, Q, T>(api: Api<K>, kind: Kind<K, Q, T>, tx: watch::Sender<PolicyInput>)
 where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
     K::DynamicType: Default,
-    F: Fn(&mut PolicyInput, Change<'_, K>) + Send + 'static,
+    Q: Ord + Clone,
+    T: PartialEq,
 {
     let config = watcher::Config::default().timeout(240);
     let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
     let mut failures = 0u32;
-    let mut building: Vec<K> = Vec::new();
+    let mut building: BTreeMap<Q, T> = BTreeMap::new();
     loop {
         match stream.try_next().await {
             Ok(Some(event)) => {
                 if failures > 0 {
-                    info!("Kubernetes API reachable again: following {what}");
+                    info!("Kubernetes API reachable again: following {}", kind.what);
                     failures = 0;
                 }
                 match event {
                     watcher::Event::Init => building.clear(),
-                    watcher::Event::InitApply(o) => building.push(o),
+                    watcher::Event::InitApply(o) => {
+                        if let (Some(k), Some(t)) = ((kind.key)(&o), (kind.model)(&o)) {
+                            building.insert(k, t);
+                        }
+                    }
                     watcher::Event::InitDone => {
-                        let objs = std::mem::take(&mut building);
+                        let all = std::mem::take(&mut building);
                         tx.send_modify(|s| {
-                            apply(s, Change::Reset);
-                            for o in &objs {
-                                apply(s, Change::Apply(o));
-                            }
-                            apply(s, Change::Synced);
+                            *(kind.slot)(s) = all;
+                            *(kind.synced)(s) = true;
                         });
                     }
                     watcher::Event::Apply(o) => {
+                        let Some(k) = (kind.key)(&o) else { continue };
+                        let t = (kind.model)(&o);
+                        drop(o);
                         tx.send_if_modified(|s| {
-                            let before = s.clone();
-                            apply(s, Change::Apply(&o));
-                            *s != before
+                            let map = (kind.slot)(s);
+                            match t {
+                                Some(t) if map.get(&k) != Some(&t) => {
+                                    map.insert(k, t);
+                                    true
+                                }
+                                Some(_) => false,
+                                None => map.remove(&k).is_some(),
+                            }
                         });
                     }
-                    watcher::Event::Delete(o) => tx.send_modify(|s| apply(s, Change::Delete(&o))),
+                    watcher::Event::Delete(o) => {
+                        if let Some(k) = (kind.key)(&o) {
+                            tx.send_if_modified(|s| (kind.slot)(s).remove(&k).is_some());
+                        }
+                    }
                 }
             }
             Ok(None) => return,
             Err(e) => {
                 failures += 1;
                 if failures == 1 || failures.is_multiple_of(30) {
-                    warn!("cannot follow {what} in the Kubernetes API ({failures} failures): {e}; enforcing the last known policies");
+                    warn!("cannot follow {} in the Kubernetes API ({failures} failures): {e}; enforcing the last known policies", kind.what);
                 }
             }
         }
     }
 }
 
-/// One step of a followed kind.
-pub enum Change<'a, K> {
-    Reset,
-    Apply(&'a K),
-    Delete(&'a K),
-    Synced,
+fn namespaced_key<K: kube::Resource>(o: &K) -> Option<Key> {
+    Some(Key::new(
+        o.meta().namespace.clone()?,
+        o.meta().name.clone()?,
+    ))
 }
 
 /// Follows Namespaces, Pods and NetworkPolicies into `tx`, forever.
 pub async fn watch_policy_inputs(client: Client, tx: watch::Sender<PolicyInput>) {
     let namespaces = follow(
         Api::<Namespace>::all(client.clone()),
-        "Namespaces",
-        tx.clone(),
-        |s, c| match c {
-            Change::Reset => s.cluster.namespaces.clear(),
-            Change::Apply(n) => {
-                if let Some(n) = namespace(n) {
-                    s.cluster.namespaces.insert(n.name.clone(), n);
-                }
-            }
-            Change::Delete(n) => {
-                if let Some(name) = &n.metadata.name {
-                    s.cluster.namespaces.remove(name);
-                }
-            }
-            Change::Synced => s.namespaces_synced = true,
+        Kind {
+            what: "Namespaces",
+            key: |n| n.metadata.name.clone(),
+            model: namespace,
+            slot: |s| &mut s.cluster.namespaces,
+            synced: |s| &mut s.namespaces_synced,
         },
+        tx.clone(),
     );
     let pods = follow(
         Api::<Pod>::all(client.clone()),
-        "Pods",
-        tx.clone(),
-        |s, c| match c {
-            Change::Reset => s.cluster.pods.clear(),
-            Change::Apply(p) => {
-                if let Some(p) = pod(p) {
-                    s.cluster.pods.insert(p.key.clone(), p);
-                }
-            }
-            Change::Delete(p) => {
-                if let (Some(ns), Some(name)) = (&p.metadata.namespace, &p.metadata.name) {
-                    s.cluster.pods.remove(&Key::new(ns.clone(), name.clone()));
-                }
-            }
-            Change::Synced => s.pods_synced = true,
+        Kind {
+            what: "Pods",
+            key: namespaced_key,
+            model: pod,
+            slot: |s| &mut s.cluster.pods,
+            synced: |s| &mut s.pods_synced,
         },
+        tx.clone(),
     );
     let policies = follow(
         Api::<NetworkPolicy>::all(client),
-        "NetworkPolicies",
-        tx,
-        |s, c| match c {
-            Change::Reset => s.cluster.policies.clear(),
-            Change::Apply(np) => {
-                if let Some(p) = policy(np) {
-                    s.cluster.policies.insert(p.key.clone(), p);
-                }
-            }
-            Change::Delete(np) => {
-                if let (Some(ns), Some(name)) = (&np.metadata.namespace, &np.metadata.name) {
-                    s.cluster
-                        .policies
-                        .remove(&Key::new(ns.clone(), name.clone()));
-                }
-            }
-            Change::Synced => s.policies_synced = true,
+        Kind {
+            what: "NetworkPolicies",
+            key: namespaced_key,
+            model: policy,
+            slot: |s| &mut s.cluster.policies,
+            synced: |s| &mut s.policies_synced,
         },
+        tx,
     );
     tokio::join!(namespaces, pods, policies);
 }
