@@ -1045,6 +1045,7 @@ fn network_policy_on_kubelet_made_pods() {
             "explain",
         );
         assert!(explain.contains("ALLOWED"), "{explain}");
+        eprintln!("after relabelling:\n{explain}");
 
         // Egress: the client may reach only the outside host's port 7000 (masqueraded on
         // the way out: policy sees the real destination first).
@@ -1064,13 +1065,14 @@ spec:
             "egress policy",
         );
         let (_, outside_ip) = c.outside();
-        let listener = outside_listener(c, 7000, Duration::from_secs(15));
         ok(
             c.wait("egress policy enforced", Duration::from_secs(10), || {
                 Ok(answered(c, "client", &direct).is_none().then_some(()))
             }),
             "egress enforced",
         );
+        let listener = outside_listener(c, 7000, Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(300));
         let out = ok(
             c.exec(
                 "client",

@@ -886,6 +886,58 @@ fn the_kubernetes_e2e_netpol_cases_on_three_nodes() {
     );
     cases.insert("should stop enforcing policies after they are deleted");
 
+    // A policy weft can apply only in part (an IPv6 ipBlock in an IPv4 overlay): the rest
+    // of it is enforced, and the API carries a Warning Event saying what was not.
+    apply(&bed, &np("x", "half-v6", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{ipBlock: {cidr: \"fd00::/8\"}}, {podSelector: {matchLabels: {pod: b}}}]\n"));
+    expect(
+        &bed,
+        "a policy with an IPv6 ipBlock: the rest enforced",
+        P::Tcp,
+        80,
+        &Reach::all(true)
+            .set("*", "x/a", false)
+            .set("x/b", "x/a", true),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let event = loop {
+        let ev: serde_json::Value = ok(
+            bed.k.api.kubectl_json(&["-n", "x", "get", "events"]),
+            "events",
+        );
+        let found = ev["items"].as_array().into_iter().flatten().find(|e| {
+            e["reason"] == "PolicyNotFullyApplied" && e["involvedObject"]["name"] == "half-v6"
+        });
+        if let Some(e) = found {
+            break e.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no Event on NetworkPolicy x/half-v6: {ev}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    eprintln!(
+        "Event on x/half-v6: {} {}: {}",
+        event["type"],
+        event["reason"],
+        event["message"]
+            .as_str()
+            .or(event["note"].as_str())
+            .unwrap_or("")
+    );
+    let r: serde_json::Value = ok(bed.k.c.http_get(0, "/report"), "report")
+        .json()
+        .unwrap_or_default();
+    assert!(
+        r["NetworkPolicy"]["Errors"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        r["NetworkPolicy"]
+    );
+    clean(&bed);
+    cases.insert(
+        "a policy weft enforces in part: the rest enforced, a Warning Event, an error counted",
+    );
+
     let left = weave_npc_leftovers(&bed.k.c.nodes[0].ns);
     assert!(left.is_empty(), "weave-npc's leftovers on n1: {left:?}");
     eprintln!("n1's weave-npc leftovers ({} iptables rules and chains, 1 ipset) were removed at take-over; every case passed across it", WEAVE_NPC_RULES.len());

@@ -293,6 +293,8 @@ impl PolicyEngine {
                     }
                 }
             }
+            // A problem is reported while its policy has it: fixed or deleted, it goes.
+            warned.retain(|p| compiled.problems.contains(p));
             let mut rewrite = written.as_ref().is_none_or(|(t, _)| **t != table);
             if check && !rewrite {
                 if let Some((t, tag)) = written.clone() {
